@@ -1,0 +1,442 @@
+//! Configuration: built-in defaults < `config.toml` < environment (SPEC §6).
+//!
+//! figment merges the layers into one typed tree; `deny_unknown_fields` turns a
+//! misspelt key into an error instead of a silently ignored setting, and
+//! [`Config::validate`] checks what serde cannot (cron expressions, ranges). Every
+//! error names the key and the source that set it, and exits 78. Secrets (the
+//! password in a database or Redis URL) never leave this module unredacted:
+//! [`Config::redacted`] is what `check-config` prints and what is logged.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The file read when `--config` is not given, if it exists.
+pub const DEFAULT_CONFIG_FILE: &str = "config.toml";
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// PostgreSQL connection.
+    pub database: DatabaseConfig,
+    /// Redis connection and cache.
+    pub redis: RedisConfig,
+    /// Prometheus endpoint and Redis perf lists.
+    pub metrics: MetricsConfig,
+    /// Debounced leaderboard refresh.
+    pub leaderboard: LeaderboardConfig,
+    /// Nightly integrity sweep.
+    pub sweep: SweepConfig,
+    /// Scheduled queue reorder.
+    pub queues: QueuesConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// `[database]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// PostgreSQL URL. Default `postgres://127.0.0.1:5432/loyaltyd`; `DATABASE_URL` is honoured.
+    pub url: String,
+    /// Pool size. Default 10. The refresh and the sweep each hold one connection while they run.
+    pub max_connections: u32,
+    /// How long to wait for a connection (new or from the pool). Default `5s`.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Server-side limit for request statements. Default `30s`. Jobs use their own timeouts.
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: Duration,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            url: "postgres://127.0.0.1:5432/loyaltyd".into(),
+            max_connections: 10,
+            connect_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[redis]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// Redis URL. Default `redis://127.0.0.1:6379/`; `REDIS_URL` is honoured.
+    pub url: String,
+    /// Prepended to every Redis key. Default empty, so the seed's key names hold.
+    pub key_prefix: String,
+    /// Lifetime of a cached loyalty score. Default `1h`.
+    #[serde(with = "humantime_serde")]
+    pub cache_ttl: Duration,
+    /// Limit for one Redis command or connection attempt; past it the cache
+    /// counts as missing, never as failed. Default `250ms`.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: "redis://127.0.0.1:6379/".into(),
+            key_prefix: String::new(),
+            cache_ttl: Duration::from_secs(3600),
+            timeout: Duration::from_millis(250),
+        }
+    }
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the Prometheus endpoint. Default `127.0.0.1:9464` (loopback only).
+    pub listen: SocketAddr,
+    /// Samples kept per Redis perf list. Default 1000; 0 turns the perf lists off.
+    pub perf_list_len: u32,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            perf_list_len: 1000,
+        }
+    }
+}
+
+/// `[leaderboard]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LeaderboardConfig {
+    /// Refresh once this many changes are pending. Default 10.
+    pub refresh_threshold: u64,
+    /// Refresh any pending change once the view is this old. Default `5m`.
+    #[serde(with = "humantime_serde")]
+    pub max_staleness: Duration,
+    /// How often the daemon checks whether to refresh. Default `30s`.
+    #[serde(with = "humantime_serde")]
+    pub check_interval: Duration,
+    /// Time limit of one refresh. Default `10m`.
+    #[serde(with = "humantime_serde")]
+    pub refresh_timeout: Duration,
+}
+
+impl Default for LeaderboardConfig {
+    fn default() -> Self {
+        LeaderboardConfig {
+            refresh_threshold: 10,
+            max_staleness: Duration::from_secs(300),
+            check_interval: Duration::from_secs(30),
+            refresh_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+/// `[sweep]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SweepConfig {
+    /// When the integrity sweep runs: cron with seconds, UTC. Default `0 0 3 * * *` (03:00 UTC).
+    pub schedule: String,
+    /// Users checked per batch (one transaction each). Default 10000.
+    pub batch_size: u32,
+    /// Time limit of one sweep. Default `2h`.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for SweepConfig {
+    fn default() -> Self {
+        SweepConfig {
+            schedule: "0 0 3 * * *".into(),
+            batch_size: 10_000,
+            timeout: Duration::from_secs(2 * 3600),
+        }
+    }
+}
+
+/// `[queues]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueuesConfig {
+    /// When changed queue scopes are reordered: cron with seconds, UTC. Default `0 */5 * * * *`.
+    pub reorder_schedule: String,
+    /// Time limit of one reorder run. Default `10m`.
+    #[serde(with = "humantime_serde")]
+    pub reorder_timeout: Duration,
+}
+
+impl Default for QueuesConfig {
+    fn default() -> Self {
+        QueuesConfig {
+            reorder_schedule: "0 */5 * * * *".into(),
+            reorder_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A tracing filter (`info`, `loyaltyd=debug,sqlx=warn`). Default `info,sqlx=warn`; `RUST_LOG` overrides it.
+    pub level: String,
+    /// `text` or `json`, one event per line. Default `text`.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info,sqlx=warn".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable text.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Config {
+    /// Loads the configuration: defaults, then the file (`path`, or
+    /// `config.toml` if it exists), then the environment; then validates it.
+    pub fn load(path: Option<&Path>) -> Result<Config> {
+        let figment = Self::figment(path)?;
+        let config: Config = figment.extract().map_err(|e| {
+            let lines: Vec<String> = e.into_iter().map(|e| e.to_string()).collect();
+            Error::Config(crate::error::one_line(&lines.join("; ")))
+        })?;
+        config.validate().map_err(|(key, problem)| {
+            let source = figment
+                .find_metadata(key)
+                .map(|m| match &m.source {
+                    Some(src) => format!(" (set in {} {src})", m.name),
+                    None => format!(" (set in {})", m.name),
+                })
+                .unwrap_or_default();
+            Error::Config(format!("key \"{key}\"{source}: {problem}"))
+        })?;
+        Ok(config)
+    }
+
+    /// The layered providers, before extraction.
+    fn figment(path: Option<&Path>) -> Result<Figment> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        let file = match path {
+            Some(p) => Some(p.to_path_buf()),
+            None => Some(PathBuf::from(DEFAULT_CONFIG_FILE)).filter(|p| p.is_file()),
+        };
+        if let Some(file) = file {
+            if !file.is_file() {
+                return Err(Error::Config(format!(
+                    "config file {} does not exist or is not a file (check --config)",
+                    file.display()
+                )));
+            }
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        Ok(figment
+            // The conventional variables, below our own prefixed ones.
+            .merge(
+                Env::raw()
+                    .only(&["DATABASE_URL", "REDIS_URL"])
+                    .map(|k| k.as_str().replacen('_', ".", 1).into()),
+            )
+            .merge(
+                Env::prefixed("LOYALTYD_")
+                    .split("__")
+                    // clap's own variable for --config, not a key.
+                    .ignore(&["config"]),
+            ))
+    }
+
+    /// Checks what the types alone cannot; returns the offending key and why.
+    pub fn validate(&self) -> std::result::Result<(), (&'static str, String)> {
+        fn positive(
+            key: &'static str,
+            d: Duration,
+        ) -> std::result::Result<(), (&'static str, String)> {
+            if d.is_zero() {
+                Err((key, "must be longer than zero".into()))
+            } else {
+                Ok(())
+            }
+        }
+        if self.database.url.is_empty() {
+            return Err(("database.url", "must not be empty".into()));
+        }
+        self.database
+            .url
+            .parse::<sqlx::postgres::PgConnectOptions>()
+            .map_err(|e| {
+                (
+                    "database.url",
+                    format!(
+                        "not a PostgreSQL URL: {}",
+                        redact_in(&e.to_string(), &self.database.url)
+                    ),
+                )
+            })?;
+        if self.database.max_connections == 0 {
+            return Err(("database.max_connections", "must be at least 1".into()));
+        }
+        positive("database.connect_timeout", self.database.connect_timeout)?;
+        positive(
+            "database.statement_timeout",
+            self.database.statement_timeout,
+        )?;
+        redis::Client::open(self.redis.url.as_str()).map_err(|e| {
+            (
+                "redis.url",
+                format!(
+                    "not a Redis URL: {}",
+                    redact_in(&e.to_string(), &self.redis.url)
+                ),
+            )
+        })?;
+        positive("redis.cache_ttl", self.redis.cache_ttl)?;
+        positive("redis.timeout", self.redis.timeout)?;
+        if self.leaderboard.refresh_threshold == 0 {
+            return Err(("leaderboard.refresh_threshold", "must be at least 1".into()));
+        }
+        positive("leaderboard.max_staleness", self.leaderboard.max_staleness)?;
+        positive(
+            "leaderboard.check_interval",
+            self.leaderboard.check_interval,
+        )?;
+        positive(
+            "leaderboard.refresh_timeout",
+            self.leaderboard.refresh_timeout,
+        )?;
+        parse_cron(&self.sweep.schedule).map_err(|e| ("sweep.schedule", e))?;
+        if self.sweep.batch_size == 0 || self.sweep.batch_size > 1_000_000 {
+            return Err(("sweep.batch_size", "must be 1 to 1000000".into()));
+        }
+        positive("sweep.timeout", self.sweep.timeout)?;
+        parse_cron(&self.queues.reorder_schedule).map_err(|e| ("queues.reorder_schedule", e))?;
+        positive("queues.reorder_timeout", self.queues.reorder_timeout)?;
+        tracing_subscriber::EnvFilter::builder()
+            .parse(&self.log.level)
+            .map_err(|e| ("log.level", format!("not a log filter: {e}")))?;
+        Ok(())
+    }
+
+    /// The configuration with every password replaced by `***`, for display and logs.
+    pub fn redacted(&self) -> Config {
+        let mut c = self.clone();
+        c.database.url = redact_url(&c.database.url);
+        c.redis.url = redact_url(&c.redis.url);
+        c
+    }
+}
+
+/// Parses a cron expression the way tokio-cron-scheduler does (seconds field
+/// required, UTC), with croner's own explanation when it is wrong.
+pub fn parse_cron(expr: &str) -> std::result::Result<croner::Cron, String> {
+    croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Required)
+        .dom_and_dow(true)
+        .build()
+        .parse(expr)
+        .map_err(|e| {
+            format!(
+                "{expr:?} is not a cron expression with a seconds field, e.g. \"0 0 3 * * *\" for 03:00 UTC daily ({e})"
+            )
+        })
+}
+
+/// Replaces the password of a URL (`scheme://user:password@host`) with `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end..];
+    // The userinfo ends at the last '@' before the path starts.
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return redact_query_password(url);
+    };
+    let userinfo = &rest[..at];
+    let redacted = match userinfo.find(':') {
+        Some(colon) => format!("{}:***", &userinfo[..colon]),
+        None => userinfo.to_owned(),
+    };
+    redact_query_password(&format!(
+        "{}{}{}",
+        &url[..scheme_end],
+        redacted,
+        &rest[at..]
+    ))
+}
+
+/// Redacts a `password=` query parameter (libpq style URLs allow one).
+fn redact_query_password(url: &str) -> String {
+    let Some(q) = url.find('?') else {
+        return url.to_owned();
+    };
+    let params: Vec<String> = url[q + 1..]
+        .split('&')
+        .map(|p| match p.split_once('=') {
+            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+            _ => p.to_owned(),
+        })
+        .collect();
+    format!("{}?{}", &url[..q], params.join("&"))
+}
+
+/// Removes a URL's password from a message that may quote the URL.
+fn redact_in(message: &str, url: &str) -> String {
+    message.replace(url, &redact_url(url))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted_from_urls() {
+        assert_eq!(
+            redact_url("postgres://app:s3cr%40t@db:5432/x"),
+            "postgres://app:***@db:5432/x"
+        );
+        assert_eq!(
+            redact_url("redis://:pw@127.0.0.1/"),
+            "redis://:***@127.0.0.1/"
+        );
+        assert_eq!(
+            redact_url("postgres://db/x?password=pw&sslmode=require"),
+            "postgres://db/x?password=***&sslmode=require"
+        );
+        assert_eq!(redact_url("postgres://app@db/x"), "postgres://app@db/x");
+        assert_eq!(redact_url("not a url"), "not a url");
+    }
+
+    #[test]
+    fn the_defaults_are_valid() {
+        assert_eq!(Config::default().validate(), Ok(()));
+    }
+
+    #[test]
+    fn cron_expressions_need_the_seconds_field() {
+        assert!(parse_cron("0 0 3 * * *").is_ok());
+        assert!(parse_cron("*/5 * * * *").is_err());
+        assert!(parse_cron("not cron").is_err());
+    }
+}

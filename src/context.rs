@@ -1,0 +1,49 @@
+//! The clients every service works through, built once from the configuration.
+
+use std::sync::Arc;
+
+use sqlx::PgPool;
+
+use crate::cache::Cache;
+use crate::config::Config;
+use crate::db;
+use crate::error::Result;
+use crate::telemetry::PerfLists;
+
+/// PostgreSQL pool, Redis cache, perf lists and configuration; cheap to clone.
+#[derive(Clone)]
+pub struct Context {
+    /// The PostgreSQL pool: the source of truth.
+    pub pool: PgPool,
+    /// The Redis cache (optional at run time).
+    pub cache: Cache,
+    /// Where operation timings go (off the request path).
+    pub perf: PerfLists,
+    /// The configuration it was built from.
+    pub config: Arc<Config>,
+}
+
+impl Context {
+    /// Connects to PostgreSQL now (exit 69 when it does not answer); Redis is
+    /// connected on first use. Perf lists are written when `perf` is true.
+    pub async fn connect(config: Config, perf: bool) -> Result<Context> {
+        let pool = db::connect(&config.database).await?;
+        Self::with_pool(config, pool, perf)
+    }
+
+    /// Builds the context around an existing pool (tests, benchmarks, the daemon).
+    pub fn with_pool(config: Config, pool: PgPool, perf: bool) -> Result<Context> {
+        let cache = Cache::new(&config.redis)?;
+        let perf = if perf {
+            PerfLists::start(cache.clone(), config.metrics.perf_list_len)
+        } else {
+            PerfLists::disabled()
+        };
+        Ok(Context {
+            pool,
+            cache,
+            perf,
+            config: Arc::new(config),
+        })
+    }
+}

@@ -1,0 +1,194 @@
+//! `loyaltyd run`: the scheduler, the metrics endpoint, systemd integration.
+//!
+//! Start-up: serve `/metrics` (so a scrape sees the daemon even while it waits),
+//! wait for PostgreSQL and apply migrations, schedule the jobs, then tell
+//! systemd READY=1 and start the watchdog pings. Redis is not waited for: the
+//! cache and perf lists work without it and reconnect by themselves.
+//!
+//! The integrity sweep and the queue reorder are tokio-cron-scheduler cron
+//! jobs. The leaderboard check runs on a plain interval (`check_interval` is a
+//! duration, not a cron expression, and tokio-cron-scheduler's repeated jobs
+//! can stop firing under load). Every tick goes through a [`JobRunner`].
+//!
+//! Shutdown (SIGTERM, SIGINT): STOPPING=1, stop the scheduler, cancel the shared
+//! token (a running job stops at its next safe point; a running statement is
+//! cancelled on the server; locks go with their transactions), wait for the
+//! tracked tasks, flush the perf lists, exit 0.
+
+use std::time::Duration;
+
+use sd_notify::NotifyState;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_cron_scheduler::{Job as CronJob, JobScheduler};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::context::Context;
+use crate::db;
+use crate::error::{Error, Result};
+use crate::jobs::JobRunner;
+use crate::telemetry::{self, Job};
+
+/// How long shutdown waits for running jobs before giving up on them
+/// (within systemd's default 90 s stop timeout, and the 10 s we promise).
+const STOP_GRACE: Duration = Duration::from_secs(8);
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> Result<()> {
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone())?;
+    telemetry::install_exporter(config.metrics.listen)?;
+    tracing::info!(config = ?config.redacted(), "loyaltyd {} starting", env!("CARGO_PKG_VERSION"));
+
+    let pool = db::connect_lazy(&config.database)?;
+    if !wait_for_database(&pool, &shutdown).await? {
+        return Ok(());
+    }
+    let ctx = Context::with_pool(config, pool, true)?;
+    let instance = instance_name();
+    let tracker = TaskTracker::new();
+
+    let mut scheduler = JobScheduler::new()
+        .await
+        .map_err(|e| Error::Runtime(format!("starting the scheduler: {e}")))?;
+    for job in [Job::IntegritySweep, Job::QueueReorder] {
+        let runner = JobRunner::new(job, ctx.clone(), instance.clone())?;
+        let schedule = match job {
+            Job::IntegritySweep => ctx.config.sweep.schedule.clone(),
+            _ => ctx.config.queues.reorder_schedule.clone(),
+        };
+        let (token, tasks) = (shutdown.clone(), tracker.clone());
+        let cron = CronJob::new_async(schedule.as_str(), move |_, _| {
+            let (runner, token, tasks) = (runner.clone(), token.clone(), tasks.clone());
+            Box::pin(async move {
+                if !token.is_cancelled() {
+                    tasks
+                        .spawn(async move { runner.tick(&token).await })
+                        .await
+                        .ok();
+                }
+            })
+        })
+        .map_err(|e| {
+            Error::Config(format!(
+                "cannot schedule {}: {e} ({schedule:?})",
+                job.as_str()
+            ))
+        })?;
+        scheduler
+            .add(cron)
+            .await
+            .map_err(|e| Error::Runtime(format!("scheduling {}: {e}", job.as_str())))?;
+    }
+    scheduler
+        .start()
+        .await
+        .map_err(|e| Error::Runtime(format!("starting the scheduler: {e}")))?;
+    let refresh = JobRunner::new(Job::LeaderboardRefresh, ctx.clone(), instance.clone())?;
+    tracker.spawn(refresh_loop(
+        refresh,
+        ctx.config.leaderboard.check_interval,
+        shutdown.clone(),
+        tracker.clone(),
+    ));
+
+    let _ = sd_notify::notify(&[NotifyState::Ready]);
+    if let Some(every) = sd_notify::watchdog_enabled() {
+        tracker.spawn(watchdog(every / 2, shutdown.clone()));
+    }
+    tracing::info!(instance, metrics = %ctx.config.metrics.listen, "loyaltyd ready");
+
+    shutdown.cancelled().await;
+    let _ = sd_notify::notify(&[NotifyState::Stopping]);
+    tracing::info!("stopping: finishing or cancelling running jobs");
+    let _ = scheduler.shutdown().await;
+    tracker.close();
+    if tokio::time::timeout(STOP_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "jobs still running after {STOP_GRACE:?}; exiting anyway (their transactions roll back)"
+        );
+    }
+    ctx.perf.flush(Duration::from_secs(1)).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Cancels `shutdown` on the first SIGTERM or SIGINT.
+fn spawn_signal_handler(shutdown: CancellationToken) -> Result<()> {
+    let mut term = signal(SignalKind::terminate())
+        .map_err(|e| Error::Runtime(format!("installing the SIGTERM handler: {e}")))?;
+    let mut int = signal(SignalKind::interrupt())
+        .map_err(|e| Error::Runtime(format!("installing the SIGINT handler: {e}")))?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+        shutdown.cancel();
+    });
+    Ok(())
+}
+
+/// Waits until PostgreSQL answers and the migrations are applied; false when
+/// asked to stop first. Other errors (a failed migration) end the daemon.
+async fn wait_for_database(pool: &sqlx::PgPool, shutdown: &CancellationToken) -> Result<bool> {
+    let mut delay = Duration::from_millis(250);
+    loop {
+        match db::migrate(pool).await {
+            Ok(()) => return Ok(true),
+            Err(e) if e.is_unavailable() => {
+                tracing::warn!(error = %e.one_line(), retry_in = ?delay, "waiting for PostgreSQL");
+            }
+            Err(e) => return Err(e),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shutdown.cancelled() => return Ok(false),
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// The debounced refresh check, every `every`. Each tick runs as its own
+/// task, so a long refresh makes later ticks report "skipped" instead of
+/// silently not happening.
+async fn refresh_loop(
+    runner: JobRunner,
+    every: Duration,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        let (runner, token) = (runner.clone(), shutdown.clone());
+        tracker.spawn(async move { runner.tick(&token).await });
+    }
+}
+
+/// Pings the systemd watchdog; that this task runs at all shows the runtime is alive.
+async fn watchdog(every: Duration, shutdown: CancellationToken) {
+    let mut ticks = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => { let _ = sd_notify::notify(&[NotifyState::Watchdog]); }
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// `host:pid`, recorded with each claimed tick.
+fn instance_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into());
+    format!("{host}:{}", std::process::id())
+}

@@ -1,0 +1,96 @@
+//! The PostgreSQL pool and the migrations.
+//!
+//! The pool is small and bounded in time everywhere: connecting and acquiring
+//! give up after `database.connect_timeout` (so an outage is an error in
+//! seconds, not a hang), and every session carries `statement_timeout`. Jobs
+//! override that per transaction with `SET LOCAL` (see [`set_local_timeout`]).
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgConnection, PgPool};
+
+use crate::config::DatabaseConfig;
+use crate::error::{DbContext, Error, Result};
+
+/// The embedded migrations (`migrations/`).
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
+
+/// Connection options derived from the configuration.
+pub fn connect_options(cfg: &DatabaseConfig) -> Result<PgConnectOptions> {
+    let opts: PgConnectOptions = cfg
+        .url
+        .parse()
+        .map_err(|e| Error::Config(format!("key \"database.url\": {e}")))?;
+    Ok(opts
+        .application_name("loyaltyd")
+        .options([("statement_timeout", millis(cfg.statement_timeout))]))
+}
+
+/// Opens the pool and checks that the server answers (exit 69 when it does not).
+pub async fn connect(cfg: &DatabaseConfig) -> Result<PgPool> {
+    let pool = connect_lazy(cfg)?;
+    sqlx::query("SELECT 1")
+        .execute(&pool)
+        .await
+        .map_err(|source| Error::Unavailable {
+            context: "connecting",
+            source,
+        })?;
+    Ok(pool)
+}
+
+/// Builds the pool without connecting: the daemon starts even when PostgreSQL
+/// is down and connects once it is back.
+pub fn connect_lazy(cfg: &DatabaseConfig) -> Result<PgPool> {
+    Ok(PgPoolOptions::new()
+        .max_connections(cfg.max_connections)
+        .acquire_timeout(cfg.connect_timeout)
+        // Recycle idle connections, so a restarted server's stale sockets go.
+        .idle_timeout(Some(Duration::from_secs(60)))
+        .test_before_acquire(true)
+        .connect_lazy_with(connect_options(cfg)?))
+}
+
+/// Applies pending migrations; running it again changes nothing.
+pub async fn migrate(pool: &PgPool) -> Result<()> {
+    MIGRATOR.run(pool).await?;
+    Ok(())
+}
+
+/// Sets the statement timeout of the current transaction.
+pub async fn set_local_timeout(conn: &mut PgConnection, limit: Duration) -> Result<()> {
+    // SET cannot take a bind parameter; set_config(..., true) is its local form that can.
+    sqlx::query("SELECT set_config('statement_timeout', $1, true)")
+        .bind(millis(limit))
+        .execute(conn)
+        .await
+        .db("setting the statement timeout")?;
+    Ok(())
+}
+
+/// A duration as PostgreSQL's milliseconds setting (at least 1 ms; 0 would mean "none").
+fn millis(d: Duration) -> String {
+    format!("{}ms", d.as_millis().max(1))
+}
+
+/// Runs a statement that `cancel` can interrupt: on cancellation the backend
+/// (`pid`) is told to cancel it via `pg_cancel_backend` from another pooled
+/// connection, and the statement's own error (57014) is returned. Dropping
+/// the future instead would leave the server running the statement, holding
+/// its locks, until it finished.
+pub async fn cancellable<T>(
+    pool: &PgPool,
+    pid: i32,
+    cancel: &tokio_util::sync::CancellationToken,
+    statement: impl Future<Output = std::result::Result<T, sqlx::Error>>,
+) -> std::result::Result<T, sqlx::Error> {
+    tokio::pin!(statement);
+    tokio::select! {
+        result = &mut statement => result,
+        () = cancel.cancelled() => {
+            let _ = sqlx::query("SELECT pg_cancel_backend($1)").bind(pid).execute(pool).await;
+            statement.await
+        }
+    }
+}

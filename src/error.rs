@@ -1,0 +1,210 @@
+//! One error type for the whole program, and the only home of SPEC §5's exit codes.
+//!
+//! Every variant's doc names the exit code it maps to. `Display` is one line that
+//! names what went wrong and, where there is one, how to fix it; `main` prints it
+//! on stderr and exits with [`Error::exit_code`]. Database errors are classified
+//! once, here ([`DbContext::db`]): a lost or refused connection is "PostgreSQL
+//! unreachable" (69), a named constraint is turned into the domain error it means.
+
+use std::fmt;
+
+/// Exit code for success.
+pub const EXIT_OK: u8 = 0;
+/// Exit code for a runtime failure.
+pub const EXIT_RUNTIME: u8 = 1;
+/// Exit code for bad usage or invalid input (clap uses it too).
+pub const EXIT_USAGE: u8 = 2;
+/// Exit code for a request the data refuses (unknown user or item, duplicate queue item).
+pub const EXIT_DATA: u8 = 65;
+/// Exit code for PostgreSQL unreachable.
+pub const EXIT_UNAVAILABLE: u8 = 69;
+/// Exit code for a configuration error.
+pub const EXIT_CONFIG: u8 = 78;
+
+/// The result type of the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong, by what the caller can do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration is unusable (exit 78). The message names the key.
+    #[error("configuration error: {0}")]
+    Config(String),
+
+    /// An argument is out of range or malformed (exit 2). Nothing was written.
+    #[error("invalid {what}: {reason}")]
+    Invalid {
+        /// The argument, as the operator knows it (e.g. `--limit`).
+        what: &'static str,
+        /// What is wrong with it and what is accepted.
+        reason: String,
+    },
+
+    /// The user does not exist (exit 65). Nothing was written.
+    #[error("unknown user {0}: no row in users has this id (create the user first)")]
+    UnknownUser(i64),
+
+    /// The item is not in the queue (exit 65).
+    #[error("{queue} queue has no item {item:?}")]
+    UnknownItem {
+        /// Queue name (`topic`, `post`, `message`).
+        queue: &'static str,
+        /// The content id asked for.
+        item: String,
+    },
+
+    /// The item is already queued (exit 65). Nothing was changed.
+    #[error("{queue} queue already holds item {item:?}: remove it first to queue it again")]
+    DuplicateItem {
+        /// Queue name (`topic`, `post`, `message`).
+        queue: &'static str,
+        /// The content id that is already queued.
+        item: String,
+    },
+
+    /// An idempotency key was reused for another user (exit 65). Nothing was written.
+    #[error(
+        "event id {event_id:?} already recorded an event for user {owner}, not user {user}: use a new --event-id"
+    )]
+    EventIdConflict {
+        /// The reused key.
+        event_id: String,
+        /// The user the key belongs to.
+        owner: i64,
+        /// The user this request named.
+        user: i64,
+    },
+
+    /// PostgreSQL cannot be reached or dropped the connection (exit 69).
+    #[error(
+        "PostgreSQL unreachable while {context}: {source} (is the server running and database.url right?)"
+    )]
+    Unavailable {
+        /// What the program was doing.
+        context: &'static str,
+        /// The driver's error.
+        source: sqlx::Error,
+    },
+
+    /// A statement ran past its time limit or was cancelled (exit 1).
+    #[error("{context} was cancelled: it ran past its time limit or the program is stopping")]
+    Cancelled {
+        /// What was cancelled.
+        context: &'static str,
+    },
+
+    /// Any other database failure (exit 1).
+    #[error("database error while {context}: {source}")]
+    Database {
+        /// What the program was doing.
+        context: &'static str,
+        /// The driver's error.
+        source: sqlx::Error,
+    },
+
+    /// Applying migrations failed (exit 1, or 69 when the server is unreachable).
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+
+    /// Any other runtime failure (exit 1).
+    #[error("{0}")]
+    Runtime(String),
+}
+
+impl Error {
+    /// The process exit code of SPEC §5 for this error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Config(_) => EXIT_CONFIG,
+            Error::Invalid { .. } => EXIT_USAGE,
+            Error::UnknownUser(_)
+            | Error::UnknownItem { .. }
+            | Error::DuplicateItem { .. }
+            | Error::EventIdConflict { .. } => EXIT_DATA,
+            Error::Unavailable { .. } => EXIT_UNAVAILABLE,
+            Error::Migrate(sqlx::migrate::MigrateError::Execute(e)) if is_unavailable(e) => {
+                EXIT_UNAVAILABLE
+            }
+            Error::Cancelled { .. }
+            | Error::Database { .. }
+            | Error::Migrate(_)
+            | Error::Runtime(_) => EXIT_RUNTIME,
+        }
+    }
+
+    /// An invalid-argument error.
+    pub fn invalid(what: &'static str, reason: impl fmt::Display) -> Self {
+        Error::Invalid {
+            what,
+            reason: reason.to_string(),
+        }
+    }
+
+    /// True when PostgreSQL could not be reached (worth retrying later).
+    pub fn is_unavailable(&self) -> bool {
+        self.exit_code() == EXIT_UNAVAILABLE
+    }
+
+    /// The error as one line: the chain of sources, newlines folded.
+    pub fn one_line(&self) -> String {
+        one_line(&self.to_string())
+    }
+}
+
+/// Folds a message onto one line (drivers sometimes put detail on a second one).
+pub fn one_line(message: &str) -> String {
+    message.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// True for errors that mean "the server is not there (any more)".
+pub fn is_unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        // Class 08: connection exception; 57P01..57P03: the server is shutting
+        // down, crashed, or not accepting connections yet.
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("08") || matches!(&*c, "57P01" | "57P02" | "57P03")),
+        _ => false,
+    }
+}
+
+/// True when PostgreSQL cancelled a statement (statement_timeout or pg_cancel_backend).
+pub fn is_cancelled(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("57014"))
+}
+
+/// The name of the constraint a database error violated, if any.
+pub fn violated_constraint(e: &sqlx::Error) -> Option<&str> {
+    match e {
+        sqlx::Error::Database(db) => db.constraint(),
+        _ => None,
+    }
+}
+
+/// Turns a driver error into an [`Error`] that says what the program was doing.
+pub trait DbContext<T> {
+    /// Classifies the error: unreachable server, cancelled statement, or other.
+    fn db(self, context: &'static str) -> Result<T>;
+}
+
+impl<T> DbContext<T> for std::result::Result<T, sqlx::Error> {
+    fn db(self, context: &'static str) -> Result<T> {
+        self.map_err(|source| from_sqlx(context, source))
+    }
+}
+
+/// Classifies one driver error (see [`DbContext::db`]).
+pub fn from_sqlx(context: &'static str, source: sqlx::Error) -> Error {
+    if is_unavailable(&source) {
+        Error::Unavailable { context, source }
+    } else if is_cancelled(&source) {
+        Error::Cancelled { context }
+    } else {
+        Error::Database { context, source }
+    }
+}

@@ -1,0 +1,38 @@
+//! loyaltyd keeps a moderated forum's loyalty data fast and correct at scale:
+//! incremental loyalty scores with a coherent Redis cache, a debounced
+//! materialized-view leaderboard, three moderation queues with exact positions
+//! at any length, a nightly integrity sweep, and the telemetry to prove it.
+//!
+//! # Layout
+//! Each layer uses only the ones above it.
+//! * [`config`], [`error`], [`types`]: configuration, the one error type and
+//!   its exit codes, and the input types parsed at the edge.
+//! * [`db`], [`cache`], [`telemetry`], [`context`]: the PostgreSQL pool and
+//!   migrations, the Redis cache, metrics and perf lists, and the bundle of
+//!   them that services take.
+//! * [`loyalty`], [`leaderboard`], [`queues`]: the services; each owns its
+//!   SQL, its Redis keys and its invariants. [`stats`] and [`demo`] serve
+//!   the `stats` and `demo seed` commands.
+//! * [`jobs`]: the scheduled work and the runner that guards each tick.
+//! * [`daemon`], [`cli`]: the entry points.
+
+pub mod cache;
+pub mod cli;
+pub mod config;
+pub mod context;
+pub mod daemon;
+pub mod db;
+pub mod demo;
+pub mod error;
+pub mod jobs;
+pub mod leaderboard;
+pub mod loyalty;
+pub mod queues;
+pub mod stats;
+pub mod telemetry;
+pub mod types;
+
+pub use config::Config;
+pub use context::Context;
+pub use db::MIGRATOR;
+pub use error::{Error, Result};

@@ -1,0 +1,467 @@
+//! Telemetry: Prometheus metrics, the Redis perf lists, and logging.
+//!
+//! Every service operation goes through [`Timer`]: it records
+//! `loyaltyd_operation_duration_seconds` and hands a sample to [`PerfLists`].
+//! The perf lists keep the seed's shape (`perf:loyalty_updates`,
+//! `perf:queue:{operation}:{queue}`, JSON entries, newest first, trimmed) but are
+//! written off the request path: a bounded channel feeds one background writer
+//! that sends a batch of samples as one atomic pipeline (LPUSH + LTRIM per list).
+//! A full channel or an unavailable Redis drops samples and counts them in
+//! `loyaltyd_perf_samples_dropped_total`; an operation never waits for Redis.
+//!
+//! Without an installed recorder (the one-shot CLI commands) the `metrics`
+//! macros are no-ops, so library calls cost nothing extra there.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::cache::Cache;
+use crate::config::{LogConfig, LogFormat};
+use crate::error::{Error, Result};
+use crate::types::{QueueKind, UserId};
+
+/// Histogram of every service operation, label `operation` (and `queue`).
+pub const OPERATION_DURATION: &str = "loyaltyd_operation_duration_seconds";
+/// Counter of scheduled job runs, labels `job`, `outcome`.
+pub const JOB_RUNS: &str = "loyaltyd_job_runs_total";
+/// Histogram of job run durations, label `job`.
+pub const JOB_DURATION: &str = "loyaltyd_job_duration_seconds";
+/// Gauge: leaderboard changes not yet refreshed into the view.
+pub const LEADERBOARD_PENDING: &str = "loyaltyd_leaderboard_pending_changes";
+/// Gauge: seconds since the view was last refreshed.
+pub const LEADERBOARD_AGE: &str = "loyaltyd_leaderboard_age_seconds";
+/// Gauge: users whose score the last sweep found drifted.
+pub const DRIFTED_USERS: &str = "loyaltyd_integrity_drifted_users";
+/// Counter: failed or timed-out Redis commands.
+pub const REDIS_ERRORS: &str = "loyaltyd_redis_errors_total";
+/// Counter: perf samples dropped (channel full or Redis unavailable).
+pub const PERF_DROPPED: &str = "loyaltyd_perf_samples_dropped_total";
+/// Gauge: always 1, label `version`.
+pub const BUILD_INFO: &str = "loyaltyd_build_info";
+
+/// Buckets for operations: 50 µs to 10 s, so sub-millisecond work resolves.
+const OPERATION_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
+];
+/// Buckets for job runs: 10 ms to 2 h (the sweep's default time limit).
+const JOB_BUCKETS: &[f64] = &[
+    0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0,
+];
+
+/// A timed service operation (the `operation` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    /// `loyalty::record_event`
+    RecordEvent,
+    /// `loyalty::record_events` (one batch)
+    RecordEvents,
+    /// `loyalty::get_score`
+    GetScore,
+    /// `loyalty::recalc_user`
+    RecalcUser,
+    /// `leaderboard::page`
+    LeaderboardPage,
+    /// `leaderboard::rank`
+    LeaderboardRank,
+    /// `leaderboard::refresh`
+    LeaderboardRefresh,
+    /// `queues::add`
+    QueueAdd,
+    /// `queues::remove`
+    QueueRemove,
+    /// `queues::reorder` and `reorder_all`
+    QueueReorder,
+    /// `queues::position`
+    QueuePosition,
+    /// `queues::list`
+    QueueList,
+    /// `loyalty::recalc_all`
+    IntegritySweep,
+}
+
+impl Operation {
+    /// Every operation, for exporting their series from start-up.
+    pub const ALL: [Operation; 13] = [
+        Operation::RecordEvent,
+        Operation::RecordEvents,
+        Operation::GetScore,
+        Operation::RecalcUser,
+        Operation::LeaderboardPage,
+        Operation::LeaderboardRank,
+        Operation::LeaderboardRefresh,
+        Operation::QueueAdd,
+        Operation::QueueRemove,
+        Operation::QueueReorder,
+        Operation::QueuePosition,
+        Operation::QueueList,
+        Operation::IntegritySweep,
+    ];
+
+    /// The `operation` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::RecordEvent => "record_event",
+            Operation::RecordEvents => "record_events",
+            Operation::GetScore => "get_score",
+            Operation::RecalcUser => "recalc_user",
+            Operation::LeaderboardPage => "leaderboard_page",
+            Operation::LeaderboardRank => "leaderboard_rank",
+            Operation::LeaderboardRefresh => "leaderboard_refresh",
+            Operation::QueueAdd => "queue_add",
+            Operation::QueueRemove => "queue_remove",
+            Operation::QueueReorder => "queue_reorder",
+            Operation::QueuePosition => "queue_position",
+            Operation::QueueList => "queue_list",
+            Operation::IntegritySweep => "integrity_sweep",
+        }
+    }
+
+    /// True for the queue operations, which carry a `queue` label.
+    fn is_queue(self) -> bool {
+        matches!(
+            self,
+            Operation::QueueAdd
+                | Operation::QueueRemove
+                | Operation::QueueReorder
+                | Operation::QueuePosition
+                | Operation::QueueList
+        )
+    }
+
+    /// The seed's perf list operation name, for the operations it tracks.
+    fn perf_name(self) -> Option<&'static str> {
+        match self {
+            Operation::QueueAdd => Some("add"),
+            Operation::QueueRemove => Some("remove"),
+            Operation::QueueReorder => Some("reorder"),
+            Operation::QueuePosition => Some("position"),
+            _ => None,
+        }
+    }
+}
+
+/// A scheduled job (the `job` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Job {
+    /// The debounced leaderboard refresh.
+    LeaderboardRefresh,
+    /// The integrity sweep.
+    IntegritySweep,
+    /// The queue reorder.
+    QueueReorder,
+}
+
+impl Job {
+    /// Every job.
+    pub const ALL: [Job; 3] = [
+        Job::LeaderboardRefresh,
+        Job::IntegritySweep,
+        Job::QueueReorder,
+    ];
+
+    /// The `job` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Job::LeaderboardRefresh => "leaderboard_refresh",
+            Job::IntegritySweep => "integrity_sweep",
+            Job::QueueReorder => "queue_reorder",
+        }
+    }
+}
+
+/// How a job tick ended (the `outcome` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobOutcome {
+    /// The run did its work.
+    Success,
+    /// Nothing to do, previous run still going, or another instance on it.
+    Skipped,
+    /// The run failed or ran past its time limit.
+    Failed,
+}
+
+impl JobOutcome {
+    /// The `outcome` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobOutcome::Success => "success",
+            JobOutcome::Skipped => "skipped",
+            JobOutcome::Failed => "failed",
+        }
+    }
+}
+
+/// Installs the Prometheus recorder and serves `/metrics` on `listen`, then
+/// exports every series known at start-up.
+pub fn install_exporter(listen: SocketAddr) -> Result<PrometheusHandle> {
+    let builder = PrometheusBuilder::new()
+        .with_http_listener(listen)
+        .set_buckets_for_metric(Matcher::Full(OPERATION_DURATION.into()), OPERATION_BUCKETS)
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(JOB_DURATION.into()), JOB_BUCKETS))
+        .map_err(|e| Error::Runtime(format!("metrics exporter: {e}")))?;
+    // install() binds the listener and starts the upkeep task; build it by
+    // hand to keep the handle and to report a busy port as one line.
+    let (recorder, exporter) = builder.build().map_err(|e| {
+        Error::Config(format!(
+            "key \"metrics.listen\": cannot serve metrics on {listen}: {e}"
+        ))
+    })?;
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder)
+        .map_err(|e| Error::Runtime(format!("metrics recorder: {e}")))?;
+    tokio::spawn(async move {
+        if let Err(e) = exporter.await {
+            tracing::error!(error = ?e, "metrics endpoint stopped");
+        }
+    });
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    export_startup_series();
+    Ok(handle)
+}
+
+/// Registers every series that can be known at start-up, at zero, so
+/// dashboards and alerts see a value instead of a gap.
+pub fn export_startup_series() {
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    for op in Operation::ALL {
+        if op.is_queue() {
+            for q in QueueKind::ALL {
+                let _ = histogram!(OPERATION_DURATION, "operation" => op.as_str(), "queue" => q.as_str());
+            }
+        } else {
+            let _ = histogram!(OPERATION_DURATION, "operation" => op.as_str());
+        }
+    }
+    for job in Job::ALL {
+        for outcome in [JobOutcome::Success, JobOutcome::Skipped, JobOutcome::Failed] {
+            counter!(JOB_RUNS, "job" => job.as_str(), "outcome" => outcome.as_str()).increment(0);
+        }
+        let _ = histogram!(JOB_DURATION, "job" => job.as_str());
+    }
+    gauge!(LEADERBOARD_PENDING).set(0.0);
+    gauge!(LEADERBOARD_AGE).set(0.0);
+    gauge!(DRIFTED_USERS).set(0.0);
+    counter!(REDIS_ERRORS).increment(0);
+    counter!(PERF_DROPPED).increment(0);
+}
+
+/// Counts one failed Redis command.
+pub fn redis_error() {
+    counter!(REDIS_ERRORS).increment(1);
+}
+
+/// Records how a job tick ended and how long it took.
+pub fn job_run(job: Job, outcome: JobOutcome, took: Duration) {
+    counter!(JOB_RUNS, "job" => job.as_str(), "outcome" => outcome.as_str()).increment(1);
+    if outcome != JobOutcome::Skipped {
+        histogram!(JOB_DURATION, "job" => job.as_str()).record(took.as_secs_f64());
+    }
+}
+
+/// Publishes the leaderboard's pending changes and view age.
+pub fn leaderboard_state(pending: i64, age: Duration) {
+    gauge!(LEADERBOARD_PENDING).set(pending as f64);
+    gauge!(LEADERBOARD_AGE).set(age.as_secs_f64());
+}
+
+/// Publishes how many users the last sweep found drifted.
+pub fn drifted_users(n: u64) {
+    gauge!(DRIFTED_USERS).set(n as f64);
+}
+
+/// Times one operation; [`Timer::finish`] records it.
+#[must_use = "a timer records nothing until finish() is called"]
+pub struct Timer {
+    op: Operation,
+    queue: Option<QueueKind>,
+    start: Instant,
+}
+
+impl Timer {
+    /// Starts timing `op` (on `queue`, for queue operations).
+    pub fn start(op: Operation, queue: Option<QueueKind>) -> Timer {
+        Timer {
+            op,
+            queue,
+            start: Instant::now(),
+        }
+    }
+
+    /// Records the histogram sample and hands a perf sample to the writer.
+    pub fn finish(self, perf: &PerfLists, user: Option<UserId>) {
+        let took = self.start.elapsed();
+        let secs = took.as_secs_f64();
+        match self.queue {
+            Some(q) => histogram!(OPERATION_DURATION, "operation" => self.op.as_str(), "queue" => q.as_str()).record(secs),
+            None => histogram!(OPERATION_DURATION, "operation" => self.op.as_str()).record(secs),
+        }
+        if !perf.enabled() {
+            return;
+        }
+        let list = match (self.op, self.op.perf_name(), self.queue) {
+            (Operation::RecordEvent, _, _) => Some("perf:loyalty_updates".to_owned()),
+            (_, Some(name), Some(q)) => Some(format!("perf:queue:{name}:{q}")),
+            _ => None,
+        };
+        if let Some(list) = list {
+            perf.push(list, PerfEntry::new(took, user));
+        }
+    }
+}
+
+/// One perf list entry, the seed's JSON shape.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PerfEntry {
+    /// The user, for loyalty updates.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub user_id: Option<i64>,
+    /// How long the operation took, in milliseconds.
+    pub duration_ms: f64,
+    /// When it finished, in seconds since the Unix epoch.
+    pub timestamp: f64,
+}
+
+impl PerfEntry {
+    fn new(took: Duration, user: Option<UserId>) -> PerfEntry {
+        PerfEntry {
+            user_id: user.map(UserId::get),
+            duration_ms: took.as_secs_f64() * 1000.0,
+            timestamp: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        }
+    }
+}
+
+enum PerfMsg {
+    Sample(String, PerfEntry),
+    Flush(oneshot::Sender<()>),
+}
+
+/// Samples waiting for the writer at most; beyond this they are dropped.
+const PERF_CHANNEL: usize = 8192;
+/// Samples sent to Redis in one pipeline at most.
+const PERF_BATCH: usize = 512;
+
+/// The sending side of the perf lists; cheap to clone, never blocks.
+#[derive(Clone)]
+pub struct PerfLists {
+    tx: Option<mpsc::Sender<PerfMsg>>,
+}
+
+impl PerfLists {
+    /// Perf lists turned off: samples go nowhere.
+    pub fn disabled() -> PerfLists {
+        PerfLists { tx: None }
+    }
+
+    /// Starts the background writer; `len` samples are kept per list (0: off).
+    pub fn start(cache: Cache, len: u32) -> PerfLists {
+        if len == 0 {
+            return PerfLists::disabled();
+        }
+        let (tx, rx) = mpsc::channel(PERF_CHANNEL);
+        tokio::spawn(write_perf_lists(cache, len, rx));
+        PerfLists { tx: Some(tx) }
+    }
+
+    /// True when samples are kept.
+    pub fn enabled(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    fn push(&self, list: String, entry: PerfEntry) {
+        if let Some(tx) = &self.tx
+            && tx.try_send(PerfMsg::Sample(list, entry)).is_err()
+        {
+            counter!(PERF_DROPPED).increment(1);
+        }
+    }
+
+    /// Waits (at most `limit`) until every sample pushed so far was written or dropped.
+    pub async fn flush(&self, limit: Duration) {
+        let Some(tx) = &self.tx else { return };
+        let (done_tx, done_rx) = oneshot::channel();
+        let flushed = async {
+            if tx.send(PerfMsg::Flush(done_tx)).await.is_ok() {
+                let _ = done_rx.await;
+            }
+        };
+        let _ = tokio::time::timeout(limit, flushed).await;
+    }
+}
+
+/// The writer: batches whatever is waiting into one pipeline per round trip.
+async fn write_perf_lists(cache: Cache, len: u32, mut rx: mpsc::Receiver<PerfMsg>) {
+    let mut flushes = Vec::new();
+    while let Some(first) = rx.recv().await {
+        let mut batch: BTreeMap<String, Vec<PerfEntry>> = BTreeMap::new();
+        let mut count = 0usize;
+        let mut next = Some(first);
+        while let Some(msg) = next {
+            match msg {
+                PerfMsg::Sample(list, entry) => {
+                    batch.entry(list).or_default().push(entry);
+                    count += 1;
+                }
+                PerfMsg::Flush(done) => flushes.push(done),
+            }
+            next = if count < PERF_BATCH {
+                rx.try_recv().ok()
+            } else {
+                None
+            };
+        }
+        if count > 0 {
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            for (list, entries) in &batch {
+                let key = cache.key(list);
+                // LPUSH of several values leaves the last one at the head:
+                // oldest first keeps the list newest first.
+                let values: Vec<String> = entries
+                    .iter()
+                    .filter_map(|e| serde_json::to_string(e).ok())
+                    .collect();
+                pipe.lpush(&key, values).ignore();
+                pipe.ltrim(&key, 0, len as isize - 1).ignore();
+            }
+            if !cache.run_pipeline("LPUSH perf", &mut pipe).await {
+                counter!(PERF_DROPPED).increment(count as u64);
+            }
+        }
+        for done in flushes.drain(..) {
+            let _ = done.send(());
+        }
+    }
+}
+
+/// Sets up logging to stderr: `RUST_LOG` if set, else `log.level`; text or
+/// JSON, one event per line; colour only on a terminal (journald gets none).
+pub fn init_logging(cfg: &LogConfig) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cfg.level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    let _ = match cfg.format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
