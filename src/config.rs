@@ -220,7 +220,11 @@ impl Config {
     pub fn load(path: Option<&Path>) -> Result<Config> {
         let figment = Self::figment(path)?;
         let config: Config = figment.extract().map_err(|e| {
-            let lines: Vec<String> = e.into_iter().map(|e| e.to_string()).collect();
+            // figment names keys with their profile ("default."): drop it.
+            let lines: Vec<String> = e
+                .into_iter()
+                .map(|e| e.to_string().replace("\"default.", "\""))
+                .collect();
             Error::Config(crate::error::one_line(&lines.join("; ")))
         })?;
         config.validate().map_err(|(key, problem)| {
@@ -279,8 +283,16 @@ impl Config {
                 Ok(())
             }
         }
-        if self.database.url.is_empty() {
-            return Err(("database.url", "must not be empty".into()));
+        if !(self.database.url.starts_with("postgres://")
+            || self.database.url.starts_with("postgresql://"))
+        {
+            return Err((
+                "database.url",
+                format!(
+                    "{:?} is not a postgres:// or postgresql:// URL",
+                    redact_url(&self.database.url)
+                ),
+            ));
         }
         self.database
             .url

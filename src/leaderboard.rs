@@ -269,3 +269,35 @@ async fn observe_pending(conn: &mut PgConnection) -> Result<(Vec<i16>, Vec<i64>,
     .db("reading pending leaderboard changes")?;
     Ok((shards.unwrap_or_default(), counts.unwrap_or_default(), age))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::should_refresh;
+    use std::time::Duration;
+
+    #[test]
+    fn the_debounce_policy_over_its_whole_table() {
+        let s = Duration::from_secs;
+        // (pending, age, threshold, max staleness) -> refresh?
+        let table = [
+            (0, s(0), 10, s(300), false),      // nothing pending, fresh
+            (0, s(10_000), 10, s(300), false), // nothing pending, however stale
+            (1, s(0), 10, s(300), false),      // below threshold, fresh
+            (9, s(299), 10, s(300), false),    // just below both
+            (10, s(0), 10, s(300), true),      // threshold reached
+            (11, s(0), 10, s(300), true),      // beyond threshold
+            (1, s(300), 10, s(300), true),     // stale exactly at the limit
+            (1, s(301), 10, s(300), true),     // stale
+            (9, s(301), 10, s(300), true),     // below threshold but stale
+            (1, s(0), 1, s(300), true),        // threshold 1: every change
+            (-3, s(1000), 1, s(1), false),     // a negative count (never written) is nothing
+        ];
+        for (pending, age, threshold, staleness, expected) in table {
+            assert_eq!(
+                should_refresh(pending, age, threshold, staleness),
+                expected,
+                "pending {pending}, age {age:?}, threshold {threshold}, staleness {staleness:?}"
+            );
+        }
+    }
+}

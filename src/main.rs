@@ -4,9 +4,24 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use loyaltyd::cli::{self, Cli};
+use loyaltyd::error::{EXIT_RUNTIME, one_line};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version: print as clap formats them, exit 0.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // One line, as every other error: clap's message and usage, folded.
+            let text = e.render().to_string();
+            let text = text.replace("For more information, try '--help'.", "(see --help)");
+            eprintln!("loyaltyd: {}", one_line(text.trim_start_matches("error: ")));
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -14,7 +29,7 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("loyaltyd: cannot start the async runtime: {e}");
-            return ExitCode::from(loyaltyd::error::EXIT_RUNTIME);
+            return ExitCode::from(EXIT_RUNTIME);
         }
     };
     match runtime.block_on(cli::run(cli)) {

@@ -179,9 +179,13 @@ macro_rules! queue_sql {
                     UPDATE queue_scopes s SET item_count = s.item_count - 1
                     FROM removed r WHERE s.queue = '", $queue, "' AND s.scope = r.scope
                 ), block AS (
-                    UPDATE queue_blocks b SET item_count = b.item_count - 1
-                    FROM removed r
-                    WHERE b.queue = '", $queue, "' AND b.scope = r.scope AND b.block = queue_block(r.key)
+                    -- An upsert, not an UPDATE: the statement's snapshot predates
+                    -- the wait for the scope lock, and an UPDATE would not see a
+                    -- block row created meanwhile (by an add or a reorder); the
+                    -- conflict check sees the latest committed row.
+                    INSERT INTO queue_blocks AS b (queue, scope, block, item_count)
+                    SELECT '", $queue, "', r.scope, queue_block(r.key), 0 FROM removed r
+                    ON CONFLICT (queue, scope, block) DO UPDATE SET item_count = b.item_count - 1
                 )
                 SELECT scope FROM removed"
             ),

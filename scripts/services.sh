@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Brings up what loyaltyd needs on a Debian machine, as root: installs
+# PostgreSQL and Redis from Debian's packages if they are missing, starts them
+# if they are stopped, and makes sure the PostgreSQL role `root` exists (tests
+# and the run script connect over the local socket as root).
+# Usage: scripts/services.sh
+set -euo pipefail
+
+log() { printf 'services: %s\n' "$*" >&2; }
+
+missing=()
+command -v pg_ctlcluster >/dev/null 2>&1 || missing+=(postgresql)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+if ((${#missing[@]})); then
+    log "installing ${missing[*]} from Debian's packages"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# PostgreSQL: the newest installed cluster, created if the package made none.
+if ! pg_isready -q -h /var/run/postgresql; then
+    version=$(ls /usr/lib/postgresql | sort -V | tail -n 1)
+    if [ -z "$(ls /etc/postgresql/"$version" 2>/dev/null)" ]; then
+        log "creating PostgreSQL $version cluster main"
+        pg_createcluster "$version" main >/dev/null
+    fi
+    cluster=$(ls /etc/postgresql/"$version" | head -n 1)
+    log "starting PostgreSQL $version/$cluster"
+    pg_ctlcluster --skip-systemctl-redirect "$version" "$cluster" start || true
+    for _ in $(seq 1 60); do
+        pg_isready -q -h /var/run/postgresql && break
+        sleep 0.5
+    done
+    pg_isready -q -h /var/run/postgresql || { log "PostgreSQL did not start"; exit 1; }
+fi
+if ! su postgres -c "psql -h /var/run/postgresql -tAc \"SELECT 1 FROM pg_roles WHERE rolname = 'root'\"" | grep -q 1; then
+    log "creating PostgreSQL role root"
+    su postgres -c "createuser -h /var/run/postgresql --superuser root"
+fi
+
+# Redis: nothing on disk; it is a cache.
+if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
+    log "starting Redis"
+    redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >/dev/null
+    for _ in $(seq 1 40); do
+        redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break
+        sleep 0.25
+    done
+    redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 || { log "Redis did not start"; exit 1; }
+fi
+
+# A database of the given name, if asked for.
+for db in "$@"; do
+    if ! psql -h /var/run/postgresql -U root -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname = '$db'" | grep -q 1; then
+        log "creating database $db"
+        createdb -h /var/run/postgresql -U root "$db"
+    fi
+done
+log "PostgreSQL and Redis are up"

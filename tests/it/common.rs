@@ -1,0 +1,448 @@
+//! Test helpers: contexts on the test database, unique Redis prefixes, the
+//! real binary, and a TCP proxy that can cut a service off and bring it back.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use loyaltyd::config::Config;
+use loyaltyd::context::Context;
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio::net::{TcpListener, TcpStream, UnixStream};
+use tokio::sync::Mutex;
+use tokio::task::JoinHandle;
+
+/// The Redis URL of the test run.
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into())
+}
+
+/// A key prefix no other test uses.
+pub fn unique_prefix(name: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "test:{name}:{}:{}:{}:",
+        std::process::id(),
+        nanos % 1_000_000_000,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// The database URL of a test pool (same server, the test's own database).
+pub fn database_url(pool: &PgPool) -> String {
+    let opts = pool.connect_options();
+    let base = std::env::var("DATABASE_URL").unwrap_or_default();
+    let db = opts.get_database().unwrap_or("postgres");
+    // Replace the path (database name) of the base URL, keep its query.
+    let (head, query) = match base.split_once('?') {
+        Some((h, q)) => (h.to_owned(), format!("?{q}")),
+        None => (base.clone(), String::new()),
+    };
+    let scheme_end = head.find("://").map_or(0, |i| i + 3);
+    let path_start = head[scheme_end..]
+        .find('/')
+        .map_or(head.len(), |i| scheme_end + i);
+    format!("{}/{db}{query}", &head[..path_start])
+}
+
+/// A configuration for the test database with its own Redis prefix.
+pub fn config(pool: &PgPool, name: &str) -> Config {
+    let mut c = Config::default();
+    c.database.url = database_url(pool);
+    c.redis.url = redis_url();
+    c.redis.key_prefix = unique_prefix(name);
+    c
+}
+
+/// A context on the test pool, perf lists off.
+pub fn ctx(pool: &PgPool, name: &str) -> Context {
+    ctx_with(pool, config(pool, name), false)
+}
+
+/// A context on the test pool with a given configuration.
+pub fn ctx_with(pool: &PgPool, config: Config, perf: bool) -> Context {
+    Context::with_pool(config, pool.clone(), perf).unwrap_or_else(|e| panic!("context: {e}"))
+}
+
+/// A larger pool on the same test database, for many concurrent writers.
+pub async fn wide_pool(opts: PgConnectOptions, size: u32) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(size)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect_with(opts)
+        .await
+        .unwrap_or_else(|e| panic!("pool: {e}"))
+}
+
+/// A raw Redis connection for inspecting keys.
+pub async fn redis() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(redis_url())
+        .unwrap_or_else(|e| panic!("redis url: {e}"))
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap_or_else(|e| panic!("redis: {e}"))
+}
+
+/// GET a key as an integer.
+pub async fn redis_get_i64(key: &str) -> Option<i64> {
+    let mut r = redis().await;
+    let v: Option<String> = redis::cmd("GET")
+        .arg(key)
+        .query_async(&mut r)
+        .await
+        .unwrap_or_else(|e| panic!("GET {key}: {e}"));
+    v.map(|v| v.parse().unwrap_or_else(|e| panic!("{key}={v}: {e}")))
+}
+
+/// Inserts users `1..=n` (`user_<id>`, sign-ups one minute apart, score 0).
+pub async fn users(pool: &PgPool, n: i64) {
+    sqlx::query(
+        "INSERT INTO users (id, username, created_at)
+         SELECT g, 'user_' || g, TIMESTAMPTZ '2024-01-01' + g * INTERVAL '1 minute' FROM generate_series(1, $1) g",
+    )
+    .bind(n)
+    .execute(pool)
+    .await
+    .unwrap_or_else(|e| panic!("users: {e}"));
+}
+
+/// Every user's stored score next to the sum of their events.
+pub async fn score_drift(pool: &PgPool) -> Vec<(i64, i64, i64)> {
+    sqlx::query_as(
+        "SELECT u.id, u.loyalty_score, COALESCE(SUM(e.score_delta), 0)::BIGINT
+         FROM users u LEFT JOIN moderation_events e ON e.user_id = u.id
+         GROUP BY u.id HAVING u.loyalty_score <> COALESCE(SUM(e.score_delta), 0) ORDER BY u.id",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap_or_else(|e| panic!("drift: {e}"))
+}
+
+/// A Redis URL where nothing listens.
+pub fn dead_redis_url() -> String {
+    // Bind then drop: the port is free and, for the test's duration, closed.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(1);
+    format!("redis://127.0.0.1:{port}/")
+}
+
+// ---------------------------------------------------------------- the binary
+
+/// The `loyaltyd` binary with a config file and no inherited LOYALTYD_ variables.
+pub fn loyaltyd(config: &Config) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_loyaltyd"));
+    let file = write_config(config);
+    cmd.arg("--config").arg(file);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("LOYALTYD_") || k == "DATABASE_URL" || k == "REDIS_URL" {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env_remove("RUST_LOG");
+    cmd
+}
+
+/// Runs the binary to completion.
+pub fn run(config: &Config, args: &[&str]) -> Output {
+    loyaltyd(config)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running loyaltyd: {e}"))
+}
+
+/// Runs the binary with `--json` and parses stdout; panics unless it exited 0.
+pub fn run_json(config: &Config, args: &[&str]) -> serde_json::Value {
+    let out = run(config, &[args, &["--json"]].concat());
+    assert!(
+        out.status.success(),
+        "loyaltyd {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{args:?}: bad JSON {e}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// Writes a configuration to a temporary TOML file.
+pub fn write_config(config: &Config) -> PathBuf {
+    let dir = std::env::temp_dir().join("loyaltyd-tests");
+    let _ = std::fs::create_dir_all(&dir);
+    let path = dir.join(format!("{}.toml", unique_prefix("cfg").replace(':', "_")));
+    let text = toml_of(config);
+    std::fs::write(&path, text).unwrap_or_else(|e| panic!("writing config: {e}"));
+    path
+}
+
+/// A configuration as TOML (durations in human form).
+pub fn toml_of(config: &Config) -> String {
+    let value = serde_json::to_value(config).unwrap_or_else(|e| panic!("{e}"));
+    let mut out = String::new();
+    if let serde_json::Value::Object(sections) = value {
+        for (section, keys) in sections {
+            out.push_str(&format!("[{section}]\n"));
+            if let serde_json::Value::Object(keys) = keys {
+                for (k, v) in keys {
+                    out.push_str(&format!("{k} = {v}\n"));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A running daemon whose stderr is collected in a file.
+pub struct Daemon {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `loyaltyd run` with JSON logs.
+    pub fn start(config: &Config) -> Daemon {
+        let mut config = config.clone();
+        config.log.format = loyaltyd::config::LogFormat::Json;
+        let log = std::env::temp_dir()
+            .join("loyaltyd-tests")
+            .join(format!("{}.log", unique_prefix("daemon").replace(':', "_")));
+        let _ = std::fs::create_dir_all(log.parent().unwrap_or(&std::env::temp_dir()));
+        let file = std::fs::File::create(&log).unwrap_or_else(|e| panic!("log file: {e}"));
+        let child = loyaltyd(&config)
+            .arg("run")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning the daemon: {e}"));
+        Daemon { child, log }
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The log's JSON events.
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        self.log_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Waits until a log line contains `needle`.
+    pub async fn wait_for_log(&self, needle: &str, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        while !self.log_text().contains(needle) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no {needle:?} in the daemon log within {within:?}:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status();
+    }
+
+    /// Waits for the exit; returns the code and how long it took.
+    pub async fn wait_exit(&mut self, within: Duration) -> (Option<i32>, Duration) {
+        let start = std::time::Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return (status.code(), start.elapsed());
+            }
+            if start.elapsed() > within {
+                let _ = self.child.kill();
+                panic!(
+                    "the daemon did not exit within {within:?}:\n{}",
+                    self.log_text()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("free port: {e}"))
+}
+
+/// Scrapes `/metrics` over HTTP.
+pub async fn scrape(addr: std::net::SocketAddr) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.ok()?;
+    s.write_all(
+        format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.ok()?;
+    body.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())
+}
+
+/// The value of one exact series line (`name{labels}`) in a scrape.
+pub fn series(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .and_then(|v| v.trim().parse().ok())
+}
+
+// ---------------------------------------------------------------- the proxy
+
+/// Where a proxy forwards to.
+#[derive(Clone, Debug)]
+pub enum Upstream {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl Upstream {
+    /// The PostgreSQL server of `DATABASE_URL` (socket or TCP).
+    pub fn postgres() -> Upstream {
+        let url = std::env::var("DATABASE_URL").unwrap_or_default();
+        let opts: PgConnectOptions = url.parse().unwrap_or_else(|e| panic!("DATABASE_URL: {e}"));
+        let host = opts.get_host().to_owned();
+        let port = opts.get_port();
+        if host.starts_with('/') {
+            Upstream::Unix(PathBuf::from(host).join(format!(".s.PGSQL.{port}")))
+        } else {
+            Upstream::Tcp(format!("{host}:{port}"))
+        }
+    }
+
+    /// The Redis server of `REDIS_URL`.
+    pub fn redis() -> Upstream {
+        let url = redis_url();
+        let hostport = url
+            .trim_start_matches("redis://")
+            .trim_end_matches('/')
+            .rsplit('@')
+            .next()
+            .unwrap_or("127.0.0.1:6379")
+            .to_owned();
+        Upstream::Tcp(hostport)
+    }
+}
+
+/// A TCP proxy on a fixed loopback port that can be cut (port closed, every
+/// connection dropped) and restored, to play a service outage.
+pub struct Proxy {
+    pub port: u16,
+    upstream: Upstream,
+    state: Arc<Mutex<Option<JoinHandle<()>>>>,
+    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl Proxy {
+    /// Starts a proxy to `upstream`.
+    pub async fn start(upstream: Upstream) -> Proxy {
+        let p = Proxy {
+            port: free_port(),
+            upstream,
+            state: Arc::new(Mutex::new(None)),
+            conns: Arc::new(Mutex::new(Vec::new())),
+        };
+        p.restore().await;
+        p
+    }
+
+    /// Closes the port and drops every connection.
+    pub async fn cut(&self) {
+        if let Some(h) = self.state.lock().await.take() {
+            h.abort();
+        }
+        for c in self.conns.lock().await.drain(..) {
+            c.abort();
+        }
+    }
+
+    /// Opens the port again.
+    pub async fn restore(&self) {
+        let mut state = self.state.lock().await;
+        if state.is_some() {
+            return;
+        }
+        let mut listener = None;
+        for _ in 0..100 {
+            match TcpListener::bind(("127.0.0.1", self.port)).await {
+                Ok(l) => {
+                    listener = Some(l);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        let listener = listener.unwrap_or_else(|| panic!("cannot rebind proxy port {}", self.port));
+        let upstream = self.upstream.clone();
+        let conns = self.conns.clone();
+        *state = Some(tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let upstream = upstream.clone();
+                let task = tokio::spawn(async move {
+                    match upstream {
+                        Upstream::Tcp(addr) => {
+                            if let Ok(mut out) = TcpStream::connect(addr).await {
+                                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                            }
+                        }
+                        Upstream::Unix(path) => {
+                            if let Ok(mut out) = UnixStream::connect(path).await {
+                                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                            }
+                        }
+                    }
+                });
+                conns.lock().await.push(task);
+            }
+        }));
+    }
+
+    /// A PostgreSQL URL through this proxy to database `db`.
+    pub fn postgres_url(&self, db: &str) -> String {
+        let url = std::env::var("DATABASE_URL").unwrap_or_default();
+        let opts: PgConnectOptions = url.parse().unwrap_or_else(|e| panic!("DATABASE_URL: {e}"));
+        format!(
+            "postgres://{}@127.0.0.1:{}/{db}",
+            opts.get_username(),
+            self.port
+        )
+    }
+
+    /// A Redis URL through this proxy.
+    pub fn redis_url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+}

@@ -1,0 +1,1 @@
+//! The daemon, through the real binary: jobs, overlap, clusters, outages, shutdown.

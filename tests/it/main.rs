@@ -1,0 +1,16 @@
+//! Integration tests against real PostgreSQL and Redis: one binary, a module per concern.
+//!
+//! Every test gets its own freshly migrated database (`#[sqlx::test]`, from
+//! `DATABASE_URL`) and its own Redis key prefix, so they run in parallel
+//! without seeing each other. `scripts/test.sh` brings both services up.
+
+mod common;
+
+mod cli;
+mod config;
+mod daemon;
+mod leaderboard;
+mod loyalty;
+mod queues;
+mod schema;
+mod telemetry;

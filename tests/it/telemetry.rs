@@ -1,0 +1,193 @@
+//! Telemetry: histograms in a real scrape, perf lists off the hot path, stats.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use loyaltyd::loyalty::{self, NewEvent};
+use loyaltyd::queues;
+use loyaltyd::types::{ContentType, Ident, Outcome, Priority, QueueKind, Scope, UserId};
+use sqlx::PgPool;
+
+use crate::common;
+
+/// The process-wide exporter, installed once for this test binary.
+async fn exporter() -> SocketAddr {
+    static ADDR: tokio::sync::OnceCell<SocketAddr> = tokio::sync::OnceCell::const_new();
+    *ADDR
+        .get_or_init(|| async {
+            let addr: SocketAddr = ([127, 0, 0, 1], common::free_port()).into();
+            // The exporter's tasks must outlive any one test's runtime: give them their own.
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                if let Ok(rt) = rt {
+                    rt.block_on(async move {
+                        loyaltyd::telemetry::install_exporter(addr)
+                            .unwrap_or_else(|e| panic!("{e}"));
+                        std::future::pending::<()>().await;
+                    });
+                }
+            });
+            for _ in 0..100 {
+                if common::scrape(addr).await.is_some() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            addr
+        })
+        .await
+}
+
+async fn metric(addr: SocketAddr, series: &str) -> f64 {
+    let text = common::scrape(addr)
+        .await
+        .unwrap_or_else(|| panic!("no scrape"));
+    common::series(&text, series).unwrap_or(0.0)
+}
+
+fn event(user: i64) -> NewEvent {
+    NewEvent {
+        user: UserId::new(user).unwrap_or_else(|e| panic!("{e}")),
+        event_type: Ident::parse("t", "d").unwrap_or_else(|e| panic!("{e}")),
+        content_type: ContentType::Post,
+        content_id: Ident::parse("t", "c").unwrap_or_else(|e| panic!("{e}")),
+        outcome: Outcome::Approved,
+        event_id: None,
+    }
+}
+
+#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+async fn operations_show_up_as_labelled_histograms_in_a_scrape(pool: PgPool) {
+    let addr = exporter().await;
+    common::users(&pool, 1).await;
+    let ctx = common::ctx(&pool, "histo");
+    let add_count =
+        r#"loyaltyd_operation_duration_seconds_count{operation="queue_add",queue="post"}"#;
+    let rec_count = r#"loyaltyd_operation_duration_seconds_count{operation="record_event"}"#;
+    let (adds, recs) = (metric(addr, add_count).await, metric(addr, rec_count).await);
+    for i in 0..3 {
+        let item = Ident::parse("t", &format!("h{i}")).unwrap_or_else(|e| panic!("{e}"));
+        let scope = Scope::Topic(Ident::parse("t", "x").unwrap_or_else(|e| panic!("{e}")));
+        queues::add(&ctx, QueueKind::Post, &item, &scope, Priority::default())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        loyalty::record_event(&ctx, &event(1))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let text = common::scrape(addr).await.unwrap_or_default();
+    assert!(metric(addr, add_count).await >= adds + 3.0, "{text}");
+    assert!(metric(addr, rec_count).await >= recs + 3.0);
+    assert!(
+        text.contains(r#"loyaltyd_operation_duration_seconds_bucket{operation="queue_add",queue="post",le="0.00005"}"#),
+        "sub-millisecond buckets: {text}"
+    );
+    assert!(text.contains(r#"le="10"}"#));
+}
+
+#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+async fn perf_lists_keep_the_newest_samples_first_trimmed_to_length(pool: PgPool) {
+    common::users(&pool, 1).await;
+    let mut config = common::config(&pool, "perf");
+    config.metrics.perf_list_len = 5;
+    let ctx = common::ctx_with(&pool, config, true);
+    for _ in 0..12 {
+        loyalty::record_event(&ctx, &event(1))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let scope = Scope::Conversation(Ident::parse("t", "c").unwrap_or_else(|e| panic!("{e}")));
+    let item = Ident::parse("t", "m1").unwrap_or_else(|e| panic!("{e}"));
+    queues::add(&ctx, QueueKind::Message, &item, &scope, Priority::default())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    ctx.perf.flush(Duration::from_secs(5)).await;
+    let mut r = common::redis().await;
+    let key = ctx.cache.key("perf:loyalty_updates");
+    let entries: Vec<String> = redis::cmd("LRANGE")
+        .arg(&key)
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut r)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(entries.len(), 5, "trimmed to perf_list_len");
+    let parsed: Vec<serde_json::Value> = entries
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap_or_else(|err| panic!("{e}: {err}")))
+        .collect();
+    for p in &parsed {
+        assert!(p["duration_ms"].as_f64().is_some_and(|d| d > 0.0), "{p}");
+        assert!(p["timestamp"].as_f64().is_some_and(|t| t > 1.7e9), "{p}");
+        assert_eq!(p["user_id"], 1);
+    }
+    let stamps: Vec<f64> = parsed
+        .iter()
+        .filter_map(|p| p["timestamp"].as_f64())
+        .collect();
+    assert!(
+        stamps.windows(2).all(|w| w[0] >= w[1]),
+        "newest first: {stamps:?}"
+    );
+    let queue_key = ctx.cache.key("perf:queue:add:message");
+    let n: i64 = redis::cmd("LLEN")
+        .arg(&queue_key)
+        .query_async(&mut r)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(n, 1);
+}
+
+#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+async fn with_redis_down_operations_succeed_and_samples_are_counted_as_dropped(pool: PgPool) {
+    let addr = exporter().await;
+    common::users(&pool, 1).await;
+    let mut config = common::config(&pool, "dropped");
+    config.redis.url = common::dead_redis_url();
+    let ctx = common::ctx_with(&pool, config, true);
+    let dropped = metric(addr, "loyaltyd_perf_samples_dropped_total").await;
+    let errors = metric(addr, "loyaltyd_redis_errors_total").await;
+    for _ in 0..4 {
+        loyalty::record_event(&ctx, &event(1))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    ctx.perf.flush(Duration::from_secs(5)).await;
+    assert!(metric(addr, "loyaltyd_perf_samples_dropped_total").await >= dropped + 4.0);
+    assert!(metric(addr, "loyaltyd_redis_errors_total").await >= errors + 4.0);
+}
+
+#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+async fn stats_summarizes_each_perf_list(pool: PgPool) {
+    let ctx = common::ctx(&pool, "stats");
+    let mut r = common::redis().await;
+    let key = ctx.cache.key("perf:queue:add:topic");
+    for ms in 1..=20 {
+        let entry = serde_json::json!({"duration_ms": f64::from(ms), "timestamp": 1.8e9});
+        let _: i64 = redis::cmd("LPUSH")
+            .arg(&key)
+            .arg(entry.to_string())
+            .query_async(&mut r)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let _: i64 = redis::cmd("LPUSH")
+        .arg(&key)
+        .arg("not json")
+        .query_async(&mut r)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let stats = loyaltyd::stats::collect(&ctx.cache)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(stats.lists.len(), 1, "only this test's prefix: {stats:?}");
+    let s = &stats.lists[0];
+    assert_eq!((s.key.as_str(), s.count), (key.as_str(), 20));
+    assert_eq!(
+        (s.p50_ms, s.p95_ms, s.p99_ms, s.max_ms),
+        (10.0, 19.0, 20.0, 20.0)
+    );
+    assert!((s.avg_ms - 10.5).abs() < 1e-9);
+}
