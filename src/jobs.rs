@@ -23,7 +23,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Timelike, Utc};
 use sqlx::pool::PoolConnection;
 use sqlx::{PgPool, Postgres};
 use tokio_util::sync::CancellationToken;
@@ -179,7 +179,14 @@ impl JobRunner {
     pub async fn tick(&self, shutdown: &CancellationToken) -> JobOutcome {
         let job = self.inner.job.as_str();
         let started = Instant::now();
-        let (outcome, detail) = match self.try_run(shutdown).await {
+        // Cron ticks are named by their scheduled instant (UTC, RFC 3339).
+        let tick = self
+            .inner
+            .schedule
+            .as_ref()
+            .map(|s| scheduled_instant(s, Utc::now()));
+        let tick_name = tick.map(|t| t.to_rfc3339()).unwrap_or_default();
+        let (outcome, detail) = match self.try_run(tick, shutdown).await {
             Ok(Done::Worked(summary)) => (JobOutcome::Success, summary),
             Ok(Done::Nothing(why)) => (JobOutcome::Skipped, why.to_owned()),
             Err(e) => (JobOutcome::Failed, e.one_line()),
@@ -187,15 +194,17 @@ impl JobRunner {
         let took = started.elapsed();
         telemetry::job_run(self.inner.job, outcome, took);
         let ms = took.as_secs_f64() * 1000.0;
+        let tick = tick_name.as_str();
         match outcome {
             JobOutcome::Success => {
-                tracing::info!(job, outcome = "success", duration_ms = ms, "{detail}")
+                tracing::info!(job, tick, outcome = "success", duration_ms = ms, "{detail}")
             }
             JobOutcome::Skipped => {
-                tracing::info!(job, outcome = "skipped", duration_ms = ms, "{detail}")
+                tracing::info!(job, tick, outcome = "skipped", duration_ms = ms, "{detail}")
             }
             JobOutcome::Failed => tracing::error!(
                 job,
+                tick,
                 outcome = "failed",
                 duration_ms = ms,
                 "{detail}; retrying on the next tick"
@@ -204,7 +213,11 @@ impl JobRunner {
         outcome
     }
 
-    async fn try_run(&self, shutdown: &CancellationToken) -> Result<Done> {
+    async fn try_run(
+        &self,
+        tick: Option<DateTime<Utc>>,
+        shutdown: &CancellationToken,
+    ) -> Result<Done> {
         let inner = &self.inner;
         let Ok(_running) = inner.running.try_lock() else {
             return Ok(Done::Nothing("the previous run is still going"));
@@ -213,12 +226,11 @@ impl JobRunner {
         let Some(lock) = ClusterLock::try_acquire(pool, lock_key(inner.job)).await? else {
             return Ok(Done::Nothing("another instance is running it"));
         };
-        if let Some(schedule) = &inner.schedule {
-            let tick = scheduled_instant(schedule, Utc::now());
-            if !claim_tick(pool, inner.job, tick, &inner.instance).await? {
-                lock.release().await;
-                return Ok(Done::Nothing("another instance ran this tick"));
-            }
+        if let Some(tick) = tick
+            && !claim_tick(pool, inner.job, tick, &inner.instance).await?
+        {
+            lock.release().await;
+            return Ok(Done::Nothing("another instance ran this tick"));
         }
         let cancel = shutdown.child_token();
         let work = (inner.work)(&inner.ctx, &cancel);
@@ -244,6 +256,10 @@ impl JobRunner {
 /// The latest scheduled instant at or before `now`: the identity of a tick,
 /// the same on every host whose clock is within a tick of the others.
 pub fn scheduled_instant(schedule: &croner::Cron, now: DateTime<Utc>) -> DateTime<Utc> {
+    // Schedules have a resolution of one second; croner keeps the fraction of
+    // the instant it starts from, so drop it first or every host names the
+    // same tick differently.
+    let now = now.with_nanosecond(0).unwrap_or(now);
     schedule
         .find_previous_occurrence(&now, true)
         .unwrap_or(now)
@@ -295,5 +311,35 @@ impl ClusterLock {
         if !matches!(unlocked, Ok(true)) {
             drop(self.conn.detach());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s)
+            .map(|t| t.with_timezone(&Utc))
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn hosts_firing_a_moment_apart_name_the_same_tick() {
+        let every_second =
+            crate::config::parse_cron("* * * * * *").unwrap_or_else(|e| panic!("{e}"));
+        let a = scheduled_instant(&every_second, at("2026-11-25T01:50:22.230547976Z"));
+        let b = scheduled_instant(&every_second, at("2026-11-25T01:50:22.934736893Z"));
+        assert_eq!(a, b);
+        assert_eq!(a, at("2026-11-25T01:50:22Z"));
+        let nightly = crate::config::parse_cron("0 0 3 * * *").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            scheduled_instant(&nightly, at("2026-11-25T03:00:00.480Z")),
+            at("2026-11-25T03:00:00Z")
+        );
+        assert_eq!(
+            scheduled_instant(&nightly, at("2026-11-25T02:59:59.999Z")),
+            at("2026-11-24T03:00:00Z")
+        );
     }
 }
