@@ -45,6 +45,19 @@ pub const PERF_DROPPED: &str = "loyaltyd_perf_samples_dropped_total";
 /// Gauge: always 1, label `version`.
 pub const BUILD_INFO: &str = "loyaltyd_build_info";
 
+/// Every metric the program exports (histograms also as `_bucket`, `_count`, `_sum`).
+pub const METRICS: &[&str] = &[
+    OPERATION_DURATION,
+    JOB_RUNS,
+    JOB_DURATION,
+    LEADERBOARD_PENDING,
+    LEADERBOARD_AGE,
+    DRIFTED_USERS,
+    REDIS_ERRORS,
+    PERF_DROPPED,
+    BUILD_INFO,
+];
+
 /// Buckets for operations: 50 µs to 10 s, so sub-millisecond work resolves.
 const OPERATION_BUCKETS: &[f64] = &[
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,

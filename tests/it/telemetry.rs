@@ -191,3 +191,118 @@ async fn stats_summarizes_each_perf_list(pool: PgPool) {
     );
     assert!((s.avg_ms - 10.5).abs() < 1e-9);
 }
+
+/// The `loyaltyd_*` metric names an expression uses.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = expr;
+    while let Some(i) = rest.find("loyaltyd_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        names.push(tail[..end].to_owned());
+        rest = &tail[end..];
+    }
+    names
+}
+
+fn exported(name: &str) -> bool {
+    let base = ["_bucket", "_count", "_sum"]
+        .iter()
+        .find_map(|s| name.strip_suffix(s))
+        .filter(|b| loyaltyd::telemetry::METRICS.contains(b));
+    base.is_some() || loyaltyd::telemetry::METRICS.contains(&name)
+}
+
+fn collect_exprs(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                match (k.as_str(), v) {
+                    ("expr", serde_json::Value::String(e)) => out.push(e.clone()),
+                    _ => collect_exprs(v, out),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|i| collect_exprs(i, out)),
+        _ => {}
+    }
+}
+
+#[test]
+fn the_dashboard_and_alert_rules_only_use_metrics_the_program_exports() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/dashboards");
+    let text =
+        std::fs::read_to_string(format!("{dir}/loyaltyd.json")).unwrap_or_else(|e| panic!("{e}"));
+    let dash: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("dashboard JSON: {e}"));
+    let vars = dash["templating"]["list"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        vars.iter()
+            .any(|v| v["type"] == "datasource" && v["query"] == "prometheus"),
+        "a Prometheus data source variable"
+    );
+    let mut exprs = Vec::new();
+    collect_exprs(&dash["panels"], &mut exprs);
+    assert!(exprs.len() >= 10, "{exprs:?}");
+    let mut charted = std::collections::BTreeSet::new();
+    for e in &exprs {
+        for name in metric_names(e) {
+            assert!(
+                exported(&name),
+                "dashboard uses {name}, which loyaltyd does not export: {e}"
+            );
+            charted.insert(name);
+        }
+    }
+    for needed in [
+        "loyaltyd_operation_duration_seconds_bucket",
+        "loyaltyd_job_runs_total",
+        "loyaltyd_leaderboard_pending_changes",
+        "loyaltyd_leaderboard_age_seconds",
+        "loyaltyd_integrity_drifted_users",
+        "loyaltyd_redis_errors_total",
+    ] {
+        assert!(charted.contains(needed), "the dashboard charts {needed}");
+    }
+
+    let rules_path = format!("{dir}/alerts.yml");
+    let rules = std::fs::read_to_string(&rules_path).unwrap_or_else(|e| panic!("{e}"));
+    let rule_exprs: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("expr:"))
+        .collect();
+    assert!(rule_exprs.len() >= 4);
+    for e in &rule_exprs {
+        for name in metric_names(e) {
+            assert!(
+                exported(&name),
+                "alert uses {name}, which loyaltyd does not export: {e}"
+            );
+        }
+    }
+    for alert in [
+        "LoyaltydDown",
+        "LoyaltydJobFailing",
+        "LoyaltydLeaderboardStale",
+        "LoyaltydDriftFound",
+    ] {
+        assert!(rules.contains(&format!("alert: {alert}")), "{alert}");
+    }
+    // promtool, where Debian's prometheus package is installed, checks the rules for real.
+    if let Ok(out) = std::process::Command::new("promtool")
+        .args(["check", "rules", &rules_path])
+        .output()
+    {
+        assert!(
+            out.status.success(),
+            "promtool: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
