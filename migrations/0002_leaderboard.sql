@@ -27,13 +27,18 @@ CREATE INDEX idx_leaderboard_topic_creators ON user_leaderboard (can_create_topi
 
 -- Pending leaderboard changes, counted in the same statement that records the
 -- event, so a change is counted exactly once and survives a Redis restart.
--- Sharded by backend so concurrent writers do not queue on one hot row; the
--- count is the sum of the shards.
+-- Sharded by backend so concurrent writers do not queue on one hot row (each
+-- holds its shard's row lock until it commits); the count is the sum.
 CREATE TABLE leaderboard_pending (
     shard   SMALLINT PRIMARY KEY,
     changes BIGINT   NOT NULL DEFAULT 0
 );
-INSERT INTO leaderboard_pending (shard) SELECT generate_series(0, 15);
+INSERT INTO leaderboard_pending (shard) SELECT generate_series(0, 63);
+
+-- This backend's shard; the shard count (64) lives here and above only.
+CREATE FUNCTION leaderboard_shard() RETURNS SMALLINT
+    LANGUAGE sql STABLE PARALLEL SAFE
+    RETURN (pg_backend_pid() % 64)::SMALLINT;
 
 -- One row: when the view was last refreshed, and how many changes refreshes
 -- have consumed in all (pending + consumed = every non-zero event ever counted).

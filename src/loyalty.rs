@@ -130,7 +130,7 @@ async fn insert_event(pool: &PgPool, e: &NewEvent) -> Result<(Recorded, Option<V
             RETURNING u.loyalty_score, u.score_version, e.score_delta
         ), counted AS (
             UPDATE leaderboard_pending SET changes = changes + 1
-            WHERE shard = pg_backend_pid() % 16
+            WHERE shard = leaderboard_shard()
               AND EXISTS (SELECT 1 FROM event WHERE score_delta <> 0)
         )
         SELECT loyalty_score, score_version, score_delta::BIGINT FROM scored
@@ -246,7 +246,7 @@ pub async fn record_events(ctx: &Context, events: &[NewEvent]) -> Result<BatchRe
         ), counted AS (
             UPDATE leaderboard_pending
             SET changes = changes + (SELECT COALESCE(SUM(changes), 0) FROM per_user)
-            WHERE shard = pg_backend_pid() % 16
+            WHERE shard = leaderboard_shard()
         )
         SELECT id, loyalty_score, score_version, events FROM scored ORDER BY id
     "#;
@@ -412,7 +412,7 @@ async fn repair(tx: &mut Transaction<'_, Postgres>, ids: &[i64]) -> Result<Vec<R
         ), counted AS (
             -- A repaired score moves the leaderboard like any other change.
             UPDATE leaderboard_pending SET changes = changes + (SELECT count(*) FROM fixed)
-            WHERE shard = pg_backend_pid() % 16 AND EXISTS (SELECT 1 FROM fixed)
+            WHERE shard = leaderboard_shard() AND EXISTS (SELECT 1 FROM fixed)
         )
         SELECT id, loyalty_score, score_version, previous FROM fixed ORDER BY id
     "#;

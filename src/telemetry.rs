@@ -211,21 +211,28 @@ impl JobOutcome {
     }
 }
 
+/// The Prometheus builder with loyaltyd's buckets: every `_seconds`
+/// histogram renders as a real histogram, not a summary.
+pub fn prometheus_builder() -> Result<PrometheusBuilder> {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(OPERATION_DURATION.into()), OPERATION_BUCKETS)
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(JOB_DURATION.into()), JOB_BUCKETS))
+        .map_err(|e| Error::Runtime(format!("metrics exporter: {e}")))
+}
+
 /// Installs the Prometheus recorder and serves `/metrics` on `listen`, then
 /// exports every series known at start-up.
 pub fn install_exporter(listen: SocketAddr) -> Result<PrometheusHandle> {
-    let builder = PrometheusBuilder::new()
+    // Built by hand rather than install(): to keep the handle, run upkeep
+    // ourselves and report a busy port as one configuration error.
+    let (recorder, exporter) = prometheus_builder()?
         .with_http_listener(listen)
-        .set_buckets_for_metric(Matcher::Full(OPERATION_DURATION.into()), OPERATION_BUCKETS)
-        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(JOB_DURATION.into()), JOB_BUCKETS))
-        .map_err(|e| Error::Runtime(format!("metrics exporter: {e}")))?;
-    // install() binds the listener and starts the upkeep task; build it by
-    // hand to keep the handle and to report a busy port as one line.
-    let (recorder, exporter) = builder.build().map_err(|e| {
-        Error::Config(format!(
-            "key \"metrics.listen\": cannot serve metrics on {listen}: {e}"
-        ))
-    })?;
+        .build()
+        .map_err(|e| {
+            Error::Config(format!(
+                "key \"metrics.listen\": cannot serve metrics on {listen}: {e}"
+            ))
+        })?;
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder)
         .map_err(|e| Error::Runtime(format!("metrics recorder: {e}")))?;

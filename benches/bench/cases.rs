@@ -1,0 +1,679 @@
+//! The benchmark cases. Every case runs its sides in turn, operation by
+//! operation (or round by round), starting with a different side each time,
+//! so that a slow moment of the machine hits every side alike.
+
+use std::time::{Duration, Instant};
+
+use loyaltyd::loyalty::{self, NewEvent};
+use loyaltyd::types::{ContentType, Ident, Outcome, Priority, QueueKind, Scope, UserId};
+use loyaltyd::{leaderboard, queues};
+use tokio_util::sync::CancellationToken;
+
+use super::{Bench, Report, Side, seed, timed};
+
+type R<T> = Result<T, String>;
+
+/// A small deterministic random generator (xorshift), so runs are comparable.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n.max(1)
+    }
+}
+
+fn ident(s: &str) -> R<Ident> {
+    Ident::parse("bench", s).map_err(|e| e.to_string())
+}
+
+fn uid(id: i64) -> R<UserId> {
+    UserId::new(id).map_err(|e| e.to_string())
+}
+
+const KINDS: [(ContentType, &str); 3] = [
+    (ContentType::Post, "post"),
+    (ContentType::Topic, "topic"),
+    (ContentType::PrivateMessage, "private_message"),
+];
+const OUTCOMES: [(Outcome, &str); 3] = [
+    (Outcome::Approved, "approved"),
+    (Outcome::Rejected, "rejected"),
+    (Outcome::Calibrated, "calibrated"),
+];
+
+fn event(user: i64, n: usize) -> R<NewEvent> {
+    Ok(NewEvent {
+        user: uid(user)?,
+        event_type: ident("moderation_decision")?,
+        content_type: KINDS[n % 3].0,
+        content_id: ident("bench")?,
+        outcome: OUTCOMES[(n / 3) % 3].0,
+        event_id: None,
+    })
+}
+
+/// Every case, in an order that lets later ones reshape the data.
+pub async fn all(b: &Bench, report: &mut Report) -> R<()> {
+    let s = &b.sizes;
+    eprintln!("bench: seeding {} users and {} events", s.users, s.events);
+    loyaltyd::demo::seed(&b.quiet, s.users, s.events, 0, false)
+        .await
+        .map_err(|e| e.to_string())?;
+    let heavy = heavy_user(b).await?;
+    events(b, report, heavy).await?;
+    batches(b, report).await?;
+    concurrent(b, report).await?;
+    telemetry_overhead(b, report).await?;
+    let (users, events) = s.sweep[0];
+    sweep(b, report, users, events).await?;
+    leaderboard_reads(b, report).await?;
+    for &n in &s.refresh_users {
+        refresh(b, report, n).await?;
+    }
+    for &n in &s.queue_sizes {
+        queues_at(b, report, n).await?;
+    }
+    for &(users, events) in s.sweep.iter().skip(1) {
+        eprintln!("bench: reseeding {users} users and {events} events");
+        sqlx::query("TRUNCATE moderation_events, users CASCADE")
+            .execute(&b.pool)
+            .await
+            .map_err(|e| e.to_string())?;
+        loyaltyd::demo::seed(&b.quiet, users, events, 0, false)
+            .await
+            .map_err(|e| e.to_string())?;
+        sweep(b, report, users, events).await?;
+    }
+    Ok(())
+}
+
+/// A user with `heavy_events` events (the seed's recalculation scales with them).
+async fn heavy_user(b: &Bench) -> R<i64> {
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO users (id, username) SELECT max(id) + 1, 'heavy' FROM users RETURNING id",
+    )
+    .fetch_one(&b.pool)
+    .await
+    .map_err(|e| e.to_string())?;
+    sqlx::query(
+        "INSERT INTO moderation_events (user_id, event_type, content_type, content_id, outcome)
+         SELECT $1, 'moderation_decision', (ARRAY['post','topic','private_message'])[1 + g % 3], 'h' || g,
+                (ARRAY['approved','approved','rejected','calibrated'])[1 + g % 4]
+         FROM generate_series(1, $2) g",
+    )
+    .bind(id)
+    .bind(b.sizes.heavy_events)
+    .execute(&b.pool)
+    .await
+    .map_err(|e| e.to_string())?;
+    sqlx::query("UPDATE users SET loyalty_score = (SELECT SUM(score_delta) FROM moderation_events WHERE user_id = $1) WHERE id = $1")
+        .bind(id)
+        .execute(&b.pool)
+        .await
+        .map_err(|e| e.to_string())?;
+    sqlx::query("VACUUM ANALYZE moderation_events")
+        .execute(&b.pool)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(id)
+}
+
+/// Recording one event: loyaltyd, the seed's statements, the seed's "before", the floor.
+async fn events(b: &Bench, report: &mut Report, heavy: i64) -> R<()> {
+    let s = &b.sizes;
+    let prefix = b.config.redis.key_prefix.clone();
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); 6];
+    let mut redis = b.redis.clone();
+    for i in 0..s.iterations {
+        let user = 1 + rng.below(s.users as u64) as i64;
+        let (kind, outcome) = (KINDS[i % 3].1, OUTCOMES[(i / 3) % 3].1);
+        for k in 0..6 {
+            let side = (i + k) % 6;
+            let took = match side {
+                0 => {
+                    timed(loyalty::record_event(&b.ctx, &event(user, i)?))
+                        .await?
+                        .1
+                }
+                1 => {
+                    timed(seed::record_event(
+                        &b.pool, &mut redis, &prefix, user, kind, outcome,
+                    ))
+                    .await?
+                    .1
+                }
+                2 => {
+                    timed(seed::record_event_full_recalc(
+                        &b.pool, &mut redis, &prefix, user, kind, outcome,
+                    ))
+                    .await?
+                    .1
+                }
+                3 => {
+                    timed(seed::record_event_full_recalc(
+                        &b.pool, &mut redis, &prefix, heavy, kind, outcome,
+                    ))
+                    .await?
+                    .1
+                }
+                4 => {
+                    timed(
+                        sqlx::query("UPDATE users SET updated_at = now() WHERE id = $1")
+                            .bind(user)
+                            .execute(&b.pool),
+                    )
+                    .await?
+                    .1
+                }
+                _ => timed(sqlx::query("SELECT 1").execute(&b.pool)).await?.1,
+            };
+            samples[side].push(took);
+        }
+    }
+    let heavy_label = format!(
+        "seed: full recalculation per event, user with {} events",
+        s.heavy_events
+    );
+    report.case(
+        "Event recording (1 client)",
+        "record one event",
+        vec![
+            Side::new("loyaltyd", &samples[0]).note("one statement + cache write"),
+            Side::new("seed: UPDATE, SET, INSERT", &samples[1]),
+            Side::new(
+                "seed: full recalculation per event, typical user",
+                &samples[2],
+            ),
+            Side::new(&heavy_label, &samples[3]),
+            Side::new("floor: single-row UPDATE", &samples[4]),
+            Side::new("floor: SELECT 1", &samples[5]),
+        ],
+    );
+    Ok(())
+}
+
+/// Bulk ingestion: batches of 500 events.
+async fn batches(b: &Bench, report: &mut Report) -> R<()> {
+    let s = &b.sizes;
+    let prefix = b.config.redis.key_prefix.clone();
+    let mut rng = Rng(0x1234_5678_9abc_def1);
+    let mut redis = b.redis.clone();
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for round in 0..s.batches {
+        let batch: Vec<NewEvent> = (0..500)
+            .map(|i| event(1 + rng.below(s.users as u64) as i64, i))
+            .collect::<R<_>>()?;
+        for side in [round % 2, (round + 1) % 2] {
+            if side == 0 {
+                ours.push(timed(loyalty::record_events(&b.ctx, &batch)).await?.1);
+            } else {
+                let start = Instant::now();
+                for (i, e) in batch.iter().enumerate() {
+                    let (kind, outcome) = (KINDS[i % 3].1, OUTCOMES[(i / 3) % 3].1);
+                    seed::record_event(&b.pool, &mut redis, &prefix, e.user.get(), kind, outcome)
+                        .await?;
+                }
+                theirs.push(start.elapsed());
+            }
+        }
+    }
+    let rate = |v: &[Duration]| 500.0 / (super::Stats::of(v).p50 / 1000.0);
+    report.case(
+        "Event recording (bulk)",
+        "a batch of 500 events",
+        vec![
+            Side::new("loyaltyd", &ours)
+                .rate(rate(&ours))
+                .note("record_events: one statement"),
+            Side::new("seed: 500 × (UPDATE, SET, INSERT)", &theirs).rate(rate(&theirs)),
+        ],
+    );
+    Ok(())
+}
+
+/// 16 concurrent clients, round by round per side.
+async fn concurrent(b: &Bench, report: &mut Report) -> R<()> {
+    let s = b.sizes.clone();
+    let mut all: Vec<(Vec<Duration>, Duration)> = vec![(Vec::new(), Duration::ZERO); 3];
+    for round in 0..s.rounds {
+        for k in 0..3 {
+            let side = (round + k) % 3;
+            let start = Instant::now();
+            let mut tasks = Vec::new();
+            for client in 0..16u64 {
+                let (ctx, pool, mut redis, prefix) = (
+                    b.ctx.clone(),
+                    b.pool.clone(),
+                    b.redis.clone(),
+                    b.config.redis.key_prefix.clone(),
+                );
+                let (ops, users) = (s.concurrent_ops, s.users as u64);
+                tasks.push(tokio::spawn(async move {
+                    let mut rng = Rng(0xabcd_ef01 + client * 7919 + round as u64);
+                    let mut lat = Vec::with_capacity(ops);
+                    for i in 0..ops {
+                        let user = 1 + rng.below(users) as i64;
+                        let took = match side {
+                            0 => {
+                                timed(loyalty::record_event(&ctx, &event(user, i)?))
+                                    .await?
+                                    .1
+                            }
+                            1 => {
+                                let (kind, outcome) = (KINDS[i % 3].1, OUTCOMES[(i / 3) % 3].1);
+                                timed(seed::record_event(
+                                    &pool, &mut redis, &prefix, user, kind, outcome,
+                                ))
+                                .await?
+                                .1
+                            }
+                            _ => {
+                                timed(
+                                    sqlx::query(
+                                        "UPDATE users SET updated_at = now() WHERE id = $1",
+                                    )
+                                    .bind(user)
+                                    .execute(&pool),
+                                )
+                                .await?
+                                .1
+                            }
+                        };
+                        lat.push(took);
+                    }
+                    Ok::<_, String>(lat)
+                }));
+            }
+            for t in tasks {
+                all[side].0.extend(t.await.map_err(|e| e.to_string())??);
+            }
+            all[side].1 += start.elapsed();
+        }
+    }
+    let rate = |(lat, wall): &(Vec<Duration>, Duration)| lat.len() as f64 / wall.as_secs_f64();
+    report.case(
+        "Event recording (16 concurrent clients)",
+        "record one event",
+        vec![
+            Side::new("loyaltyd", &all[0].0).rate(rate(&all[0])),
+            Side::new("seed: UPDATE, SET, INSERT", &all[1].0).rate(rate(&all[1])),
+            Side::new("floor: single-row UPDATE", &all[2].0).rate(rate(&all[2])),
+        ],
+    );
+    Ok(())
+}
+
+/// record_event with telemetry on and off, and with the seed's synchronous perf lists.
+async fn telemetry_overhead(b: &Bench, report: &mut Report) -> R<()> {
+    let s = &b.sizes;
+    let mut rng = Rng(0x5555_aaaa_1234_4321);
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); 3];
+    let mut redis = b.redis.clone();
+    let key = format!("{}seed:perf:loyalty_updates", b.config.redis.key_prefix);
+    for i in 0..s.iterations {
+        let user = 1 + rng.below(s.users as u64) as i64;
+        for k in 0..3 {
+            let side = (i + k) % 3;
+            let took = match side {
+                0 => {
+                    b.switch.store(true, std::sync::atomic::Ordering::Relaxed);
+                    timed(loyalty::record_event(&b.ctx, &event(user, i)?))
+                        .await?
+                        .1
+                }
+                1 => {
+                    b.switch.store(false, std::sync::atomic::Ordering::Relaxed);
+                    timed(loyalty::record_event(&b.quiet, &event(user, i)?))
+                        .await?
+                        .1
+                }
+                _ => {
+                    b.switch.store(false, std::sync::atomic::Ordering::Relaxed);
+                    let start = Instant::now();
+                    loyalty::record_event(&b.quiet, &event(user, i)?)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    seed::track(&mut redis, &key, start.elapsed().as_secs_f64() * 1000.0).await?;
+                    start.elapsed()
+                }
+            };
+            samples[side].push(took);
+        }
+    }
+    b.switch.store(true, std::sync::atomic::Ordering::Relaxed);
+    report.case(
+        "Telemetry overhead",
+        "record one event",
+        vec![
+            Side::new("loyaltyd", &samples[0]).note("histogram + perf list off the path"),
+            Side::new("loyaltyd, telemetry off", &samples[1]),
+            Side::new(
+                "loyaltyd + the seed's synchronous LPUSH, LTRIM",
+                &samples[2],
+            ),
+        ],
+    );
+    Ok(())
+}
+
+/// The integrity sweep: recalc_all, the seed's per-user loop (sampled), one plain aggregate.
+async fn sweep(b: &Bench, report: &mut Report, users: i64, events: i64) -> R<()> {
+    let s = &b.sizes;
+    let never = CancellationToken::new();
+    let aggregate = || {
+        sqlx::query_as::<_, (i64, i64)>(
+            "SELECT user_id, SUM(score_delta)::BIGINT FROM moderation_events GROUP BY user_id",
+        )
+        .fetch_all(&b.pool)
+    };
+    aggregate().await.map_err(|e| e.to_string())?; // warm the cache for both
+    let (mut ours, mut plain) = (Vec::new(), Vec::new());
+    for round in 0..s.rounds {
+        for k in 0..2 {
+            if (round + k) % 2 == 0 {
+                let (r, took) = timed(loyalty::recalc_all(
+                    &b.ctx,
+                    b.config.sweep.batch_size,
+                    &never,
+                ))
+                .await?;
+                if r.users_checked < users as u64 {
+                    return Err(format!(
+                        "the sweep checked {} of {users} users",
+                        r.users_checked
+                    ));
+                }
+                ours.push(took);
+            } else {
+                plain.push(timed(aggregate()).await?.1);
+            }
+        }
+    }
+    // The seed's loop: one recalculation per user. Sampled and extrapolated.
+    let mut rng = Rng(0x7777_1111_2222_3333);
+    let mut redis = b.redis.clone();
+    let sample = s.seed_loop_sample.min(users);
+    let start = Instant::now();
+    for _ in 0..sample {
+        let user = 1 + rng.below(users as u64) as i64;
+        seed::recalc_user(&b.pool, &mut redis, &b.config.redis.key_prefix, user).await?;
+    }
+    let per_user = start.elapsed() / sample as u32;
+    let extrapolated = per_user * users as u32;
+    report.case(
+        &format!("Integrity sweep ({users} users, {events} events)"),
+        "every score against its events",
+        vec![
+            Side::new("loyaltyd", &ours)
+                .rate(users as f64 / super::Stats::of(&ours).p50 * 1000.0)
+                .note("recalc_all, batches of 10,000"),
+            Side::new("seed: one recalculation per user", &[extrapolated])
+                .rate(1.0 / per_user.as_secs_f64())
+                .note(format!("sampled {sample} users, extrapolated to {users}")),
+            Side::new("floor: one plain aggregate over the events", &plain),
+        ],
+    );
+    Ok(())
+}
+
+/// Leaderboard pages and ranks: the view against ranking on the fly.
+async fn leaderboard_reads(b: &Bench, report: &mut Report) -> R<()> {
+    let s = &b.sizes;
+    leaderboard::refresh(&b.ctx, true, &CancellationToken::new())
+        .await
+        .map_err(|e| e.to_string())?;
+    let ranked: i64 = sqlx::query_scalar("SELECT count(*) FROM user_leaderboard")
+        .fetch_one(&b.pool)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut rng = Rng(0x2468_ace0_1357_9bdf);
+    let (mut page, mut page_plain, mut rank, mut rank_plain) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // Ranking on the fly costs ~100 ms a call at full size: sample it less often.
+    let every = (s.iterations / 20).max(1);
+    for i in 0..s.iterations {
+        let offset = rng.below((ranked - 100).max(1) as u64) as i64;
+        let user = 1 + rng.below(s.users as u64) as i64;
+        page.push(timed(leaderboard::page(&b.ctx, 100, offset)).await?.1);
+        rank.push(timed(leaderboard::rank(&b.ctx, uid(user)?)).await?.1);
+        if i % every == 0 {
+            page_plain.push(
+                timed(seed::page_without_view(&b.pool, 100, offset))
+                    .await?
+                    .1,
+            );
+            rank_plain.push(timed(seed::rank_without_view(&b.pool, user)).await?.1);
+        }
+    }
+    let group = format!("Leaderboard reads ({ranked} ranked users)");
+    report.case(
+        &group,
+        "a page of 100 at a random offset",
+        vec![
+            Side::new("loyaltyd", &page).note("the view, keyset on rank"),
+            Side::new("plain: rank on the fly, no view", &page_plain),
+        ],
+    );
+    report.case(
+        &group,
+        "one user's rank",
+        vec![
+            Side::new("loyaltyd", &rank).note("the view, by user_id"),
+            Side::new("plain: rank on the fly, no view", &rank_plain),
+        ],
+    );
+    Ok(())
+}
+
+/// Refresh with `target` ranked users: loyaltyd's against plain and concurrent refreshes.
+async fn refresh(b: &Bench, report: &mut Report, target: i64) -> R<()> {
+    let s = &b.sizes;
+    // Top up with ranked users (scores not from events: the sweep case is done).
+    sqlx::query(
+        "INSERT INTO users (id, username, loyalty_score, created_at)
+         SELECT m.id + g, 'filler_' || (m.id + g), 1 + (g * 7919) % 20000, now() - (g % 100000) * INTERVAL '1 minute'
+         FROM (SELECT max(id) AS id FROM users) m,
+              generate_series(1, GREATEST(0, $1 - (SELECT count(*) FROM users WHERE loyalty_score > 0))) g",
+    )
+    .bind(target)
+    .execute(&b.pool)
+    .await
+    .map_err(|e| e.to_string())?;
+    sqlx::query("VACUUM ANALYZE users")
+        .execute(&b.pool)
+        .await
+        .map_err(|e| e.to_string())?;
+    let ranked: i64 = sqlx::query_scalar("SELECT count(*) FROM users WHERE loyalty_score > 0")
+        .fetch_one(&b.pool)
+        .await
+        .map_err(|e| e.to_string())?;
+    let never = CancellationToken::new();
+    leaderboard::refresh(&b.ctx, true, &never)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut rng = Rng(0x1111_2222_3333_4444);
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); 3];
+    for round in 0..s.rounds.max(2) {
+        for k in 0..3 {
+            // Ten changes since the last refresh: the default threshold.
+            for _ in 0..10 {
+                let user = 1 + rng.below(ranked as u64) as i64;
+                loyalty::record_event(&b.quiet, &event(user, 0)?).await.ok();
+            }
+            let side = (round + k) % 3;
+            let took = match side {
+                0 => timed(leaderboard::refresh(&b.ctx, true, &never)).await?.1,
+                1 => {
+                    timed(
+                        sqlx::query("REFRESH MATERIALIZED VIEW user_leaderboard").execute(&b.pool),
+                    )
+                    .await?
+                    .1
+                }
+                _ => {
+                    timed(
+                        sqlx::query("REFRESH MATERIALIZED VIEW CONCURRENTLY user_leaderboard")
+                            .execute(&b.pool),
+                    )
+                    .await?
+                    .1
+                }
+            };
+            samples[side].push(took);
+        }
+    }
+    report.case(
+        &format!("Leaderboard refresh ({ranked} ranked users)"),
+        "refresh after 10 changes",
+        vec![
+            Side::new("loyaltyd", &samples[0])
+                .note("lock + CONCURRENTLY + bookkeeping; readers unblocked"),
+            Side::new("plain REFRESH (blocks readers)", &samples[1]),
+            Side::new("REFRESH CONCURRENTLY, the seed's", &samples[2]),
+        ],
+    );
+    Ok(())
+}
+
+/// Queue operations at `n` items: loyaltyd's topic queue against the seed's.
+async fn queues_at(b: &Bench, report: &mut Report, n: i64) -> R<()> {
+    let s = &b.sizes;
+    let e = |err: sqlx::Error| err.to_string();
+    sqlx::raw_sql(seed::CREATE_QUEUE)
+        .execute(&b.pool)
+        .await
+        .map_err(e)?;
+    sqlx::query("TRUNCATE topic_creation_queue, seed_topic_creation_queue")
+        .execute(&b.pool)
+        .await
+        .map_err(e)?;
+    sqlx::query("DELETE FROM queue_scopes WHERE queue = 'topic'")
+        .execute(&b.pool)
+        .await
+        .map_err(e)?;
+    sqlx::query("DELETE FROM queue_blocks WHERE queue = 'topic'")
+        .execute(&b.pool)
+        .await
+        .map_err(e)?;
+    // The same n items in both, priorities with ties, oldest first.
+    sqlx::query(
+        "WITH new AS (
+             INSERT INTO topic_creation_queue (topic_id, position_in_queue, priority_score, entered_queue_at)
+             SELECT 'q-' || g, g, (g * 37) % 200 / 2.0, now() - ($1 - g) * INTERVAL '1 ms' FROM generate_series(1, $1) g
+             RETURNING position_in_queue AS key
+         ), scope AS (
+             INSERT INTO queue_scopes (queue, scope, last_key, item_count, needs_reorder)
+             SELECT 'topic', '', max(key), count(*), true FROM new
+         )
+         INSERT INTO queue_blocks (queue, scope, block, item_count)
+         SELECT 'topic', '', queue_block(key), count(*) FROM new GROUP BY 3",
+    )
+    .bind(n)
+    .execute(&b.pool)
+    .await
+    .map_err(e)?;
+    sqlx::query(
+        "INSERT INTO seed_topic_creation_queue (topic_id, position_in_queue, priority_score, entered_queue_at)
+         SELECT 'q-' || g, g, (g * 37) % 200 / 2.0, now() - ($1 - g) * INTERVAL '1 ms' FROM generate_series(1, $1) g",
+    )
+    .bind(n)
+    .execute(&b.pool)
+    .await
+    .map_err(e)?;
+    sqlx::query("VACUUM ANALYZE topic_creation_queue, seed_topic_creation_queue, queue_blocks")
+        .execute(&b.pool)
+        .await
+        .map_err(e)?;
+    let mut items: Vec<String> = (1..=n).map(|g| format!("q-{g}")).collect();
+    let mut rng = Rng(0x0f0f_f0f0_1234_5678 + n as u64);
+    let mut t: Vec<Vec<Duration>> = vec![Vec::new(); 6];
+    for i in 0..(s.queue_iterations)(n) {
+        // Remove a random item (the seed shifts everyone behind it), add a new one at the tail.
+        let at = rng.below(items.len() as u64) as usize;
+        let gone = items.swap_remove(at);
+        let new = format!("n-{i}");
+        let look = items[rng.below(items.len() as u64) as usize].clone();
+        let ours_first = i % 2 == 0;
+        for side in [ours_first, !ours_first] {
+            if side {
+                t[0].push(
+                    timed(queues::remove(&b.quiet, QueueKind::Topic, &ident(&gone)?))
+                        .await?
+                        .1,
+                );
+                let p = Priority::new((i % 50) as f64).map_err(|e| e.to_string())?;
+                t[1].push(
+                    timed(queues::add(
+                        &b.quiet,
+                        QueueKind::Topic,
+                        &ident(&new)?,
+                        &Scope::Global,
+                        p,
+                    ))
+                    .await?
+                    .1,
+                );
+                t[2].push(
+                    timed(queues::position(&b.quiet, QueueKind::Topic, &ident(&look)?))
+                        .await?
+                        .1,
+                );
+            } else {
+                t[3].push(timed(seed::queue_remove(&b.pool, &gone)).await?.1);
+                t[4].push(
+                    timed(seed::queue_add(&b.pool, &new, (i % 50) as f64))
+                        .await?
+                        .1,
+                );
+                t[5].push(timed(seed::queue_position(&b.pool, &look)).await?.1);
+            }
+        }
+        items.push(new);
+    }
+    let (mut reorder, mut seed_reorder) = (Vec::new(), Vec::new());
+    for round in 0..s.rounds {
+        for k in 0..2 {
+            if (round + k) % 2 == 0 {
+                reorder.push(
+                    timed(queues::reorder(&b.quiet, QueueKind::Topic, &Scope::Global))
+                        .await?
+                        .1,
+                );
+            } else {
+                seed_reorder.push(timed(seed::queue_reorder(&b.pool)).await?.1);
+            }
+        }
+    }
+    let group = format!("Queues at {n} items");
+    report.case(
+        &group,
+        "remove (from a random place)",
+        vec![Side::new("loyaltyd", &t[0]), Side::new("seed", &t[3])],
+    );
+    report.case(
+        &group,
+        "add (at the tail)",
+        vec![Side::new("loyaltyd", &t[1]), Side::new("seed", &t[4])],
+    );
+    report.case(
+        &group,
+        "position",
+        vec![
+            Side::new("loyaltyd", &t[2]).note("counted blocks"),
+            Side::new("seed", &t[5]).note("stored column"),
+        ],
+    );
+    report.case(
+        &group,
+        "reorder the whole queue",
+        vec![
+            Side::new("loyaltyd", &reorder),
+            Side::new("seed", &seed_reorder),
+        ],
+    );
+    Ok(())
+}

@@ -1,0 +1,56 @@
+//! The benchmark, in its small mode, so it never rots: every case reports
+//! every side. Timings are not checked here (they are meaningless in a debug
+//! build on a shared machine); `cargo bench` is where they are measured.
+
+#[path = "../../benches/bench/mod.rs"]
+mod harness;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_benchmark_runs_in_small_mode_and_reports_every_row() {
+    let opts = harness::Opts {
+        small: true,
+        large: false,
+        json: false,
+        recorder: false,
+    };
+    let report = harness::run(&opts)
+        .await
+        .unwrap_or_else(|e| panic!("benchmark: {e}"));
+    let expected = [
+        ("Event recording (1 client)", "record one event", 6),
+        ("Event recording (bulk)", "a batch of 500 events", 2),
+        (
+            "Event recording (16 concurrent clients)",
+            "record one event",
+            3,
+        ),
+        ("Telemetry overhead", "record one event", 3),
+        ("Integrity sweep", "every score against its events", 3),
+        ("Leaderboard reads", "a page of 100 at a random offset", 2),
+        ("Leaderboard reads", "one user's rank", 2),
+        ("Leaderboard refresh", "refresh after 10 changes", 6),
+        ("Queues at 500 items", "remove (from a random place)", 2),
+        ("Queues at 2000 items", "reorder the whole queue", 2),
+    ];
+    for (group, case, sides) in expected {
+        let rows: Vec<_> = report
+            .rows
+            .iter()
+            .filter(|r| r.group.starts_with(group) && r.case == case)
+            .collect();
+        assert_eq!(rows.len(), sides, "{group} / {case}: {rows:?}");
+        for r in rows {
+            assert!(r.n > 0 && r.p50_ms.is_finite() && r.p50_ms > 0.0, "{r:?}");
+            assert!(r.p50_ms <= r.p95_ms && r.p95_ms <= r.p99_ms, "{r:?}");
+        }
+    }
+    assert!(
+        report
+            .rows
+            .iter()
+            .filter(|r| r.side == "loyaltyd")
+            .all(|r| r.ratio_to_loyaltyd == Some(1.0))
+    );
+    let table = report.markdown(&opts);
+    assert!(table.contains("| case | side |") && table.contains("**Queues at 2000 items**"));
+}
