@@ -4,10 +4,10 @@ CREATE TABLE users (
     id            BIGINT      PRIMARY KEY CONSTRAINT users_id_positive CHECK (id > 0),
     username      TEXT        NOT NULL,
     loyalty_score BIGINT      NOT NULL DEFAULT 0,
-    -- Bumped by every change of loyalty_score, under the row lock, so it orders
-    -- writes to one user exactly as PostgreSQL committed them. The Redis cache
-    -- stores it beside the score and never lets an older version overwrite a
-    -- newer one (see src/cache.rs).
+    -- Advanced by every change of loyalty_score, under the row lock, so it
+    -- orders writes to one user exactly as PostgreSQL committed them. The Redis
+    -- cache stores it beside the score and never lets an older version
+    -- overwrite a newer one (see src/cache.rs). See next_score_version().
     score_version BIGINT      NOT NULL DEFAULT 0,
     created_at    TIMESTAMPTZ NOT NULL DEFAULT now(),
     updated_at    TIMESTAMPTZ NOT NULL DEFAULT now()
@@ -54,3 +54,11 @@ CREATE INDEX idx_users_created_at ON users (created_at);
 -- alone (index-only scan, no heap visits), which is what keeps it within reach
 -- of one plain aggregate over the table.
 CREATE INDEX idx_moderation_events_user_delta ON moderation_events (user_id) INCLUDE (score_delta);
+
+-- The next version of a user's score: one more than the last, and at least
+-- the current time in microseconds. Per user it only grows; and after a
+-- restore from a backup (which winds versions back) the next write still
+-- outranks any version the cache kept from before the restore.
+CREATE FUNCTION next_score_version(previous BIGINT) RETURNS BIGINT
+    LANGUAGE sql VOLATILE PARALLEL SAFE
+    RETURN GREATEST(previous + 1, (EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::BIGINT);

@@ -14,6 +14,15 @@
 //! writer or a reader refilling the cache from an old snapshot can never land an
 //! older score over a newer one: once a write has returned, the cache holds its
 //! score or a newer one, or nothing.
+//!
+//! # Partitions
+//! A write whose cache update fails (Redis unreachable, but alive and still
+//! holding the old score) leaves a stale entry behind. The cache remembers
+//! those users and deletes their cached scores before it next reads or writes
+//! through Redis, so this process never serves them; other processes see the
+//! stale value at most until the TTL or the next integrity sweep, which
+//! compares every cached score with the database. A Redis that restarts
+//! empty (no persistence, the recommended setup) holds nothing stale.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,6 +50,29 @@ redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
 return 1
 "#;
 
+/// Replaces a cached score only if it is still exactly what was seen (value
+/// and version, the version possibly absent): the sweep's repair of an entry
+/// whose version no write of the current database produced (a restore from a
+/// backup winds versions back). KEYS: value key, version key. ARGV: seen
+/// value, seen version ("" for none), score, version, ttl seconds.
+const REPLACE_IF_UNCHANGED: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] and (redis.call('GET', KEYS[2]) or '') == ARGV[2] then
+  redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[5])
+  redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[5])
+  return 1
+end
+return 0
+"#;
+
+/// A cached entry as stored: the raw value and version strings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CachedEntry {
+    /// `loyalty:{user_id}`.
+    pub value: String,
+    /// `loyalty:{user_id}:version`, if present.
+    pub version: Option<String>,
+}
+
 /// A cached score write: the score and the version it was read or written at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VersionedScore {
@@ -58,12 +90,19 @@ pub struct Cache {
     inner: Arc<Inner>,
 }
 
+/// Users remembered as stale at most; beyond it the sweep has to catch up.
+const MAX_STALE: usize = 100_000;
+
 struct Inner {
+    /// Users whose cached score may be stale (a failed write); see "Partitions".
+    stale: std::sync::Mutex<std::collections::HashSet<UserId>>,
+    has_stale: std::sync::atomic::AtomicBool,
     conn: ConnectionManager,
     prefix: String,
     ttl_secs: u64,
     timeout: Duration,
     set_if_newer: Script,
+    replace_if_unchanged: Script,
     last_error_log: AtomicU64,
 }
 
@@ -81,11 +120,14 @@ impl Cache {
             .map_err(|e| Error::Config(format!("key \"redis.url\": {e}")))?;
         Ok(Cache {
             inner: Arc::new(Inner {
+                stale: std::sync::Mutex::new(std::collections::HashSet::new()),
+                has_stale: std::sync::atomic::AtomicBool::new(false),
                 conn,
                 prefix: cfg.key_prefix.clone(),
                 ttl_secs: cfg.cache_ttl.as_secs().max(1),
                 timeout: cfg.timeout,
                 set_if_newer: Script::new(SET_IF_NEWER),
+                replace_if_unchanged: Script::new(REPLACE_IF_UNCHANGED),
                 last_error_log: AtomicU64::new(0),
             }),
         })
@@ -113,6 +155,7 @@ impl Cache {
 
     /// The cached score, or `None` on a miss, a bad value or an unavailable Redis.
     pub async fn get_score(&self, user: UserId) -> Option<i64> {
+        self.forget_stale().await?;
         let mut conn = self.inner.conn.clone();
         let cmd = redis::cmd("GET").arg(self.score_key(user)).to_owned();
         let value: Option<String> = self.run("GET", cmd.query_async(&mut conn)).await?;
@@ -124,6 +167,7 @@ impl Cache {
         if users.is_empty() {
             return Some(Vec::new());
         }
+        self.forget_stale().await?;
         let mut conn = self.inner.conn.clone();
         let mut cmd = redis::cmd("MGET");
         for &u in users {
@@ -138,6 +182,49 @@ impl Cache {
         )
     }
 
+    /// The cached entries of many users with their versions (one MGET), `None`
+    /// where no score is cached.
+    pub async fn get_entries(&self, users: &[UserId]) -> Option<Vec<Option<CachedEntry>>> {
+        if users.is_empty() {
+            return Some(Vec::new());
+        }
+        self.forget_stale().await?;
+        let mut conn = self.inner.conn.clone();
+        let mut cmd = redis::cmd("MGET");
+        for &u in users {
+            cmd.arg(self.score_key(u)).arg(self.version_key(u));
+        }
+        let values: Vec<Option<String>> = self.run("MGET", cmd.query_async(&mut conn)).await?;
+        let mut values = values.into_iter();
+        let mut entries = Vec::with_capacity(users.len());
+        while let (Some(value), Some(version)) = (values.next(), values.next()) {
+            entries.push(value.map(|value| CachedEntry { value, version }));
+        }
+        Some(entries)
+    }
+
+    /// Replaces entries that are still exactly as seen (see [`REPLACE_IF_UNCHANGED`]).
+    pub async fn replace_if_unchanged(&self, fixes: &[(CachedEntry, VersionedScore)]) -> bool {
+        if fixes.is_empty() {
+            return true;
+        }
+        let mut pipe = redis::pipe();
+        for (seen, s) in fixes {
+            pipe.cmd("EVALSHA")
+                .arg(self.inner.replace_if_unchanged.get_hash())
+                .arg(2)
+                .arg(self.score_key(s.user))
+                .arg(self.version_key(s.user))
+                .arg(&seen.value)
+                .arg(seen.version.as_deref().unwrap_or(""))
+                .arg(s.score)
+                .arg(s.version)
+                .arg(self.inner.ttl_secs)
+                .ignore();
+        }
+        self.run_pipeline("EVALSHA", &mut pipe).await
+    }
+
     /// Stores scores unless the cache holds newer versions; one round trip for
     /// all of them. Returns false when Redis could not be reached.
     pub async fn set_scores(&self, scores: &[VersionedScore]) -> bool {
@@ -148,7 +235,60 @@ impl Cache {
         for s in scores {
             self.add_set_if_newer(&mut pipe, s);
         }
-        self.run_pipeline("EVALSHA", &mut pipe).await
+        let written =
+            self.forget_stale().await.is_some() && self.run_pipeline("EVALSHA", &mut pipe).await;
+        if !written {
+            self.remember_stale(scores.iter().map(|s| s.user));
+        }
+        written
+    }
+
+    /// Remembers users whose cached score may now be stale.
+    fn remember_stale(&self, users: impl Iterator<Item = UserId>) {
+        let Ok(mut stale) = self.inner.stale.lock() else {
+            return;
+        };
+        for user in users {
+            if stale.len() >= MAX_STALE {
+                tracing::warn!(
+                    "more than {MAX_STALE} cached scores may be stale after Redis failures; the integrity sweep will correct the rest"
+                );
+                break;
+            }
+            stale.insert(user);
+        }
+        self.inner
+            .has_stale
+            .store(!stale.is_empty(), Ordering::Release);
+    }
+
+    /// Deletes the cached scores remembered as stale (one round trip); `None`
+    /// when Redis is still unreachable, so the caller must not trust it yet.
+    async fn forget_stale(&self) -> Option<()> {
+        if !self.inner.has_stale.load(Ordering::Acquire) {
+            return Some(());
+        }
+        let users: Vec<UserId> = match self.inner.stale.lock() {
+            Ok(mut stale) => {
+                self.inner.has_stale.store(false, Ordering::Release);
+                stale.drain().collect()
+            }
+            Err(_) => return None,
+        };
+        // Only the values: the version keys stay, so an old refill stays refused.
+        let keys: Vec<String> = users.iter().map(|&u| self.score_key(u)).collect();
+        let mut conn = self.inner.conn.clone();
+        let del = redis::cmd("DEL").arg(&keys).to_owned();
+        if self
+            .run::<i64>("DEL", del.query_async(&mut conn))
+            .await
+            .is_some()
+        {
+            Some(())
+        } else {
+            self.remember_stale(users.into_iter());
+            None
+        }
     }
 
     /// Queues one [`SET_IF_NEWER`] call (by its SHA) on a pipeline.
@@ -173,11 +313,13 @@ impl Cache {
                 Err(e)
                     if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
                 {
-                    let _: String = redis::cmd("SCRIPT")
-                        .arg("LOAD")
-                        .arg(SET_IF_NEWER)
-                        .query_async(&mut conn)
-                        .await?;
+                    for script in [SET_IF_NEWER, REPLACE_IF_UNCHANGED] {
+                        let _: String = redis::cmd("SCRIPT")
+                            .arg("LOAD")
+                            .arg(script)
+                            .query_async(&mut conn)
+                            .await?;
+                    }
                     pipe.query_async::<()>(&mut conn).await
                 }
                 other => other,

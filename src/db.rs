@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use sqlx::ConnectOptions;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgConnection, PgPool};
 
@@ -24,7 +25,11 @@ pub fn connect_options(cfg: &DatabaseConfig) -> Result<PgConnectOptions> {
         .map_err(|e| Error::Config(format!("key \"database.url\": {e}")))?;
     Ok(opts
         .application_name("loyaltyd")
-        .options([("statement_timeout", millis(cfg.statement_timeout))]))
+        .options([("statement_timeout", millis(cfg.statement_timeout))])
+        // sqlx would log every statement at debug and every "slow" one (1 s)
+        // at warn; jobs are slow on purpose, and operations are timed in
+        // loyaltyd_operation_duration_seconds instead.
+        .disable_statement_logging())
 }
 
 /// Opens the pool and checks that the server answers (exit 69 when it does not).

@@ -7,6 +7,7 @@
 //! the events (so a sweep finds no drift); and queue items appended behind
 //! whatever the queues already hold. It adds to what is there, never replaces.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Instant;
 
 use serde::Serialize;
@@ -71,7 +72,7 @@ pub async fn seed(
         let first = seed_users(&mut conn, users).await?;
         say(format!("{users} users"));
         if events > 0 {
-            seed_events(&mut conn, first, users, events, &say).await?;
+            seed_events(&ctx.pool, first, users, events, &say).await?;
             sqlx::query("VACUUM (ANALYZE) moderation_events")
                 .execute(&mut conn)
                 .await
@@ -138,9 +139,10 @@ async fn seed_users(conn: &mut PgConnection, n: i64) -> Result<i64> {
 }
 
 /// Records `n` events over users `first .. first + users`, then sets their
-/// scores from the events.
+/// scores from the events. Index maintenance makes the insert CPU-bound, so
+/// two connections insert chunks side by side.
 async fn seed_events(
-    conn: &mut PgConnection,
+    pool: &sqlx::PgPool,
     first: i64,
     users: i64,
     n: i64,
@@ -161,39 +163,52 @@ async fn seed_events(
              LATERAL (SELECT random() AS who, random() AS kind, random() AS verdict, g AS dep) AS r
     "#;
     let before: i64 = sqlx::query_scalar("SELECT COALESCE(max(id), 0) FROM moderation_events")
-        .fetch_one(&mut *conn)
+        .fetch_one(pool)
         .await
         .db("reading events")?;
     let tag = run_tag();
-    let mut done = 0i64;
-    while done < n {
-        let upto = (done + EVENT_CHUNK).min(n);
-        sqlx::query(SQL)
-            .bind(first)
-            .bind(users)
-            .bind(done + 1)
-            .bind(upto)
-            .bind(&tag)
-            .execute(&mut *conn)
+    let next = AtomicI64::new(0);
+    let done = AtomicI64::new(0);
+    let worker = || async {
+        let mut conn = pool.acquire().await.db("connecting")?.detach();
+        sqlx::query("SET synchronous_commit = off")
+            .execute(&mut conn)
             .await
-            .db("recording demo events")?;
-        done = upto;
-        say(format!("{done}/{n} events"));
-    }
+            .db("preparing the bulk load")?;
+        loop {
+            let start = next.fetch_add(EVENT_CHUNK, Ordering::Relaxed);
+            if start >= n {
+                return Ok::<(), Error>(());
+            }
+            let upto = (start + EVENT_CHUNK).min(n);
+            sqlx::query(SQL)
+                .bind(first)
+                .bind(users)
+                .bind(start + 1)
+                .bind(upto)
+                .bind(&tag)
+                .execute(&mut conn)
+                .await
+                .db("recording demo events")?;
+            let total = done.fetch_add(upto - start, Ordering::Relaxed) + (upto - start);
+            say(format!("{total}/{n} events"));
+        }
+    };
+    tokio::try_join!(worker(), worker())?;
     // Scores consistent with the events; the leaderboard sees one change per user.
     sqlx::query(
         r#"WITH sums AS (
                SELECT user_id, SUM(score_delta) AS delta FROM moderation_events WHERE id > $1 GROUP BY user_id
            ), scored AS (
                UPDATE users u SET loyalty_score = u.loyalty_score + s.delta,
-                                  score_version = u.score_version + 1, updated_at = now()
+                                  score_version = next_score_version(u.score_version), updated_at = now()
                FROM sums s WHERE u.id = s.user_id AND s.delta <> 0
                RETURNING u.id
            )
            UPDATE leaderboard_pending SET changes = changes + (SELECT count(*) FROM scored) WHERE shard = 0"#,
     )
     .bind(before)
-    .execute(&mut *conn)
+    .execute(pool)
     .await
     .db("scoring demo users")?;
     say("scores set from the events".into());

@@ -204,6 +204,12 @@ pub fn from_sqlx(context: &'static str, source: sqlx::Error) -> Error {
         Error::Unavailable { context, source }
     } else if is_cancelled(&source) {
         Error::Cancelled { context }
+    } else if matches!(&source, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("42P01" | "42883" | "42703")))
+    {
+        // Undefined table, function or column: the schema is not (fully) there.
+        Error::Runtime(format!(
+            "database error while {context}: {source} (is the schema migrated? run `loyaltyd migrate`)"
+        ))
     } else {
         Error::Database { context, source }
     }

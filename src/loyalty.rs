@@ -19,7 +19,7 @@ use serde::Serialize;
 use sqlx::{PgPool, Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
 
-use crate::cache::VersionedScore;
+use crate::cache::{CachedEntry, VersionedScore};
 use crate::context::Context;
 use crate::error::{DbContext, Error, Result, violated_constraint};
 use crate::telemetry::{Operation, Timer};
@@ -123,7 +123,7 @@ async fn insert_event(pool: &PgPool, e: &NewEvent) -> Result<(Recorded, Option<V
         ), scored AS (
             UPDATE users u
             SET loyalty_score = u.loyalty_score + e.score_delta,
-                score_version = u.score_version + 1,
+                score_version = next_score_version(u.score_version),
                 updated_at = now()
             FROM event e
             WHERE u.id = e.user_id
@@ -216,7 +216,8 @@ pub async fn record_events(ctx: &Context, events: &[NewEvent]) -> Result<BatchRe
     // UNNEST turns the columns into rows: one statement however long the batch.
     // `locked` takes every touched user's row lock in id order before anything
     // else (it feeds a one-time filter of the insert), so concurrent batches
-    // cannot deadlock on each other.
+    // cannot deadlock on each other whatever join order the UPDATE's plan has;
+    // events go in user order, which fills the user-keyed indexes in order.
     const SQL: &str = r#"
         WITH input AS (
             SELECT * FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[])
@@ -228,17 +229,17 @@ pub async fn record_events(ctx: &Context, events: &[NewEvent]) -> Result<BatchRe
             SELECT user_id, event_type, content_type, content_id, outcome, event_id
             FROM input
             WHERE (SELECT count(*) FROM locked) >= 0
-            ORDER BY ord
+            ORDER BY user_id, ord
             ON CONFLICT (event_id) WHERE event_id IS NOT NULL DO NOTHING
             RETURNING user_id, score_delta
         ), per_user AS (
             SELECT user_id, SUM(score_delta) AS delta, COUNT(*) AS events,
                    COUNT(*) FILTER (WHERE score_delta <> 0) AS changes
-            FROM event GROUP BY user_id
+            FROM event GROUP BY user_id ORDER BY user_id
         ), scored AS (
             UPDATE users u
             SET loyalty_score = u.loyalty_score + p.delta,
-                score_version = u.score_version + 1,
+                score_version = next_score_version(u.score_version),
                 updated_at = now()
             FROM per_user p
             WHERE u.id = p.user_id
@@ -264,16 +265,28 @@ pub async fn record_events(ctx: &Context, events: &[NewEvent]) -> Result<BatchRe
         outcomes.push(e.outcome.as_str());
         keys.push(e.event_id.as_ref().map(Ident::as_str));
     }
-    let rows: Vec<(i64, i64, i64, i64)> = match sqlx::query_as(SQL)
-        .bind(&users)
-        .bind(&types)
-        .bind(&contents)
-        .bind(&content_ids)
-        .bind(&outcomes)
-        .bind(&keys)
-        .fetch_all(&ctx.pool)
-        .await
-    {
+    let attempt = || {
+        sqlx::query_as::<_, (i64, i64, i64, i64)>(SQL)
+            .bind(&users)
+            .bind(&types)
+            .bind(&contents)
+            .bind(&content_ids)
+            .bind(&outcomes)
+            .bind(&keys)
+            .fetch_all(&ctx.pool)
+    };
+    let mut result = attempt().await;
+    for _ in 0..3 {
+        // Cannot happen between batches (see `locked`); should a plan of
+        // PostgreSQL's still find one, the statement wrote nothing: run it again.
+        match &result {
+            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("40P01") => {
+                result = attempt().await
+            }
+            _ => break,
+        }
+    }
+    let rows = match result {
         Ok(rows) => rows,
         Err(err) if violated_constraint(&err) == Some("moderation_events_user_id_fkey") => {
             return Err(first_unknown_user(&ctx.pool, &users).await);
@@ -405,7 +418,7 @@ async fn repair(tx: &mut Transaction<'_, Postgres>, ids: &[i64]) -> Result<Vec<R
             WHERE u.id = ANY($1)
         ), fixed AS (
             UPDATE users u
-            SET loyalty_score = t.score, score_version = u.score_version + 1, updated_at = now()
+            SET loyalty_score = t.score, score_version = next_score_version(u.score_version), updated_at = now()
             FROM truth t
             WHERE u.id = t.id AND u.loyalty_score <> t.score
             RETURNING u.id, u.loyalty_score, u.score_version, t.previous
@@ -487,7 +500,6 @@ pub async fn recalc_all(
 }
 
 /// One user as the sweep saw them.
-#[derive(sqlx::FromRow)]
 struct Checked {
     id: i64,
     stored: i64,
@@ -496,53 +508,124 @@ struct Checked {
 }
 
 /// Reads a batch of users with the sum of their events, in one snapshot.
+///
+/// Two statements in one read-only transaction (one snapshot): the batch's
+/// users by keyset, then the sums of the events of exactly that id range,
+/// with the range's bounds as parameters, so the plan is always one ordered
+/// index-only scan of `idx_moderation_events_user_delta` (a contiguous slice
+/// of the index, no heap visits) rather than a probe per user.
 async fn check_batch(pool: &PgPool, after: i64, limit: u32) -> Result<Vec<Checked>> {
-    // Keyset batch over the primary key; the per-user sum is an index-only scan
-    // of idx_moderation_events_user_delta (no heap visits).
-    const SQL: &str = r#"
-        SELECT u.id, u.loyalty_score AS stored, u.score_version AS version,
-               COALESCE(t.truth, 0) AS truth
-        FROM (SELECT id, loyalty_score, score_version FROM users
-              WHERE id > $1 ORDER BY id LIMIT $2) u
-        LEFT JOIN LATERAL (
-            SELECT SUM(e.score_delta)::BIGINT AS truth FROM moderation_events e WHERE e.user_id = u.id
-        ) t ON true
-        ORDER BY u.id
-    "#;
-    sqlx::query_as(SQL)
-        .bind(after)
-        .bind(i64::from(limit))
-        .fetch_all(pool)
+    let mut tx = pool.begin().await.db("starting a sweep batch")?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
         .await
-        .db("checking a batch of scores")
+        .db("starting a sweep batch")?;
+    let users: Vec<(i64, i64, i64)> = sqlx::query_as(
+        "SELECT id, loyalty_score, score_version FROM users WHERE id > $1 ORDER BY id LIMIT $2",
+    )
+    .bind(after)
+    .bind(i64::from(limit))
+    .fetch_all(&mut *tx)
+    .await
+    .db("reading a batch of users")?;
+    let (Some(first), Some(last)) = (users.first(), users.last()) else {
+        return Ok(Vec::new());
+    };
+    let sums: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT user_id, SUM(score_delta)::BIGINT FROM moderation_events
+         WHERE user_id BETWEEN $1 AND $2 GROUP BY user_id ORDER BY user_id",
+    )
+    .bind(first.0)
+    .bind(last.0)
+    .fetch_all(&mut *tx)
+    .await
+    .db("summing a batch's events")?;
+    tx.commit().await.db("ending a sweep batch")?;
+    // Both are ordered by user id: merge them.
+    let mut sums = sums.into_iter().peekable();
+    Ok(users
+        .into_iter()
+        .map(|(id, stored, version)| {
+            while sums.next_if(|&(u, _)| u < id).is_some() {}
+            let truth = sums.next_if(|&(u, _)| u == id).map_or(0, |(_, t)| t);
+            Checked {
+                id,
+                stored,
+                version,
+                truth,
+            }
+        })
+        .collect())
 }
 
 /// Corrects cached scores of a batch that differ from the database; returns how many.
+///
+/// A cached entry older than the batch's snapshot is replaced through the
+/// usual set-if-newer. One claiming a *newer* version is re-checked against
+/// the database: if the database has still not reached that version, no write
+/// of this database produced it (the database was restored from a backup), and
+/// it is replaced only if it is still exactly what was seen.
 async fn repair_cache(ctx: &Context, batch: &[Checked], repaired: &[Repaired]) -> u64 {
     let ids: Vec<UserId> = batch
         .iter()
         .filter_map(|r| UserId::new(r.id).ok())
         .collect();
-    let Some(cached) = ctx.cache.get_scores(&ids).await else {
+    let Some(cached) = ctx.cache.get_entries(&ids).await else {
         return 0;
     };
     let mut fixes: Vec<VersionedScore> = repaired.iter().map(|r| r.fresh).collect();
+    let mut suspects: Vec<(UserId, CachedEntry, i64)> = Vec::new();
     let mut differing = 0;
-    for ((row, user), cached) in batch.iter().zip(&ids).zip(cached) {
-        let Some(cached) = cached else { continue };
-        if repaired.iter().any(|r| r.fresh.user == *user) {
+    for ((row, user), entry) in batch.iter().zip(&ids).zip(cached) {
+        let Some(entry) = entry else { continue };
+        if repaired.iter().any(|r| r.fresh.user == *user) || entry.value.parse() == Ok(row.stored) {
             continue;
         }
-        if cached != row.stored {
-            differing += 1;
-            // Written at the version read: the script leaves a newer write alone.
+        differing += 1;
+        let version = entry
+            .version
+            .as_deref()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(-1);
+        if version <= row.version {
             fixes.push(VersionedScore {
                 user: *user,
                 score: row.stored,
                 version: row.version,
             });
+        } else {
+            suspects.push((*user, entry, version));
         }
     }
     ctx.cache.set_scores(&fixes).await;
+    if suspects.is_empty() {
+        return differing;
+    }
+    let suspect_ids: Vec<i64> = suspects.iter().map(|s| s.0.get()).collect();
+    let current: Vec<(i64, i64, i64)> = match sqlx::query_as(
+        "SELECT id, loyalty_score, score_version FROM users WHERE id = ANY($1)",
+    )
+    .bind(&suspect_ids)
+    .fetch_all(&ctx.pool)
+    .await
+    {
+        Ok(rows) => rows,
+        Err(_) => return differing,
+    };
+    let replacements: Vec<(CachedEntry, VersionedScore)> = suspects
+        .into_iter()
+        .filter_map(|(user, entry, cached_version)| {
+            let &(_, score, version) = current.iter().find(|c| c.0 == user.get())?;
+            (cached_version > version).then_some((
+                entry,
+                VersionedScore {
+                    user,
+                    score,
+                    version,
+                },
+            ))
+        })
+        .collect();
+    ctx.cache.replace_if_unchanged(&replacements).await;
     differing
 }

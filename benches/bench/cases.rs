@@ -495,33 +495,28 @@ async fn refresh(b: &Bench, report: &mut Report, target: i64) -> R<()> {
     leaderboard::refresh(&b.ctx, true, &never)
         .await
         .map_err(|e| e.to_string())?;
+    let definition: String =
+        sqlx::query_scalar("SELECT pg_get_viewdef('user_leaderboard'::regclass)")
+            .fetch_one(&b.pool)
+            .await
+            .map_err(|e| e.to_string())?;
     let mut rng = Rng(0x1111_2222_3333_4444);
-    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); 3];
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); 4];
     for round in 0..s.rounds.max(2) {
-        for k in 0..3 {
+        for k in 0..4 {
             // Ten changes since the last refresh: the default threshold.
             for _ in 0..10 {
                 let user = 1 + rng.below(ranked as u64) as i64;
                 loyalty::record_event(&b.quiet, &event(user, 0)?).await.ok();
             }
-            let side = (round + k) % 3;
+            let side = (round + k) % 4;
+            let plain = "REFRESH MATERIALIZED VIEW user_leaderboard";
+            let concurrent = "REFRESH MATERIALIZED VIEW CONCURRENTLY user_leaderboard";
             let took = match side {
                 0 => timed(leaderboard::refresh(&b.ctx, true, &never)).await?.1,
-                1 => {
-                    timed(
-                        sqlx::query("REFRESH MATERIALIZED VIEW user_leaderboard").execute(&b.pool),
-                    )
-                    .await?
-                    .1
-                }
-                _ => {
-                    timed(
-                        sqlx::query("REFRESH MATERIALIZED VIEW CONCURRENTLY user_leaderboard")
-                            .execute(&b.pool),
-                    )
-                    .await?
-                    .1
-                }
+                1 => timed(sqlx::query(plain).execute(&b.pool)).await?.1,
+                2 => timed(sqlx::query(concurrent).execute(&b.pool)).await?.1,
+                _ => timed(swap_refresh(&b.pool, &definition)).await?.1,
             };
             samples[side].push(took);
         }
@@ -534,8 +529,56 @@ async fn refresh(b: &Bench, report: &mut Report, target: i64) -> R<()> {
                 .note("lock + CONCURRENTLY + bookkeeping; readers unblocked"),
             Side::new("plain REFRESH (blocks readers)", &samples[1]),
             Side::new("REFRESH CONCURRENTLY, the seed's", &samples[2]),
+            Side::new("study: build a shadow view, swap by rename", &samples[3])
+                .note("readers wait only for the rename"),
         ],
     );
+    Ok(())
+}
+
+/// The study: a new view built beside the old one (no reader waits for it),
+/// then swapped in by renames in one short transaction.
+async fn swap_refresh(pool: &sqlx::PgPool, definition: &str) -> R<()> {
+    let indexes = [
+        (
+            "idx_leaderboard_user_id",
+            "CREATE UNIQUE INDEX {} ON user_leaderboard_next (user_id)",
+        ),
+        (
+            "idx_leaderboard_rank",
+            "CREATE INDEX {} ON user_leaderboard_next (rank)",
+        ),
+        (
+            "idx_leaderboard_score",
+            "CREATE INDEX {} ON user_leaderboard_next (loyalty_score DESC)",
+        ),
+        (
+            "idx_leaderboard_topic_creators",
+            "CREATE INDEX {} ON user_leaderboard_next (can_create_topics) WHERE can_create_topics = true",
+        ),
+    ];
+    let mut build = format!(
+        "DROP MATERIALIZED VIEW IF EXISTS user_leaderboard_next; CREATE MATERIALIZED VIEW user_leaderboard_next AS {};",
+        definition.trim_end_matches(';')
+    );
+    let mut swap = String::from(
+        "BEGIN; SET LOCAL lock_timeout = '5s'; DROP MATERIALIZED VIEW user_leaderboard; \
+         ALTER MATERIALIZED VIEW user_leaderboard_next RENAME TO user_leaderboard;",
+    );
+    for (name, create) in indexes {
+        build.push_str(&create.replace("{}", &format!("{name}_next")));
+        build.push(';');
+        swap.push_str(&format!("ALTER INDEX {name}_next RENAME TO {name};"));
+    }
+    swap.push_str("COMMIT;");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(build))
+        .execute(pool)
+        .await
+        .map_err(|e| e.to_string())?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(swap))
+        .execute(pool)
+        .await
+        .map_err(|e| e.to_string())?;
     Ok(())
 }
 

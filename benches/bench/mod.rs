@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 mod cases;
+mod daemon;
 mod seed;
 
 use std::sync::Arc;
@@ -27,6 +28,10 @@ pub struct Opts {
     pub large: bool,
     /// JSON instead of Markdown.
     pub json: bool,
+    /// Measure the idle daemon for this many seconds instead of the cases.
+    pub idle: Option<u64>,
+    /// Run the sustained load for this many seconds instead of the cases.
+    pub soak: Option<u64>,
     /// Install the switchable metrics recorder (off inside the test binary,
     /// whose own tests install the exporter).
     pub recorder: bool,
@@ -40,6 +45,8 @@ impl Opts {
             large: args.iter().any(|a| a == "--large"),
             json: args.iter().any(|a| a == "--json"),
             recorder: true,
+            idle: value_after(args, "--idle"),
+            soak: value_after(args, "--soak"),
         }
     }
 
@@ -91,6 +98,13 @@ impl Opts {
     }
 }
 
+fn value_after(args: &[String], flag: &str) -> Option<u64> {
+    args.iter()
+        .position(|a| a == flag)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+}
+
 /// Sizes of one run.
 #[derive(Debug, Clone)]
 pub struct Sizes {
@@ -135,6 +149,8 @@ pub struct Row {
 #[derive(Debug, Default, Serialize)]
 pub struct Report {
     pub rows: Vec<Row>,
+    /// The daemon over time (`--idle`, `--soak`).
+    pub windows: Vec<daemon::Window>,
     pub seconds: f64,
 }
 
@@ -186,6 +202,15 @@ impl Report {
             },
             self.seconds
         );
+        if !self.windows.is_empty() {
+            out.push_str("| at s | ops/s | p50 ms | p99 ms | daemon RSS MB | daemon CPU % |\n|---:|---:|---:|---:|---:|---:|\n");
+            for w in &self.windows {
+                out.push_str(&format!(
+                    "| {:.0} | {:.0} | {:.2} | {:.2} | {:.1} | {:.1} |\n",
+                    w.at_s, w.ops_per_s, w.p50_ms, w.p99_ms, w.rss_mb, w.cpu_pct
+                ));
+            }
+        }
         let mut group = String::new();
         for r in &self.rows {
             if r.group != group {
@@ -454,7 +479,13 @@ pub async fn run(opts: &Opts) -> Result<Report, String> {
     let started = Instant::now();
     let bench = Bench::create(opts).await?;
     let mut report = Report::default();
-    let result = cases::all(&bench, &mut report).await;
+    let result = if let Some(secs) = opts.idle {
+        daemon::idle(&bench, secs).await.map(|w| report.windows = w)
+    } else if let Some(secs) = opts.soak {
+        daemon::soak(&bench, secs).await.map(|w| report.windows = w)
+    } else {
+        cases::all(&bench, &mut report).await
+    };
     bench.drop_scratch().await;
     result?;
     report.seconds = started.elapsed().as_secs_f64();

@@ -12,6 +12,8 @@ async fn the_benchmark_runs_in_small_mode_and_reports_every_row() {
         large: false,
         json: false,
         recorder: false,
+        idle: None,
+        soak: None,
     };
     let report = harness::run(&opts)
         .await
@@ -28,7 +30,7 @@ async fn the_benchmark_runs_in_small_mode_and_reports_every_row() {
         ("Integrity sweep", "every score against its events", 3),
         ("Leaderboard reads", "a page of 100 at a random offset", 2),
         ("Leaderboard reads", "one user's rank", 2),
-        ("Leaderboard refresh", "refresh after 10 changes", 6),
+        ("Leaderboard refresh", "refresh after 10 changes", 8),
         ("Queues at 500 items", "remove (from a random place)", 2),
         ("Queues at 2000 items", "reorder the whole queue", 2),
     ];

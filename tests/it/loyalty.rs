@@ -526,3 +526,52 @@ async fn demo_seed_writes_scores_consistent_with_its_events(pool: PgPool) {
     assert_eq!(events(&pool).await, 20_100);
     assert_eq!(common::score_drift(&pool).await, vec![]);
 }
+
+#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+async fn cache_entries_from_before_a_database_restore_are_outranked_and_repaired(pool: PgPool) {
+    common::users(&pool, 2).await;
+    let ctx = common::ctx(&pool, "restore");
+    let mut r = common::redis().await;
+    // What the cache kept from before the restore: versions this database never reached.
+    let now_us = chrono::Utc::now().timestamp_micros();
+    for (user, version) in [(1, now_us - 5_000_000), (2, now_us + 3_600_000_000)] {
+        let key = ctx.cache.score_key(uid(user));
+        let _: () = redis::cmd("SET")
+            .arg(&key)
+            .arg(4242)
+            .query_async(&mut r)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let _: () = redis::cmd("SET")
+            .arg(format!("{key}:version"))
+            .arg(version)
+            .query_async(&mut r)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    // The next write of user 1 outranks the old entry: versions follow the clock.
+    let rec = loyalty::record_event(&ctx, &event(1, ContentType::Post, Outcome::Approved))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        common::redis_get_i64(&ctx.cache.score_key(uid(1))).await,
+        Some(rec.loyalty_score)
+    );
+    // User 2's entry claims a version from the future: only the sweep can tell, and repairs it.
+    assert_eq!(
+        common::redis_get_i64(&ctx.cache.score_key(uid(2))).await,
+        Some(4242)
+    );
+    let report = loyalty::recalc_all(&ctx, 100, &CancellationToken::new())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((report.drifted_users, report.cache_repaired), (0, 1));
+    assert_eq!(
+        common::redis_get_i64(&ctx.cache.score_key(uid(2))).await,
+        Some(0)
+    );
+    let again = loyalty::recalc_all(&ctx, 100, &CancellationToken::new())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(again.cache_repaired, 0, "repaired for good");
+}

@@ -1,0 +1,531 @@
+//! Reliability: the real daemon under load, with faults injected, and the
+//! invariants that must hold afterwards; hostile input everywhere.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use loyaltyd::config::Config;
+use loyaltyd::context::Context;
+use loyaltyd::loyalty::{self, NewEvent};
+use loyaltyd::queues;
+use loyaltyd::types::{ContentType, Ident, Outcome, Priority, QueueKind, Scope, UserId};
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio_util::sync::CancellationToken;
+
+use crate::common::{self, Daemon};
+
+/// A Redis server of this test's own, that can be killed for real.
+struct PrivateRedis {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl PrivateRedis {
+    async fn start() -> PrivateRedis {
+        let mut r = PrivateRedis {
+            port: common::free_port(),
+            child: None,
+        };
+        r.restart().await;
+        r
+    }
+
+    async fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("redis-server: {e}"));
+        self.child = Some(child);
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("private redis-server did not start");
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    async fn get(&self, key: &str) -> Option<i64> {
+        let client = redis::Client::open(self.url()).ok()?;
+        let mut c = client.get_multiplexed_async_connection().await.ok()?;
+        let v: Option<String> = redis::cmd("GET").arg(key).query_async(&mut c).await.ok()?;
+        v.and_then(|v| v.parse().ok())
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The daemon's configuration for these tests: fast schedules, its own Redis and metrics port.
+fn daemon_config(pool: &PgPool, redis_url: &str, name: &str) -> Config {
+    let mut c = common::config(pool, name);
+    c.redis.url = redis_url.to_owned();
+    c.metrics.listen = ([127, 0, 0, 1], common::free_port()).into();
+    c.sweep.schedule = "*/2 * * * * *".into();
+    c.queues.reorder_schedule = "* * * * * *".into();
+    c.leaderboard.check_interval = Duration::from_millis(200);
+    c.leaderboard.refresh_threshold = 20;
+    c.database.connect_timeout = Duration::from_secs(2);
+    c
+}
+
+fn event(user: i64, n: usize) -> NewEvent {
+    NewEvent {
+        user: UserId::new(user).unwrap_or_else(|e| panic!("{e}")),
+        event_type: Ident::parse("t", "moderation_decision").unwrap_or_else(|e| panic!("{e}")),
+        content_type: ContentType::ALL[n % 3],
+        content_id: Ident::parse("t", &format!("c{n}")).unwrap_or_else(|e| panic!("{e}")),
+        outcome: Outcome::ALL[(n / 3) % 3],
+        event_id: None,
+    }
+}
+
+fn id(s: &str) -> Ident {
+    Ident::parse("t", s).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// 16 writers: events, and adds, removes and position reads on all three queues.
+async fn load(ctx: Arc<Context>, users: i64, ops: usize) {
+    let mut tasks = Vec::new();
+    for w in 0..16usize {
+        let ctx = ctx.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut mine: Vec<(QueueKind, String)> = Vec::new();
+            for i in 0..ops {
+                let n = w * 100_000 + i;
+                match i % 10 {
+                    0..=5 => {
+                        let user = (n as i64 * 7919) % users + 1;
+                        loyalty::record_event(&ctx, &event(user, n))
+                            .await
+                            .unwrap_or_else(|e| panic!("record: {e}"));
+                    }
+                    6 | 7 => {
+                        let q = QueueKind::ALL[n % 3];
+                        let scope = match q {
+                            QueueKind::Topic => Scope::Global,
+                            QueueKind::Post => Scope::Topic(id(&format!("t{}", n % 8))),
+                            QueueKind::Message => Scope::Conversation(id(&format!("c{}", n % 8))),
+                        };
+                        let item = format!("w{w}-{i}");
+                        let p = Priority::new((n % 13) as f64).unwrap_or_default();
+                        queues::add(&ctx, q, &id(&item), &scope, p)
+                            .await
+                            .unwrap_or_else(|e| panic!("add: {e}"));
+                        mine.push((q, item));
+                    }
+                    8 if !mine.is_empty() => {
+                        let (q, item) = mine.remove((n * 31) % mine.len());
+                        queues::remove(&ctx, q, &id(&item))
+                            .await
+                            .unwrap_or_else(|e| panic!("remove {item}: {e}"));
+                    }
+                    _ => {
+                        if let Some((q, item)) = mine.last() {
+                            queues::position(&ctx, *q, &id(item))
+                                .await
+                                .unwrap_or_else(|e| panic!("position: {e}"));
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap_or_else(|e| panic!("writer: {e}"));
+    }
+}
+
+/// Every invariant of the data: no drift, cache equal to the database or
+/// absent, exact queue positions, and pending + consumed = every change (each
+/// non-zero event, and each of the `repairs` the sweeps made).
+async fn assert_invariants(pool: &PgPool, ctx: &Context, redis: &PrivateRedis, repairs: i64) {
+    assert_eq!(
+        common::score_drift(pool).await,
+        vec![],
+        "scores equal their events"
+    );
+    let users: Vec<(i64, i64)> = sqlx::query_as("SELECT id, loyalty_score FROM users ORDER BY id")
+        .fetch_all(pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    for (user, score) in users {
+        let key = ctx
+            .cache
+            .score_key(UserId::new(user).unwrap_or_else(|e| panic!("{e}")));
+        let cached = redis.get(&key).await;
+        assert!(
+            cached.is_none() || cached == Some(score),
+            "user {user}: cached {cached:?}, database {score}"
+        );
+    }
+    for q in QueueKind::ALL {
+        crate::queues::check_invariants(ctx, q).await;
+    }
+    let (pending, consumed, changes): (i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT SUM(changes)::BIGINT FROM leaderboard_pending),
+                (SELECT consumed_changes FROM leaderboard_state),
+                (SELECT count(*) FROM moderation_events WHERE score_delta <> 0)",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        pending + consumed,
+        changes + repairs,
+        "pending {pending} + consumed {consumed} = every change"
+    );
+}
+
+async fn terminate_daemon_connections(pool: &PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                               WHERE application_name = 'loyaltyd' AND datname = current_database()) t",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn scrape_sync(d: &Config, series: &str) -> impl Future<Output = f64> {
+    let (addr, series) = (d.metrics.listen, series.to_owned());
+    async move {
+        common::series(&common::scrape(addr).await.unwrap_or_default(), &series).unwrap_or(0.0)
+    }
+}
+
+#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+async fn a_soak_under_load_with_every_job_firing_loses_nothing(
+    _o: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let pool = common::wide_pool(opts, 24).await;
+    common::users(&pool, 200).await;
+    let redis = PrivateRedis::start().await;
+    let config = daemon_config(&pool, &redis.url(), "soak");
+    let ctx = Arc::new(common::ctx_with(&pool, config.clone(), true));
+    let mut daemon = Daemon::start(&config);
+    daemon
+        .wait_for_log("loyaltyd ready", Duration::from_secs(20))
+        .await;
+    load(ctx.clone(), 200, 250).await;
+    // Let the jobs catch up with the last writes, then stop the daemon cleanly.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    daemon.signal("TERM");
+    assert_eq!(daemon.wait_exit(Duration::from_secs(10)).await.0, Some(0));
+    assert_invariants(&pool, &ctx, &redis, 0).await;
+    let runs: Vec<(String, String)> = daemon
+        .events()
+        .iter()
+        .filter_map(|e| {
+            Some((
+                e.get("job")?.as_str()?.to_owned(),
+                e.get("outcome")?.as_str()?.to_owned(),
+            ))
+        })
+        .collect();
+    for job in ["leaderboard_refresh", "integrity_sweep", "queue_reorder"] {
+        assert!(
+            runs.iter().any(|(j, o)| j == job && o == "success"),
+            "{job} ran during the soak"
+        );
+    }
+    let errors: Vec<_> = daemon
+        .events()
+        .into_iter()
+        .filter(|e| e["level"] == "ERROR" || e["level"] == "WARN")
+        .collect();
+    assert!(errors.is_empty(), "the daemon logged problems: {errors:?}");
+}
+
+#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+async fn redis_killed_and_postgres_connections_cut_mid_load_lose_nothing(
+    _o: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let pool = common::wide_pool(opts, 24).await;
+    common::users(&pool, 100).await;
+    let mut redis = PrivateRedis::start().await;
+    let config = daemon_config(&pool, &redis.url(), "faults");
+    let ctx = Arc::new(common::ctx_with(&pool, config.clone(), true));
+    let mut daemon = Daemon::start(&config);
+    daemon
+        .wait_for_log("loyaltyd ready", Duration::from_secs(20))
+        .await;
+    let writers = tokio::spawn(load(ctx.clone(), 100, 300));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    redis.kill();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        terminate_daemon_connections(&pool).await >= 1,
+        "the daemon holds connections"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    redis.restart().await;
+    writers.await.unwrap_or_else(|e| panic!("writers: {e}"));
+    // The daemon carries on by itself: a sweep succeeds after the faults.
+    let success = "loyaltyd_job_runs_total{job=\"integrity_sweep\",outcome=\"success\"}";
+    let before = scrape_sync(&config, success).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while scrape_sync(&config, success).await < before + 1.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no sweep after the faults:\n{}",
+            daemon.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    daemon.signal("TERM");
+    assert_eq!(daemon.wait_exit(Duration::from_secs(10)).await.0, Some(0));
+    assert_invariants(&pool, &ctx, &redis, 0).await;
+}
+
+/// Many users, every one drifted: a sweep long enough to interrupt.
+async fn long_sweep_data(pool: &PgPool, users: i64) {
+    sqlx::query("INSERT INTO users (id, username, loyalty_score) SELECT g, 'u' || g, 3 FROM generate_series(1, $1) g")
+        .bind(users)
+        .execute(pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+async fn repaired(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM users WHERE loyalty_score = 0")
+        .fetch_one(pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+async fn wait_for<F, Fut>(what: &str, within: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+async fn connections_cut_mid_sweep_and_a_sigkill_mid_sweep_are_recovered(pool: PgPool) {
+    long_sweep_data(&pool, 60_000).await;
+    let redis = PrivateRedis::start().await;
+    let mut config = daemon_config(&pool, &redis.url(), "sweep-faults");
+    config.sweep.batch_size = 200;
+    config.queues.reorder_schedule = "0 0 3 * * *".into();
+    let ctx = common::ctx_with(&pool, config.clone(), false);
+
+    // Connections cut mid-sweep: that run fails, the daemon lives, a later run succeeds.
+    let mut daemon = Daemon::start(&config);
+    daemon
+        .wait_for_log("loyaltyd ready", Duration::from_secs(20))
+        .await;
+    wait_for("the sweep under way", Duration::from_secs(10), || async {
+        repaired(&pool).await > 0
+    })
+    .await;
+    terminate_daemon_connections(&pool).await;
+    daemon
+        .wait_for_log("\"outcome\":\"failed\"", Duration::from_secs(10))
+        .await;
+    let at_cut = repaired(&pool).await;
+    assert_eq!(at_cut % 200, 0, "whole batches only: {at_cut}");
+    wait_for(
+        "a later sweep progressing",
+        Duration::from_secs(15),
+        || async { repaired(&pool).await > at_cut },
+    )
+    .await;
+
+    // SIGKILL mid-sweep: nothing half-applied; a restarted daemon takes its lock and finishes.
+    daemon.signal("KILL");
+    daemon.wait_exit(Duration::from_secs(5)).await;
+    let at_kill = repaired(&pool).await;
+    assert_eq!(at_kill % 200, 0, "whole batches only: {at_kill}");
+    let mut restarted = Daemon::start(&config);
+    restarted
+        .wait_for_log("loyaltyd ready", Duration::from_secs(20))
+        .await;
+    wait_for(
+        "the restarted daemon finishing the sweep",
+        Duration::from_secs(60),
+        || async { common::score_drift(&pool).await.is_empty() },
+    )
+    .await;
+    restarted.signal("TERM");
+    assert_eq!(
+        restarted.wait_exit(Duration::from_secs(10)).await.0,
+        Some(0)
+    );
+    // Every one of the 60,000 planted drifts was repaired exactly once.
+    assert_invariants(&pool, &ctx, &redis, 60_000).await;
+}
+
+/// A leaderboard big enough that its refresh can be caught in the act.
+async fn big_board(pool: &PgPool) {
+    sqlx::query(
+        "INSERT INTO users (id, username, loyalty_score, created_at)
+         SELECT g, 'u' || g, 1 + (g * 7919) % 5000, TIMESTAMPTZ '2024-01-01' + g * INTERVAL '1 second'
+         FROM generate_series(1, 200000) g",
+    )
+    .execute(pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    // Pending changes without events: the invariant below is about the counter alone.
+    sqlx::query("UPDATE leaderboard_pending SET changes = 100 WHERE shard = 5")
+        .execute(pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+async fn refreshing(pool: &PgPool) -> bool {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database()
+                        AND state = 'active' AND query LIKE 'REFRESH MATERIALIZED VIEW%')",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap_or(false)
+}
+
+async fn pending(pool: &PgPool) -> (i64, i64) {
+    sqlx::query_as("SELECT (SELECT SUM(changes)::BIGINT FROM leaderboard_pending), (SELECT consumed_changes FROM leaderboard_state)")
+        .fetch_one(pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+async fn a_refresh_cut_off_or_stopped_midway_keeps_its_changes_pending(pool: PgPool) {
+    big_board(&pool).await;
+    let redis = PrivateRedis::start().await;
+    let mut config = daemon_config(&pool, &redis.url(), "refresh-faults");
+    config.sweep.schedule = "0 0 3 * * *".into();
+    config.queues.reorder_schedule = "0 0 3 * * *".into();
+
+    // Connections cut mid-refresh: nothing consumed; the next refresh does it.
+    let daemon = Daemon::start(&config);
+    wait_for("a refresh", Duration::from_secs(20), || refreshing(&pool)).await;
+    terminate_daemon_connections(&pool).await;
+    daemon
+        .wait_for_log("\"outcome\":\"failed\"", Duration::from_secs(10))
+        .await;
+    wait_for(
+        "the next refresh consuming",
+        Duration::from_secs(30),
+        || async { pending(&pool).await == (0, 100) },
+    )
+    .await;
+    drop(daemon);
+
+    // SIGTERM mid-refresh: exit 0 quickly, the changes still pending.
+    sqlx::query("UPDATE leaderboard_pending SET changes = 40 WHERE shard = 9")
+        .execute(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    sqlx::query("UPDATE users SET loyalty_score = loyalty_score + 1 WHERE id % 2 = 0")
+        .execute(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut daemon = Daemon::start(&config);
+    wait_for("a second refresh", Duration::from_secs(20), || {
+        refreshing(&pool)
+    })
+    .await;
+    daemon.signal("TERM");
+    let (code, took) = daemon.wait_exit(Duration::from_secs(15)).await;
+    assert_eq!(code, Some(0), "{}", daemon.log_text());
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    assert_eq!(
+        pending(&pool).await,
+        (40, 100),
+        "the cancelled refresh consumed nothing"
+    );
+    assert!(
+        !refreshing(&pool).await,
+        "the refresh statement was cancelled on the server"
+    );
+}
+
+#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+async fn a_partition_from_redis_leaves_no_stale_score_behind_in_this_process(pool: PgPool) {
+    common::users(&pool, 1).await;
+    let proxy = common::Proxy::start(common::Upstream::redis()).await;
+    let mut config = common::config(&pool, "partition");
+    config.redis.url = proxy.redis_url();
+    let ctx = common::ctx_with(&pool, config, false);
+    let user = UserId::new(1).unwrap_or_else(|e| panic!("{e}"));
+    loyalty::record_event(&ctx, &event(1, 1))
+        .await
+        .unwrap_or_else(|e| panic!("{e}")); // topic approved: 5
+    assert_eq!(
+        loyalty::get_score(&ctx, user)
+            .await
+            .map(|s| (s.loyalty_score, s.cached))
+            .ok(),
+        Some((5, true))
+    );
+    proxy.cut().await;
+    // Redis is alive and still holds 5, but this write cannot reach it.
+    loyalty::record_event(&ctx, &event(1, 4))
+        .await
+        .unwrap_or_else(|e| panic!("{e}")); // topic rejected: 0
+    proxy.restore().await;
+    let s = loyalty::get_score(&ctx, user)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(s.loyalty_score, 0, "the stale 5 is never served");
+    assert_eq!(
+        common::redis_get_i64(&ctx.cache.score_key(user)).await,
+        Some(0)
+    );
+    // And a sweep, from any process, corrects what another process left stale.
+    let other = common::ctx(&pool, "partition-other");
+    let mut r = common::redis().await;
+    let _: () = redis::cmd("SET")
+        .arg(other.cache.score_key(user))
+        .arg(5)
+        .query_async(&mut r)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let report = loyalty::recalc_all(&other, 100, &CancellationToken::new())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(report.cache_repaired, 1);
+    assert_eq!(
+        common::redis_get_i64(&other.cache.score_key(user)).await,
+        Some(0)
+    );
+}
