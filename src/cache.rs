@@ -210,11 +210,7 @@ impl Cache {
         }
         let mut pipe = redis::pipe();
         for (seen, s) in fixes {
-            pipe.cmd("EVALSHA")
-                .arg(self.inner.replace_if_unchanged.get_hash())
-                .arg(2)
-                .arg(self.score_key(s.user))
-                .arg(self.version_key(s.user))
+            self.add_script_call(&mut pipe, &self.inner.replace_if_unchanged, s.user)
                 .arg(&seen.value)
                 .arg(seen.version.as_deref().unwrap_or(""))
                 .arg(s.score)
@@ -293,15 +289,26 @@ impl Cache {
 
     /// Queues one [`SET_IF_NEWER`] call (by its SHA) on a pipeline.
     pub fn add_set_if_newer(&self, pipe: &mut Pipeline, s: &VersionedScore) {
-        pipe.cmd("EVALSHA")
-            .arg(self.inner.set_if_newer.get_hash())
-            .arg(2)
-            .arg(self.score_key(s.user))
-            .arg(self.version_key(s.user))
+        self.add_script_call(pipe, &self.inner.set_if_newer, s.user)
             .arg(s.score)
             .arg(s.version)
             .arg(self.inner.ttl_secs)
             .ignore();
+    }
+
+    /// Starts an EVALSHA of one of our scripts on a user's two keys; the
+    /// caller adds the script's ARGV.
+    fn add_script_call<'p>(
+        &self,
+        pipe: &'p mut Pipeline,
+        script: &Script,
+        user: UserId,
+    ) -> &'p mut Pipeline {
+        pipe.cmd("EVALSHA")
+            .arg(script.get_hash())
+            .arg(2)
+            .arg(self.score_key(user))
+            .arg(self.version_key(user))
     }
 
     /// Runs a pipeline under the timeout; loads the script and retries once if

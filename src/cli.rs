@@ -383,26 +383,9 @@ struct CheckedConfig(Config);
 
 impl Render for CheckedConfig {
     fn text(&self) -> String {
-        let body = toml_text(&self.0);
+        let body = self.0.to_toml();
         format!("# configuration is valid; effective values (secrets redacted):\n{body}")
     }
-}
-
-/// The configuration as TOML, via figment's serializer-independent value.
-fn toml_text(config: &Config) -> String {
-    let Ok(serde_json::Value::Object(sections)) = serde_json::to_value(config) else {
-        return String::new();
-    };
-    let mut out = String::new();
-    for (section, keys) in sections {
-        out.push_str(&format!("\n[{section}]\n"));
-        if let serde_json::Value::Object(keys) = keys {
-            for (key, value) in keys {
-                out.push_str(&format!("{key} = {value}\n"));
-            }
-        }
-    }
-    out
 }
 
 impl Render for loyalty::Recorded {

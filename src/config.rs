@@ -350,6 +350,25 @@ impl Config {
         Ok(())
     }
 
+    /// The configuration as a TOML document, every key with its value
+    /// (durations in human form): what `check-config` prints.
+    pub fn to_toml(&self) -> String {
+        let Ok(serde_json::Value::Object(sections)) = serde_json::to_value(self) else {
+            return String::new();
+        };
+        let mut out = String::new();
+        for (section, keys) in sections {
+            out.push_str(&format!("\n[{section}]\n"));
+            if let serde_json::Value::Object(keys) = keys {
+                for (key, value) in keys {
+                    // JSON strings, numbers and booleans are TOML values too.
+                    out.push_str(&format!("{key} = {value}\n"));
+                }
+            }
+        }
+        out
+    }
+
     /// The configuration with every password replaced by `***`, for display and logs.
     pub fn redacted(&self) -> Config {
         let mut c = self.clone();

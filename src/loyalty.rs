@@ -340,26 +340,30 @@ pub async fn get_score(ctx: &Context, user: UserId) -> Result<Score> {
             cached: true,
         });
     }
-    let row: Option<(i64, i64)> =
-        sqlx::query_as("SELECT loyalty_score, score_version FROM users WHERE id = $1")
-            .bind(user.get())
-            .fetch_optional(&ctx.pool)
-            .await
-            .db("reading the score")?;
-    let (score, version) = row.ok_or(Error::UnknownUser(user.get()))?;
+    let current = read_score(&ctx.pool, user).await?;
     // Versioned: a reader that lost a race with a writer cannot cache the older score.
-    ctx.cache
-        .set_scores(&[VersionedScore {
-            user,
-            score,
-            version,
-        }])
-        .await;
+    ctx.cache.set_scores(&[current]).await;
     timer.finish(&ctx.perf, Some(user));
     Ok(Score {
         user_id: user,
-        loyalty_score: score,
+        loyalty_score: current.score,
         cached: false,
+    })
+}
+
+/// A user's score and its version; unknown users are an error.
+async fn read_score<'c>(conn: impl sqlx::PgExecutor<'c>, user: UserId) -> Result<VersionedScore> {
+    let row: Option<(i64, i64)> =
+        sqlx::query_as("SELECT loyalty_score, score_version FROM users WHERE id = $1")
+            .bind(user.get())
+            .fetch_optional(conn)
+            .await
+            .db("reading the score")?;
+    let (score, version) = row.ok_or(Error::UnknownUser(user.get()))?;
+    Ok(VersionedScore {
+        user,
+        score,
+        version,
     })
 }
 
@@ -368,27 +372,15 @@ pub async fn recalc_user(ctx: &Context, user: UserId) -> Result<Recalculated> {
     let timer = Timer::start(Operation::RecalcUser, None);
     let mut tx = ctx.pool.begin().await.db("starting the recalculation")?;
     let repaired = repair(&mut tx, &[user.get()]).await?;
-    let current: Option<(i64, i64)> =
-        sqlx::query_as("SELECT loyalty_score, score_version FROM users WHERE id = $1")
-            .bind(user.get())
-            .fetch_optional(&mut *tx)
-            .await
-            .db("reading the score")?;
+    let current = read_score(&mut *tx, user).await?;
     tx.commit().await.db("committing the recalculation")?;
-    let (score, version) = current.ok_or(Error::UnknownUser(user.get()))?;
     // Always refresh the cache: recalc is also how an operator fixes a bad cached value.
-    ctx.cache
-        .set_scores(&[VersionedScore {
-            user,
-            score,
-            version,
-        }])
-        .await;
+    ctx.cache.set_scores(&[current]).await;
     timer.finish(&ctx.perf, Some(user));
-    let previous = repaired.first().map_or(score, |r| r.previous);
+    let previous = repaired.first().map_or(current.score, |r| r.previous);
     Ok(Recalculated {
         user_id: user,
-        loyalty_score: score,
+        loyalty_score: current.score,
         previous_score: previous,
         drifted: !repaired.is_empty(),
     })

@@ -80,7 +80,7 @@ async fn start_daemon(b: &Bench, fast: bool) -> R<DaemonProc> {
         config.sweep.schedule = "0 * * * * *".into();
         config.queues.reorder_schedule = "*/10 * * * * *".into();
     }
-    let text = toml_of(&config)?;
+    let text = config.to_toml();
     let path = std::env::temp_dir().join(format!("loyaltyd-bench-{}.toml", std::process::id()));
     std::fs::write(&path, text).map_err(|e| e.to_string())?;
     let child = Command::new(env!("CARGO_BIN_EXE_loyaltyd"))
@@ -96,22 +96,6 @@ async fn start_daemon(b: &Bench, fast: bool) -> R<DaemonProc> {
     // Ready when /metrics answers (it is served before the database wait) and jobs run.
     tokio::time::sleep(Duration::from_secs(2)).await;
     Ok(daemon)
-}
-
-fn toml_of(config: &loyaltyd::config::Config) -> R<String> {
-    let value = serde_json::to_value(config).map_err(|e| e.to_string())?;
-    let mut out = String::new();
-    if let serde_json::Value::Object(sections) = value {
-        for (section, keys) in sections {
-            out.push_str(&format!("[{section}]\n"));
-            if let serde_json::Value::Object(keys) = keys {
-                for (k, v) in keys {
-                    out.push_str(&format!("{k} = {v}\n"));
-                }
-            }
-        }
-    }
-    Ok(out)
 }
 
 /// (resident MB, CPU seconds so far) of a process, from /proc.

@@ -181,26 +181,9 @@ pub fn write_config(config: &Config) -> PathBuf {
     let dir = std::env::temp_dir().join("loyaltyd-tests");
     let _ = std::fs::create_dir_all(&dir);
     let path = dir.join(format!("{}.toml", unique_prefix("cfg").replace(':', "_")));
-    let text = toml_of(config);
+    let text = config.to_toml();
     std::fs::write(&path, text).unwrap_or_else(|e| panic!("writing config: {e}"));
     path
-}
-
-/// A configuration as TOML (durations in human form).
-pub fn toml_of(config: &Config) -> String {
-    let value = serde_json::to_value(config).unwrap_or_else(|e| panic!("{e}"));
-    let mut out = String::new();
-    if let serde_json::Value::Object(sections) = value {
-        for (section, keys) in sections {
-            out.push_str(&format!("[{section}]\n"));
-            if let serde_json::Value::Object(keys) = keys {
-                for (k, v) in keys {
-                    out.push_str(&format!("{k} = {v}\n"));
-                }
-            }
-        }
-    }
-    out
 }
 
 /// A running daemon whose stderr is collected in a file.
@@ -445,4 +428,46 @@ impl Proxy {
     pub fn redis_url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
     }
+}
+
+/// Polls `check` until it holds, or fails the test naming `what`.
+pub async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} did not happen within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Users `1..=n` with positive scores and spread sign-ups: a leaderboard view
+/// that takes a while to refresh concurrently.
+pub async fn big_board(pool: &PgPool, n: i64) {
+    sqlx::query(
+        "INSERT INTO users (id, username, loyalty_score, created_at)
+         SELECT g, 'u' || g, 1 + (g * 7919) % 5000, TIMESTAMPTZ '2024-01-01' + g * INTERVAL '1 second'
+         FROM generate_series(1, $1) g",
+    )
+    .bind(n)
+    .execute(pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// True while the server runs a REFRESH of the view in this test's database.
+pub async fn refreshing(pool: &PgPool) -> bool {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+                        WHERE datname = current_database() AND state = 'active'
+                          AND query LIKE 'REFRESH MATERIALIZED VIEW%')",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap_or(false)
 }

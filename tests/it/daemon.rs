@@ -24,22 +24,6 @@ fn fast(pool: &PgPool, name: &str) -> Config {
     c
 }
 
-/// Polls `check` until it holds, or fails the test with `what`.
-async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + within;
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what} did not happen within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// Job runs of one daemon's log: (job, tick, outcome, message).
 fn runs(d: &Daemon) -> Vec<(String, String, String, String)> {
     d.events()
@@ -95,7 +79,7 @@ async fn each_job_does_its_work_on_its_schedule(pool: PgPool) {
             .await
             .unwrap_or_else(|e| panic!("{e}"));
     }
-    eventually("a debounced refresh", Duration::from_secs(10), || async {
+    common::eventually("a debounced refresh", Duration::from_secs(10), || async {
         let ranked: i64 = sqlx::query_scalar("SELECT count(*) FROM user_leaderboard")
             .fetch_one(&pool)
             .await
@@ -116,7 +100,7 @@ async fn each_job_does_its_work_on_its_schedule(pool: PgPool) {
         .execute(&pool)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    eventually(
+    common::eventually(
         "the sweep repairing drift",
         Duration::from_secs(10),
         || async { common::score_drift(&pool).await.is_empty() },
@@ -137,7 +121,7 @@ async fn each_job_does_its_work_on_its_schedule(pool: PgPool) {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     }
-    eventually("the reorder", Duration::from_secs(10), || async {
+    common::eventually("the reorder", Duration::from_secs(10), || async {
         let list = queues::list(&ctx, QueueKind::Post, &scope, 10)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
@@ -246,7 +230,7 @@ async fn killing_the_lock_holder_lets_the_other_daemon_take_over(pool: PgPool) {
         .await;
     a.signal("KILL");
     a.wait_exit(Duration::from_secs(5)).await;
-    eventually("the survivor sweeping", Duration::from_secs(6), || async {
+    common::eventually("the survivor sweeping", Duration::from_secs(6), || async {
         runs(&b)
             .iter()
             .filter(|r| r.0 == "integrity_sweep" && r.2 == "success")
@@ -299,7 +283,7 @@ async fn sigterm_during_a_long_sweep_exits_0_quickly_leaving_whole_batches(pool:
     daemon
         .wait_for_log("loyaltyd ready", Duration::from_secs(20))
         .await;
-    eventually("the sweep under way", Duration::from_secs(10), || async {
+    common::eventually("the sweep under way", Duration::from_secs(10), || async {
         let fixed: i64 = sqlx::query_scalar("SELECT count(*) FROM users WHERE loyalty_score = 0")
             .fetch_one(&pool)
             .await
@@ -367,7 +351,7 @@ async fn the_daemon_survives_redis_going_away_and_uses_it_again_when_back(pool: 
         .query_async(&mut r)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    eventually("Redis errors counted", Duration::from_secs(10), || async {
+    common::eventually("Redis errors counted", Duration::from_secs(10), || async {
         scrape_value(&config, "loyaltyd_redis_errors_total").await >= 1.0
     })
     .await;
@@ -375,7 +359,7 @@ async fn the_daemon_survives_redis_going_away_and_uses_it_again_when_back(pool: 
     assert!(during >= 1.0, "sweeps go on without Redis");
     assert_eq!(common::redis_get_i64(&key).await, Some(777));
     proxy.restore().await;
-    eventually(
+    common::eventually(
         "the cache repaired through the restored Redis",
         Duration::from_secs(15),
         || async { common::redis_get_i64(&key).await == Some(0) },
@@ -402,12 +386,12 @@ async fn the_daemon_survives_postgresql_going_away_and_recovers_by_itself(pool: 
         .await;
     let success = "loyaltyd_job_runs_total{job=\"integrity_sweep\",outcome=\"success\"}";
     let failed = "loyaltyd_job_runs_total{job=\"integrity_sweep\",outcome=\"failed\"}";
-    eventually("a first sweep", Duration::from_secs(10), || async {
+    common::eventually("a first sweep", Duration::from_secs(10), || async {
         scrape_value(&config, success).await >= 1.0
     })
     .await;
     proxy.cut().await;
-    eventually(
+    common::eventually(
         "failures counted while PostgreSQL is away",
         Duration::from_secs(15),
         || async { scrape_value(&config, failed).await >= 2.0 },
@@ -419,7 +403,7 @@ async fn the_daemon_survives_postgresql_going_away_and_recovers_by_itself(pool: 
     );
     proxy.restore().await;
     let before = scrape_value(&config, success).await;
-    eventually(
+    common::eventually(
         "sweeps succeeding again",
         Duration::from_secs(20),
         || async { scrape_value(&config, success).await >= before + 2.0 },
@@ -430,7 +414,7 @@ async fn the_daemon_survives_postgresql_going_away_and_recovers_by_itself(pool: 
         .execute(&pool)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    eventually(
+    common::eventually(
         "drift repaired after the outage",
         Duration::from_secs(10),
         || async { common::score_drift(&pool).await.is_empty() },

@@ -197,39 +197,6 @@ async fn refresh_follows_the_debounce_policy_and_records_its_time(pool: PgPool) 
     assert_eq!(consumed, 4);
 }
 
-/// Users 1..=n with positive scores and spread sign-ups: a view that takes a
-/// while to refresh concurrently.
-async fn big_board(pool: &PgPool, n: i64) {
-    sqlx::query(
-        "INSERT INTO users (id, username, loyalty_score, created_at)
-         SELECT g, 'u' || g, 1 + (g * 7919) % 5000, TIMESTAMPTZ '2024-01-01' + g * INTERVAL '1 second'
-         FROM generate_series(1, $1) g",
-    )
-    .bind(n)
-    .execute(pool)
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
-}
-
-/// Waits until the server is running the REFRESH statement.
-async fn refresh_in_progress(pool: &PgPool) {
-    for _ in 0..400 {
-        let running: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
-                            WHERE datname = current_database() AND state = 'active'
-                              AND query LIKE 'REFRESH MATERIALIZED VIEW%')",
-        )
-        .fetch_one(pool)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-        if running {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("the refresh never started");
-}
-
 #[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
 async fn two_refreshes_started_together_from_two_pools_run_once(
     _o: PgPoolOptions,
@@ -237,7 +204,7 @@ async fn two_refreshes_started_together_from_two_pools_run_once(
 ) {
     let a = common::wide_pool(opts.clone(), 4).await;
     let b = common::wide_pool(opts, 4).await;
-    big_board(&a, 150_000).await;
+    common::big_board(&a, 150_000).await;
     let ctx_a = common::ctx(&a, "two-a");
     let ctx_b = common::ctx(&b, "two-b");
     let no = CancellationToken::new();
@@ -263,7 +230,7 @@ async fn changes_recorded_during_a_refresh_stay_pending_and_readers_are_not_bloc
     opts: PgConnectOptions,
 ) {
     let pool = common::wide_pool(opts, 8).await;
-    big_board(&pool, 150_000).await;
+    common::big_board(&pool, 150_000).await;
     let ctx = common::ctx(&pool, "during");
     force(&ctx).await; // populate
     sqlx::query("UPDATE users SET loyalty_score = loyalty_score + 1 WHERE id % 3 = 0")
@@ -274,7 +241,10 @@ async fn changes_recorded_during_a_refresh_stay_pending_and_readers_are_not_bloc
         let ctx = ctx.clone();
         tokio::spawn(async move { force(&ctx).await })
     };
-    refresh_in_progress(&pool).await;
+    common::eventually("the refresh starting", Duration::from_secs(10), || {
+        common::refreshing(&pool)
+    })
+    .await;
     // A reader during the refresh gets the old board without waiting.
     let read =
         tokio::time::timeout(Duration::from_secs(2), leaderboard::page(&ctx, 100, 5000)).await;
@@ -321,7 +291,7 @@ async fn a_cancelled_refresh_rolls_back_and_keeps_its_changes_pending(
     opts: PgConnectOptions,
 ) {
     let pool = common::wide_pool(opts, 4).await;
-    big_board(&pool, 150_000).await;
+    common::big_board(&pool, 150_000).await;
     sqlx::query("UPDATE leaderboard_pending SET changes = 7 WHERE shard = 3")
         .execute(&pool)
         .await
@@ -332,7 +302,10 @@ async fn a_cancelled_refresh_rolls_back_and_keeps_its_changes_pending(
         let (ctx, cancel) = (ctx.clone(), cancel.clone());
         tokio::spawn(async move { leaderboard::refresh(&ctx, true, &cancel).await })
     };
-    refresh_in_progress(&pool).await;
+    common::eventually("the refresh starting", Duration::from_secs(10), || {
+        common::refreshing(&pool)
+    })
+    .await;
     let started = std::time::Instant::now();
     cancel.cancel();
     let result = refreshing.await.unwrap_or_else(|e| panic!("{e}"));

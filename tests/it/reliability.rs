@@ -323,21 +323,6 @@ async fn repaired(pool: &PgPool) -> i64 {
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
-async fn wait_for<F, Fut>(what: &str, within: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + within;
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what} within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
 async fn connections_cut_mid_sweep_and_a_sigkill_mid_sweep_are_recovered(pool: PgPool) {
     long_sweep_data(&pool, 60_000).await;
@@ -352,7 +337,7 @@ async fn connections_cut_mid_sweep_and_a_sigkill_mid_sweep_are_recovered(pool: P
     daemon
         .wait_for_log("loyaltyd ready", Duration::from_secs(20))
         .await;
-    wait_for("the sweep under way", Duration::from_secs(10), || async {
+    common::eventually("the sweep under way", Duration::from_secs(10), || async {
         repaired(&pool).await > 0
     })
     .await;
@@ -362,7 +347,7 @@ async fn connections_cut_mid_sweep_and_a_sigkill_mid_sweep_are_recovered(pool: P
         .await;
     let at_cut = repaired(&pool).await;
     assert_eq!(at_cut % 200, 0, "whole batches only: {at_cut}");
-    wait_for(
+    common::eventually(
         "a later sweep progressing",
         Duration::from_secs(15),
         || async { repaired(&pool).await > at_cut },
@@ -378,7 +363,7 @@ async fn connections_cut_mid_sweep_and_a_sigkill_mid_sweep_are_recovered(pool: P
     restarted
         .wait_for_log("loyaltyd ready", Duration::from_secs(20))
         .await;
-    wait_for(
+    common::eventually(
         "the restarted daemon finishing the sweep",
         Duration::from_secs(60),
         || async { common::score_drift(&pool).await.is_empty() },
@@ -393,31 +378,14 @@ async fn connections_cut_mid_sweep_and_a_sigkill_mid_sweep_are_recovered(pool: P
     assert_invariants(&pool, &ctx, &redis, 60_000).await;
 }
 
-/// A leaderboard big enough that its refresh can be caught in the act.
+/// A leaderboard big enough that its refresh can be caught in the act, and
+/// pending changes without events (the invariant below is about the counter).
 async fn big_board(pool: &PgPool) {
-    sqlx::query(
-        "INSERT INTO users (id, username, loyalty_score, created_at)
-         SELECT g, 'u' || g, 1 + (g * 7919) % 5000, TIMESTAMPTZ '2024-01-01' + g * INTERVAL '1 second'
-         FROM generate_series(1, 200000) g",
-    )
-    .execute(pool)
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
-    // Pending changes without events: the invariant below is about the counter alone.
+    common::big_board(pool, 200_000).await;
     sqlx::query("UPDATE leaderboard_pending SET changes = 100 WHERE shard = 5")
         .execute(pool)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-}
-
-async fn refreshing(pool: &PgPool) -> bool {
-    sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database()
-                        AND state = 'active' AND query LIKE 'REFRESH MATERIALIZED VIEW%')",
-    )
-    .fetch_one(pool)
-    .await
-    .unwrap_or(false)
 }
 
 async fn pending(pool: &PgPool) -> (i64, i64) {
@@ -437,12 +405,15 @@ async fn a_refresh_cut_off_or_stopped_midway_keeps_its_changes_pending(pool: PgP
 
     // Connections cut mid-refresh: nothing consumed; the next refresh does it.
     let daemon = Daemon::start(&config);
-    wait_for("a refresh", Duration::from_secs(20), || refreshing(&pool)).await;
+    common::eventually("a refresh", Duration::from_secs(20), || {
+        common::refreshing(&pool)
+    })
+    .await;
     terminate_daemon_connections(&pool).await;
     daemon
         .wait_for_log("\"outcome\":\"failed\"", Duration::from_secs(10))
         .await;
-    wait_for(
+    common::eventually(
         "the next refresh consuming",
         Duration::from_secs(30),
         || async { pending(&pool).await == (0, 100) },
@@ -460,8 +431,8 @@ async fn a_refresh_cut_off_or_stopped_midway_keeps_its_changes_pending(pool: PgP
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let mut daemon = Daemon::start(&config);
-    wait_for("a second refresh", Duration::from_secs(20), || {
-        refreshing(&pool)
+    common::eventually("a second refresh", Duration::from_secs(20), || {
+        common::refreshing(&pool)
     })
     .await;
     daemon.signal("TERM");
@@ -474,7 +445,7 @@ async fn a_refresh_cut_off_or_stopped_midway_keeps_its_changes_pending(pool: PgP
         "the cancelled refresh consumed nothing"
     );
     assert!(
-        !refreshing(&pool).await,
+        !common::refreshing(&pool).await,
         "the refresh statement was cancelled on the server"
     );
 }
