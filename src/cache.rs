@@ -394,3 +394,15 @@ impl Cache {
         }
     }
 }
+
+/// Escapes Redis glob metacharacters, so a key prefix matches literally.
+pub fn escape_glob(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}

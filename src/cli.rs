@@ -428,31 +428,27 @@ impl Render for loyalty::Recalculated {
 
 impl Render for loyalty::SweepReport {
     fn text(&self) -> String {
+        let ids: Vec<String> = self
+            .drifted_user_ids
+            .iter()
+            .take(20)
+            .map(|u| u.to_string())
+            .collect();
+        let listed = match ids.len() {
+            0 => String::new(),
+            n if (n as u64) < self.drifted_users => format!(" (users {}, …)", ids.join(", ")),
+            _ => format!(" (users {})", ids.join(", ")),
+        };
         format!(
-            "checked {} users in {} batches: {} drifted and repaired{}; {} cache entries corrected",
+            "checked {} users: {} drifted and were repaired{listed}; {} cached scores corrected{}",
             self.users_checked,
-            self.batches,
             self.drifted_users,
-            if self.drifted_user_ids.is_empty() {
-                String::new()
+            self.cache_repaired,
+            if self.completed {
+                ""
             } else {
-                let ids: Vec<String> = self
-                    .drifted_user_ids
-                    .iter()
-                    .take(20)
-                    .map(|u| u.to_string())
-                    .collect();
-                format!(
-                    " (users {}{})",
-                    ids.join(", "),
-                    if self.drifted_user_ids.len() > 20 {
-                        ", …"
-                    } else {
-                        ""
-                    }
-                )
-            },
-            self.cache_repaired
+                "; stopped early"
+            }
         )
     }
 }

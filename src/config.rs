@@ -148,7 +148,8 @@ impl Default for LeaderboardConfig {
 pub struct SweepConfig {
     /// When the integrity sweep runs: cron with seconds, UTC. Default `0 0 3 * * *` (03:00 UTC).
     pub schedule: String,
-    /// Users checked per batch (one transaction each). Default 10000.
+    /// Drifted users repaired per transaction, and users per cache-check
+    /// batch (one MGET). Default 10000.
     pub batch_size: u32,
     /// Time limit of one sweep. Default `2h`.
     #[serde(with = "humantime_serde")]

@@ -8,19 +8,30 @@
 //! the seed's two separate statements could. An idempotency key makes a retry a
 //! no-op that answers with the current score.
 //!
-//! The integrity sweep ([`recalc_all`]) walks users in id order in batches. For
-//! each batch one read compares every stored score with the sum of its events;
-//! because an event and its score change commit together, a mismatch inside one
-//! snapshot is real drift, never a race with a writer. Only drifted users are
-//! then locked and repaired (recomputed again under the lock), and cached
-//! values that differ from the database are corrected in one pipeline.
+//! The integrity sweep ([`recalc_all`]) has three steps:
+//! 1. **find drift** with one read-only statement: every stored score against
+//!    the sum of its events, in one snapshot. Because an event and its score
+//!    change commit together, a mismatch inside one snapshot is real drift,
+//!    never a race with a writer. It is shaped like one plain aggregate over
+//!    the events (PostgreSQL runs it with parallel workers), which is what
+//!    keeps the sweep near the cost of that aggregate: walking users in id
+//!    batches instead summed events through the index one batch at a time and
+//!    cost three times as much;
+//! 2. **repair** the drifted users in batches of `sweep.batch_size`, each one
+//!    short transaction that locks its users in id order and recomputes them
+//!    under the lock (a batch is applied whole or not at all; a cancelled
+//!    sweep stops between batches);
+//! 3. **check the cache**: every user's cached score (one MGET per batch of
+//!    users) against the database, read beside step 1 on its own connection
+//!    and corrected after step 2, in one pipeline per batch.
 
 use serde::Serialize;
 use sqlx::{PgPool, Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
 
-use crate::cache::{CachedEntry, VersionedScore};
+use crate::cache::VersionedScore;
 use crate::context::Context;
+use crate::db;
 use crate::error::{DbContext, Error, Result, violated_constraint};
 use crate::telemetry::{Operation, Timer};
 use crate::types::{ContentType, Ident, Outcome, UserId};
@@ -441,9 +452,9 @@ async fn repair(tx: &mut Transaction<'_, Postgres>, ids: &[i64]) -> Result<Vec<R
         .collect())
 }
 
-/// The integrity sweep: every user's score against their events, in batches
-/// of `batch_size` users, repairing drift in PostgreSQL and Redis. Stops
-/// between batches when `cancel` fires (each batch is complete or untouched).
+/// The integrity sweep: every user's score against their events, repairing
+/// drift in PostgreSQL and Redis (see the module docs). Stops between repair
+/// batches when `cancel` fires (each batch is complete or untouched).
 pub async fn recalc_all(
     ctx: &Context,
     batch_size: u32,
@@ -451,173 +462,180 @@ pub async fn recalc_all(
 ) -> Result<SweepReport> {
     let timer = Timer::start(Operation::IntegritySweep, None);
     let mut report = SweepReport::default();
-    let mut cursor = 0i64;
-    loop {
+    // Both reads at once; the cache is only corrected after the repairs (a
+    // drifted user's cache holds the right score until then; the repair sets
+    // it again).
+    let (drift, differing) = tokio::join!(
+        find_drift(ctx, cancel),
+        cached_scores_differing(ctx, batch_size, cancel)
+    );
+    let (users_checked, drifted) = drift?;
+    report.users_checked = users_checked;
+    for batch in drifted.chunks(batch_size.max(1) as usize) {
         if cancel.is_cancelled() {
             timer.finish(&ctx.perf, None);
             return Ok(report);
         }
-        let batch = check_batch(&ctx.pool, cursor, batch_size).await?;
-        let Some(last) = batch.last() else { break };
-        cursor = last.id;
         report.batches += 1;
-        report.users_checked += batch.len() as u64;
-
-        let drifted: Vec<i64> = batch
-            .iter()
-            .filter(|r| r.stored != r.truth)
-            .map(|r| r.id)
-            .collect();
-        let mut repaired = Vec::new();
-        if !drifted.is_empty() {
-            let mut tx = ctx.pool.begin().await.db("starting a repair")?;
-            repaired = repair(&mut tx, &drifted).await?;
-            tx.commit().await.db("committing a repair")?;
-            report.drifted_users += repaired.len() as u64;
-            for r in &repaired {
-                if report.drifted_user_ids.len() < DRIFTED_IDS_CAP {
-                    report.drifted_user_ids.push(r.fresh.user);
-                }
-                tracing::warn!(user_id = %r.fresh.user, stored = r.previous, recomputed = r.fresh.score, "repaired a drifted loyalty score");
-            }
-        }
-        report.cache_repaired += repair_cache(ctx, &batch, &repaired).await;
-        if batch.len() < batch_size as usize {
-            break;
-        }
+        repair_drifted(ctx, batch, &mut report).await?;
     }
-    report.completed = true;
+    let differing: Vec<UserId> = differing
+        .into_iter()
+        .filter(|u| drifted.binary_search(&u.get()).is_err())
+        .collect();
+    for batch in differing.chunks(batch_size.max(1) as usize) {
+        report.cache_repaired += repair_cache_entries(ctx, batch).await;
+    }
+    report.completed = !cancel.is_cancelled();
     timer.finish(&ctx.perf, None);
     Ok(report)
 }
 
-/// One user as the sweep saw them.
-struct Checked {
-    id: i64,
-    stored: i64,
-    version: i64,
-    truth: i64,
-}
-
-/// Reads a batch of users with the sum of their events, in one snapshot.
-///
-/// Two statements in one read-only transaction (one snapshot): the batch's
-/// users by keyset, then the sums of the events of exactly that id range,
-/// with the range's bounds as parameters, so the plan is always one ordered
-/// index-only scan of `idx_moderation_events_user_delta` (a contiguous slice
-/// of the index, no heap visits) rather than a probe per user.
-async fn check_batch(pool: &PgPool, after: i64, limit: u32) -> Result<Vec<Checked>> {
-    let mut tx = pool.begin().await.db("starting a sweep batch")?;
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        .execute(&mut *tx)
+/// How many users there are, and the ids of those whose stored score is not
+/// the sum of their events, from one snapshot. Runs under the sweep's time
+/// limit, and `cancel` stops it on the server.
+async fn find_drift(ctx: &Context, cancel: &CancellationToken) -> Result<(u64, Vec<i64>)> {
+    // One statement, one snapshot. The events side is one GROUP BY over the
+    // whole table (a parallel scan of idx_moderation_events_user_time, which
+    // carries score_delta), hash-joined with users.
+    const SQL: &str = r#"
+        SELECT (SELECT count(*) FROM users),
+               COALESCE((
+                   SELECT array_agg(u.id ORDER BY u.id)
+                   FROM users u
+                   LEFT JOIN (SELECT user_id, SUM(score_delta) AS truth
+                              FROM moderation_events GROUP BY user_id) t ON t.user_id = u.id
+                   WHERE u.loyalty_score <> COALESCE(t.truth, 0)
+               ), '{}')
+    "#;
+    let mut tx = ctx.pool.begin().await.db("starting the sweep")?;
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *tx)
         .await
-        .db("starting a sweep batch")?;
-    let users: Vec<(i64, i64, i64)> = sqlx::query_as(
-        "SELECT id, loyalty_score, score_version FROM users WHERE id > $1 ORDER BY id LIMIT $2",
-    )
-    .bind(after)
-    .bind(i64::from(limit))
-    .fetch_all(&mut *tx)
-    .await
-    .db("reading a batch of users")?;
-    let (Some(first), Some(last)) = (users.first(), users.last()) else {
-        return Ok(Vec::new());
-    };
-    let sums: Vec<(i64, i64)> = sqlx::query_as(
-        "SELECT user_id, SUM(score_delta)::BIGINT FROM moderation_events
-         WHERE user_id BETWEEN $1 AND $2 GROUP BY user_id ORDER BY user_id",
-    )
-    .bind(first.0)
-    .bind(last.0)
-    .fetch_all(&mut *tx)
-    .await
-    .db("summing a batch's events")?;
-    tx.commit().await.db("ending a sweep batch")?;
-    // Both are ordered by user id: merge them.
-    let mut sums = sums.into_iter().peekable();
-    Ok(users
-        .into_iter()
-        .map(|(id, stored, version)| {
-            while sums.next_if(|&(u, _)| u < id).is_some() {}
-            let truth = sums.next_if(|&(u, _)| u == id).map_or(0, |(_, t)| t);
-            Checked {
-                id,
-                stored,
-                version,
-                truth,
-            }
-        })
-        .collect())
+        .db("starting the sweep")?;
+    db::set_local_timeout(&mut tx, ctx.config.sweep.timeout).await?;
+    let run = sqlx::query_as::<_, (i64, Vec<i64>)>(SQL).fetch_one(&mut *tx);
+    let (users, drifted) = db::cancellable(&ctx.pool, pid, cancel, run)
+        .await
+        .db("finding drifted scores")?;
+    tx.commit().await.db("ending the sweep's read")?;
+    Ok((users.max(0) as u64, drifted))
 }
 
-/// Corrects cached scores of a batch that differ from the database; returns how many.
+/// Repairs one batch of drifted users (one transaction) and their cache entries.
+async fn repair_drifted(ctx: &Context, ids: &[i64], report: &mut SweepReport) -> Result<()> {
+    let mut tx = ctx.pool.begin().await.db("starting a repair")?;
+    let repaired = repair(&mut tx, ids).await?;
+    tx.commit().await.db("committing a repair")?;
+    report.drifted_users += repaired.len() as u64;
+    for r in &repaired {
+        if report.drifted_user_ids.len() < DRIFTED_IDS_CAP {
+            report.drifted_user_ids.push(r.fresh.user);
+        }
+        tracing::warn!(user_id = %r.fresh.user, stored = r.previous, recomputed = r.fresh.score, "repaired a drifted loyalty score");
+    }
+    let fresh: Vec<VersionedScore> = repaired.iter().map(|r| r.fresh).collect();
+    ctx.cache.set_scores(&fresh).await;
+    Ok(())
+}
+
+/// The users whose cached score differs from the database, `batch` users at
+/// a time (read only; [`repair_cache_entries`] corrects them).
 ///
-/// A cached entry older than the batch's snapshot is replaced through the
-/// usual set-if-newer. One claiming a *newer* version is re-checked against
-/// the database: if the database has still not reached that version, no write
-/// of this database produced it (the database was restored from a backup), and
-/// it is replaced only if it is still exactly what was seen.
-async fn repair_cache(ctx: &Context, batch: &[Checked], repaired: &[Repaired]) -> u64 {
-    let ids: Vec<UserId> = batch
-        .iter()
-        .filter_map(|r| UserId::new(r.id).ok())
-        .collect();
-    let Some(cached) = ctx.cache.get_entries(&ids).await else {
+/// The users stream from one sequential scan; each batch's cached scores come
+/// in one MGET. The cost follows the number of users, never the size of the
+/// Redis keyspace (which a SCAN would walk, whoever else's keys it holds).
+async fn cached_scores_differing(
+    ctx: &Context,
+    batch: u32,
+    cancel: &CancellationToken,
+) -> Vec<UserId> {
+    use futures_util::TryStreamExt;
+    let mut rows =
+        sqlx::query_as::<_, (i64, i64)>("SELECT id, loyalty_score FROM users").fetch(&ctx.pool);
+    let mut chunk: Vec<(UserId, i64)> = Vec::with_capacity(batch as usize);
+    let mut differing = Vec::new();
+    loop {
+        let row = match rows.try_next().await {
+            Ok(row) => row,
+            Err(e) => {
+                tracing::warn!(error = %crate::error::one_line(&e.to_string()), "the sweep's cache check stopped early");
+                return differing;
+            }
+        };
+        if let Some((id, score)) = row
+            && let Ok(user) = UserId::new(id)
+        {
+            chunk.push((user, score));
+        }
+        if chunk.len() >= batch as usize || (row.is_none() && !chunk.is_empty()) {
+            let users: Vec<UserId> = chunk.iter().map(|c| c.0).collect();
+            let Some(cached) = ctx.cache.get_entries(&users).await else {
+                return differing;
+            };
+            differing.extend(
+                chunk
+                    .iter()
+                    .zip(cached)
+                    .filter_map(|(&(user, score), entry)| {
+                        entry.filter(|e| e.value.parse() != Ok(score)).map(|_| user)
+                    }),
+            );
+            chunk.clear();
+        }
+        if row.is_none() || cancel.is_cancelled() {
+            return differing;
+        }
+    }
+}
+
+/// Corrects the cached scores of `users` that differ from the database.
+///
+/// The database is read after the cache, so it is at least as new. An entry
+/// older than the database is replaced through the usual set-if-newer (which
+/// leaves alone anything a writer stored meanwhile). An entry claiming a
+/// version the database has not reached was not produced by any write of this
+/// database (it was restored from a backup): it is replaced only if it is
+/// still exactly what was seen.
+async fn repair_cache_entries(ctx: &Context, users: &[UserId]) -> u64 {
+    let Some(entries) = ctx.cache.get_entries(users).await else {
         return 0;
     };
-    let mut fixes: Vec<VersionedScore> = repaired.iter().map(|r| r.fresh).collect();
-    let mut suspects: Vec<(UserId, CachedEntry, i64)> = Vec::new();
-    let mut differing = 0;
-    for ((row, user), entry) in batch.iter().zip(&ids).zip(cached) {
-        let Some(entry) = entry else { continue };
-        if repaired.iter().any(|r| r.fresh.user == *user) || entry.value.parse() == Ok(row.stored) {
-            continue;
-        }
-        differing += 1;
-        let version = entry
-            .version
-            .as_deref()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(-1);
-        if version <= row.version {
-            fixes.push(VersionedScore {
-                user: *user,
-                score: row.stored,
-                version: row.version,
-            });
-        } else {
-            suspects.push((*user, entry, version));
-        }
-    }
-    ctx.cache.set_scores(&fixes).await;
-    if suspects.is_empty() {
-        return differing;
-    }
-    let suspect_ids: Vec<i64> = suspects.iter().map(|s| s.0.get()).collect();
-    let current: Vec<(i64, i64, i64)> = match sqlx::query_as(
+    let ids: Vec<i64> = users.iter().map(|u| u.get()).collect();
+    let Ok(rows) = sqlx::query_as::<_, (i64, i64, i64)>(
         "SELECT id, loyalty_score, score_version FROM users WHERE id = ANY($1)",
     )
-    .bind(&suspect_ids)
+    .bind(&ids)
     .fetch_all(&ctx.pool)
     .await
-    {
-        Ok(rows) => rows,
-        Err(_) => return differing,
+    else {
+        return 0;
     };
-    let replacements: Vec<(CachedEntry, VersionedScore)> = suspects
+    let current: std::collections::HashMap<i64, (i64, i64)> = rows
         .into_iter()
-        .filter_map(|(user, entry, cached_version)| {
-            let &(_, score, version) = current.iter().find(|c| c.0 == user.get())?;
-            (cached_version > version).then_some((
-                entry,
-                VersionedScore {
-                    user,
-                    score,
-                    version,
-                },
-            ))
-        })
+        .map(|(id, score, version)| (id, (score, version)))
         .collect();
-    ctx.cache.replace_if_unchanged(&replacements).await;
-    differing
+    let (mut newer, mut replace) = (Vec::new(), Vec::new());
+    for (&user, entry) in users.iter().zip(entries) {
+        let Some(entry) = entry else { continue };
+        let Some(&(score, version)) = current.get(&user.get()) else {
+            continue;
+        };
+        if entry.value.parse() == Ok(score) {
+            continue;
+        }
+        let fresh = VersionedScore {
+            user,
+            score,
+            version,
+        };
+        match entry.version.as_deref().and_then(|v| v.parse::<i64>().ok()) {
+            Some(cached) if cached > version => replace.push((entry, fresh)),
+            _ => newer.push(fresh),
+        }
+    }
+    let corrected = (newer.len() + replace.len()) as u64;
+    ctx.cache.set_scores(&newer).await;
+    ctx.cache.replace_if_unchanged(&replace).await;
+    corrected
 }

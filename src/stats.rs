@@ -58,7 +58,7 @@ pub async fn collect(cache: &Cache) -> Result<Stats> {
     let unavailable =
         || Error::Runtime("Redis is unavailable: no perf lists to read (check redis.url)".into());
     let mut conn = cache.connection();
-    let pattern = format!("{}perf:*", escape_glob(cache.prefix()));
+    let pattern = format!("{}perf:*", crate::cache::escape_glob(cache.prefix()));
     let mut keys: Vec<String> = Vec::new();
     let mut cursor: u64 = 0;
     loop {
@@ -100,18 +100,6 @@ pub async fn collect(cache: &Cache) -> Result<Stats> {
     Ok(Stats { lists })
 }
 
-/// Escapes Redis glob metacharacters in a literal key prefix.
-fn escape_glob(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,6 +132,6 @@ mod tests {
 
     #[test]
     fn glob_characters_in_the_prefix_are_literal() {
-        assert_eq!(escape_glob("t[1]*?:"), "t\\[1\\]\\*\\?:");
+        assert_eq!(crate::cache::escape_glob("t[1]*?:"), "t\\[1\\]\\*\\?:");
     }
 }

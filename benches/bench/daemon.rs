@@ -153,15 +153,13 @@ async fn watch(
             rss_mb: rss,
             cpu_pct: (cpu - cpu_before) / wall * 100.0,
         });
+        if let Some(w) = windows.last() {
+            eprintln!(
+                "bench: {:>5.0}s  {:>7.0} ops/s  p99 {:>7.2} ms  RSS {:>5.1} MB  CPU {:>5.1} %",
+                w.at_s, w.ops_per_s, w.p99_ms, w.rss_mb, w.cpu_pct
+            );
+        }
         cpu_before = cpu;
-        eprintln!(
-            "bench: {:>5.0}s  {:>7.0} ops/s  p99 {:>7.2} ms  RSS {:>5.1} MB  CPU {:>5.1} %",
-            windows.last().map_or(0.0, |w| w.at_s),
-            lat.len() as f64 / wall,
-            stats.p99,
-            rss,
-            (cpu - cpu_before) / wall * 100.0
-        );
     }
     Ok(windows)
 }

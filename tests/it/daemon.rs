@@ -242,9 +242,10 @@ async fn killing_the_lock_holder_lets_the_other_daemon_take_over(pool: PgPool) {
 
 #[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
 async fn a_job_slower_than_its_interval_skips_ticks_instead_of_stacking_them(pool: PgPool) {
-    // 60,000 users in batches of 20: a sweep takes several seconds, ticks come every second.
+    // 60,000 drifted users repaired 20 per transaction: a sweep takes several
+    // seconds, ticks come every second.
     sqlx::query(
-        "INSERT INTO users (id, username) SELECT g, 'u' || g FROM generate_series(1, 60000) g",
+        "INSERT INTO users (id, username, loyalty_score) SELECT g, 'u' || g, 1 FROM generate_series(1, 60000) g",
     )
     .execute(&pool)
     .await

@@ -214,6 +214,19 @@ async fn terminate_daemon_connections(pool: &PgPool) -> i64 {
     .unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// Terminates the daemon's backends that are inside a transaction or running
+/// a statement; returns how many.
+async fn cut_busy_daemon_connections(pool: &PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                               WHERE application_name = 'loyaltyd' AND datname = current_database()
+                                 AND state IN ('active', 'idle in transaction')) t",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
 fn scrape_sync(d: &Config, series: &str) -> impl Future<Output = f64> {
     let (addr, series) = (d.metrics.listen, series.to_owned());
     async move {
@@ -341,7 +354,14 @@ async fn connections_cut_mid_sweep_and_a_sigkill_mid_sweep_are_recovered(pool: P
         repaired(&pool).await > 0
     })
     .await;
-    terminate_daemon_connections(&pool).await;
+    // Cut a connection in the middle of a repair transaction (not one idle in
+    // the pool, which the pool would just replace).
+    common::eventually(
+        "a repair transaction cut",
+        Duration::from_secs(10),
+        || async { cut_busy_daemon_connections(&pool).await > 0 },
+    )
+    .await;
     daemon
         .wait_for_log("\"outcome\":\"failed\"", Duration::from_secs(10))
         .await;
