@@ -10,6 +10,13 @@ mod bench;
 
 fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if !args.iter().any(|a| a == "--bench") {
+        // `cargo test --all-targets` runs bench binaries without `--bench`:
+        // the full run would take many minutes in a debug build. The test
+        // suite runs the small mode itself (tests/it/bench.rs).
+        eprintln!("bench: run it with `cargo bench` or scripts/bench.sh; nothing to do here");
+        return std::process::ExitCode::SUCCESS;
+    }
     let opts = bench::Opts::from_args(&args);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
