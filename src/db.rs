@@ -48,14 +48,37 @@ pub async fn connect(cfg: &DatabaseConfig) -> Result<PgPool> {
 /// Builds the pool without connecting: the daemon starts even when PostgreSQL
 /// is down and connects once it is back.
 pub fn connect_lazy(cfg: &DatabaseConfig) -> Result<PgPool> {
-    Ok(PgPoolOptions::new()
+    Ok(pool_options(cfg).connect_lazy_with(connect_options(cfg)?))
+}
+
+/// How loyaltyd pools its connections (sizes, timeouts, liveness checks);
+/// the benchmark uses it too, so it measures the pool the program runs with.
+pub fn pool_options(cfg: &DatabaseConfig) -> PgPoolOptions {
+    PgPoolOptions::new()
         .max_connections(cfg.max_connections)
         .acquire_timeout(cfg.connect_timeout)
         // Recycle idle connections, so a restarted server's stale sockets go.
         .idle_timeout(Some(Duration::from_secs(60)))
-        .test_before_acquire(true)
-        .connect_lazy_with(connect_options(cfg)?))
+        // sqlx pings every connection before handing it out by default: one
+        // more round trip on every operation (a leaderboard page cost twice
+        // its query). Ping only connections idle for a while, as HikariCP
+        // does: a connection that worked a moment ago is almost surely alive,
+        // one that sat through an outage is not. (sqlx still pings each
+        // connection when it is returned, off the caller's path, and drops it
+        // if that fails.)
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_IF_IDLE_FOR {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
 }
+
+/// A pooled connection idle at least this long is pinged before it is used.
+const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 
 /// Applies pending migrations; running it again changes nothing.
 pub async fn migrate(pool: &PgPool) -> Result<()> {
@@ -84,6 +107,11 @@ fn millis(d: Duration) -> String {
 /// connection, and the statement's own error (57014) is returned. Dropping
 /// the future instead would leave the server running the statement, holding
 /// its locks, until it finished.
+///
+/// The cancel is repeated until the statement gives up: PostgreSQL ignores a
+/// cancel that reaches the backend before it has started the statement (a
+/// shutdown that lands just as a refresh begins), and the statement would
+/// then run to its end after the daemon had gone.
 pub async fn cancellable<T>(
     pool: &PgPool,
     pid: i32,
@@ -92,10 +120,22 @@ pub async fn cancellable<T>(
 ) -> std::result::Result<T, sqlx::Error> {
     tokio::pin!(statement);
     tokio::select! {
-        result = &mut statement => result,
-        () = cancel.cancelled() => {
-            let _ = sqlx::query("SELECT pg_cancel_backend($1)").bind(pid).execute(pool).await;
-            statement.await
+        // The statement first: it is sent on its first poll.
+        biased;
+        result = &mut statement => return result,
+        () = cancel.cancelled() => {}
+    }
+    loop {
+        let _ = sqlx::query("SELECT pg_cancel_backend($1)")
+            .bind(pid)
+            .execute(pool)
+            .await;
+        tokio::select! {
+            result = &mut statement => return result,
+            () = tokio::time::sleep(CANCEL_RETRY) => {}
         }
     }
 }
+
+/// How long a cancelled statement has to give up before it is cancelled again.
+const CANCEL_RETRY: Duration = Duration::from_millis(200);

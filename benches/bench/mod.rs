@@ -193,7 +193,11 @@ impl Report {
     pub fn markdown(&self, opts: &Opts) -> String {
         let mut out = format!(
             "Benchmark ({} mode), {:.0} s. Times in ms; ratio = this side's p50 / loyaltyd's p50 (lower is faster).\n\n",
-            if opts.small {
+            if opts.idle.is_some() {
+                "idle daemon"
+            } else if opts.soak.is_some() {
+                "sustained load"
+            } else if opts.small {
                 "small"
             } else if opts.large {
                 "large"
@@ -417,7 +421,9 @@ impl Bench {
             .execute(&admin)
             .await
             .map_err(|e| e.to_string())?;
-        let pool = PgPoolOptions::new()
+        // loyaltyd's own pool settings (its liveness checks cost round trips),
+        // without its statement timeout: seeding and big refreshes take long.
+        let pool = loyaltyd::db::pool_options(&Config::default().database)
             .max_connections(24)
             .connect_with(admin_opts.clone().database(&db_name))
             .await

@@ -19,7 +19,7 @@ async fn the_benchmark_runs_in_small_mode_and_reports_every_row() {
         .await
         .unwrap_or_else(|e| panic!("benchmark: {e}"));
     let expected = [
-        ("Event recording (1 client)", "record one event", 6),
+        ("Event recording (1 client)", "record one event", 7),
         ("Event recording (bulk)", "a batch of 500 events", 2),
         (
             "Event recording (16 concurrent clients)",
