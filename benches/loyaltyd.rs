@@ -1,4 +1,4 @@
-//! `cargo bench --bench loyaltyd -- [--small | --large] [--json]`
+//! `cargo bench --bench loyaltyd -- [--small | --large] [--json] [--only GROUP]`
 //!
 //! loyaltyd against the seed's own algorithms and against the floor (the
 //! cheapest thing PostgreSQL can do), side by side in one run, alternating

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The benchmark: loyaltyd against the seed's algorithms and the floor, side by
 # side in one run. Creates (and drops) its own scratch database on the server.
-# Usage: scripts/bench.sh [--small | --large] [--json]
+# Usage: scripts/bench.sh [--small | --large] [--json] [--only GROUP] | --idle SECS | --soak SECS
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/services.sh

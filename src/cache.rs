@@ -203,6 +203,21 @@ impl Cache {
         Some(entries)
     }
 
+    /// The cached score values of many users (one MGET, no versions), `None`
+    /// where no score is cached: what the sweep compares with the database.
+    pub async fn get_values(&self, users: &[UserId]) -> Option<Vec<Option<String>>> {
+        if users.is_empty() {
+            return Some(Vec::new());
+        }
+        self.forget_stale().await?;
+        let mut conn = self.inner.conn.clone();
+        let mut cmd = redis::cmd("MGET");
+        for &u in users {
+            cmd.arg(self.score_key(u));
+        }
+        self.run("MGET", cmd.query_async(&mut conn)).await
+    }
+
     /// Replaces entries that are still exactly as seen (see [`REPLACE_IF_UNCHANGED`]).
     pub async fn replace_if_unchanged(&self, fixes: &[(CachedEntry, VersionedScore)]) -> bool {
         if fixes.is_empty() {

@@ -495,24 +495,27 @@ pub async fn recalc_all(
 /// the sum of their events, from one snapshot. Runs under the sweep's time
 /// limit, and `cancel` stops it on the server.
 async fn find_drift(ctx: &Context, cancel: &CancellationToken) -> Result<(u64, Vec<i64>)> {
-    // One statement, one snapshot. The events side is one GROUP BY over the
-    // whole table (a parallel scan of idx_moderation_events_user_time, which
-    // carries score_delta), hash-joined with users.
+    // One statement, one snapshot, one pass over each table. The events side
+    // is one GROUP BY over the whole table (a parallel scan of
+    // idx_moderation_events_user_time, which carries score_delta), and it
+    // comes out in user order; so does users by its primary key. A merge join
+    // of the two costs next to nothing, where the hash join PostgreSQL picks
+    // by itself builds (and, past work_mem, spills) a table of every user's
+    // sum: 1.2 x the bare aggregate instead of 1.0 x at 200,000 users.
     const SQL: &str = r#"
-        SELECT (SELECT count(*) FROM users),
-               COALESCE((
-                   SELECT array_agg(u.id ORDER BY u.id)
-                   FROM users u
-                   LEFT JOIN (SELECT user_id, SUM(score_delta) AS truth
-                              FROM moderation_events GROUP BY user_id) t ON t.user_id = u.id
-                   WHERE u.loyalty_score <> COALESCE(t.truth, 0)
-               ), '{}')
+        SELECT count(*),
+               COALESCE(array_agg(u.id ORDER BY u.id)
+                            FILTER (WHERE u.loyalty_score <> COALESCE(t.truth, 0)), '{}')
+        FROM users u
+        LEFT JOIN (SELECT user_id, SUM(score_delta) AS truth
+                   FROM moderation_events GROUP BY user_id) t ON t.user_id = u.id
     "#;
     let mut tx = ctx.pool.begin().await.db("starting the sweep")?;
-    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-        .fetch_one(&mut *tx)
-        .await
-        .db("starting the sweep")?;
+    let pid: i32 =
+        sqlx::query_scalar("SELECT pg_backend_pid(), set_config('enable_hashjoin', 'off', true)")
+            .fetch_one(&mut *tx)
+            .await
+            .db("starting the sweep")?;
     db::set_local_timeout(&mut tx, ctx.config.sweep.timeout).await?;
     let run = sqlx::query_as::<_, (i64, Vec<i64>)>(SQL).fetch_one(&mut *tx);
     let (users, drifted) = db::cancellable(&ctx.pool, pid, cancel, run)
@@ -570,15 +573,17 @@ async fn cached_scores_differing(
         }
         if chunk.len() >= batch as usize || (row.is_none() && !chunk.is_empty()) {
             let users: Vec<UserId> = chunk.iter().map(|c| c.0).collect();
-            let Some(cached) = ctx.cache.get_entries(&users).await else {
+            // Values only: the versions matter just for the few that differ,
+            // and repair_cache_entries reads those again anyway.
+            let Some(cached) = ctx.cache.get_values(&users).await else {
                 return differing;
             };
             differing.extend(
                 chunk
                     .iter()
                     .zip(cached)
-                    .filter_map(|(&(user, score), entry)| {
-                        entry.filter(|e| e.value.parse() != Ok(score)).map(|_| user)
+                    .filter_map(|(&(user, score), value)| {
+                        value.filter(|v| v.parse() != Ok(score)).map(|_| user)
                     }),
             );
             chunk.clear();

@@ -63,20 +63,37 @@ pub async fn all(b: &Bench, report: &mut Report) -> R<()> {
         .await
         .map_err(|e| e.to_string())?;
     let heavy = heavy_user(b).await?;
-    events(b, report, heavy).await?;
-    batches(b, report).await?;
-    concurrent(b, report).await?;
-    telemetry_overhead(b, report).await?;
+    if b.wants("event recording") {
+        events(b, report, heavy).await?;
+        batches(b, report).await?;
+        concurrent(b, report).await?;
+    }
+    if b.wants("telemetry") {
+        telemetry_overhead(b, report).await?;
+    }
     let (users, events) = s.sweep[0];
-    sweep(b, report, users, events).await?;
-    leaderboard_reads(b, report).await?;
-    for &n in &s.refresh_users {
-        refresh(b, report, n).await?;
+    if b.wants("integrity sweep") {
+        sweep(b, report, users, events).await?;
     }
-    for &n in &s.queue_sizes {
-        queues_at(b, report, n).await?;
+    if b.wants("leaderboard reads") {
+        leaderboard_reads(b, report).await?;
     }
-    for &(users, events) in s.sweep.iter().skip(1) {
+    if b.wants("leaderboard refresh") {
+        for &n in &s.refresh_users {
+            refresh(b, report, n).await?;
+        }
+    }
+    if b.wants("queues") {
+        for &n in &s.queue_sizes {
+            queues_at(b, report, n).await?;
+        }
+    }
+    for &(users, events) in s
+        .sweep
+        .iter()
+        .skip(1)
+        .filter(|_| b.wants("integrity sweep"))
+    {
         eprintln!("bench: reseeding {users} users and {events} events");
         sqlx::query("TRUNCATE moderation_events, users CASCADE")
             .execute(&b.pool)

@@ -32,6 +32,9 @@ pub struct Opts {
     pub idle: Option<u64>,
     /// Run the sustained load for this many seconds instead of the cases.
     pub soak: Option<u64>,
+    /// Run only the cases whose group name contains this (`--only sweep`);
+    /// for iterating on one part. The data is seeded either way.
+    pub only: Option<String>,
     /// Install the switchable metrics recorder (off inside the test binary,
     /// whose own tests install the exporter).
     pub recorder: bool,
@@ -47,6 +50,11 @@ impl Opts {
             recorder: true,
             idle: value_after(args, "--idle"),
             soak: value_after(args, "--soak"),
+            only: args
+                .iter()
+                .position(|a| a == "--only")
+                .and_then(|i| args.get(i + 1))
+                .map(|v| v.to_lowercase()),
         }
     }
 
@@ -397,6 +405,17 @@ pub struct Bench {
     pub redis: redis::aio::MultiplexedConnection,
     pub sizes: Sizes,
     pub switch: Arc<AtomicBool>,
+    /// See [`Opts::only`].
+    pub only: Option<String>,
+}
+
+impl Bench {
+    /// Whether the case group `name` is to run.
+    pub fn wants(&self, name: &str) -> bool {
+        self.only
+            .as_deref()
+            .is_none_or(|o| name.to_lowercase().contains(o))
+    }
 }
 
 impl Bench {
@@ -456,6 +475,7 @@ impl Bench {
             redis,
             sizes: opts.sizes(),
             switch,
+            only: opts.only.clone(),
         })
     }
 

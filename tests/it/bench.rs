@@ -14,6 +14,7 @@ async fn the_benchmark_runs_in_small_mode_and_reports_every_row() {
         recorder: false,
         idle: None,
         soak: None,
+        only: None,
     };
     let report = harness::run(&opts)
         .await
