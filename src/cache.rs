@@ -164,16 +164,7 @@ impl Cache {
 
     /// The cached scores of many users (one MGET), `None` where missing.
     pub async fn get_scores(&self, users: &[UserId]) -> Option<Vec<Option<i64>>> {
-        if users.is_empty() {
-            return Some(Vec::new());
-        }
-        self.forget_stale().await?;
-        let mut conn = self.inner.conn.clone();
-        let mut cmd = redis::cmd("MGET");
-        for &u in users {
-            cmd.arg(self.score_key(u));
-        }
-        let values: Vec<Option<String>> = self.run("MGET", cmd.query_async(&mut conn)).await?;
+        let values = self.get_values(users).await?;
         Some(
             values
                 .into_iter()
@@ -182,20 +173,22 @@ impl Cache {
         )
     }
 
+    /// The cached score values of many users as stored (one MGET, no
+    /// versions), `None` where no score is cached: what the sweep compares
+    /// with the database (a value that is not a number differs too).
+    pub async fn get_values(&self, users: &[UserId]) -> Option<Vec<Option<String>>> {
+        self.mget(users.iter().map(|&u| self.score_key(u)).collect())
+            .await
+    }
+
     /// The cached entries of many users with their versions (one MGET), `None`
     /// where no score is cached.
     pub async fn get_entries(&self, users: &[UserId]) -> Option<Vec<Option<CachedEntry>>> {
-        if users.is_empty() {
-            return Some(Vec::new());
-        }
-        self.forget_stale().await?;
-        let mut conn = self.inner.conn.clone();
-        let mut cmd = redis::cmd("MGET");
-        for &u in users {
-            cmd.arg(self.score_key(u)).arg(self.version_key(u));
-        }
-        let values: Vec<Option<String>> = self.run("MGET", cmd.query_async(&mut conn)).await?;
-        let mut values = values.into_iter();
+        let keys = users
+            .iter()
+            .flat_map(|&u| [self.score_key(u), self.version_key(u)])
+            .collect();
+        let mut values = self.mget(keys).await?.into_iter();
         let mut entries = Vec::with_capacity(users.len());
         while let (Some(value), Some(version)) = (values.next(), values.next()) {
             entries.push(value.map(|value| CachedEntry { value, version }));
@@ -203,18 +196,14 @@ impl Cache {
         Some(entries)
     }
 
-    /// The cached score values of many users (one MGET, no versions), `None`
-    /// where no score is cached: what the sweep compares with the database.
-    pub async fn get_values(&self, users: &[UserId]) -> Option<Vec<Option<String>>> {
-        if users.is_empty() {
+    /// One MGET; `None` when Redis could not be reached.
+    async fn mget(&self, keys: Vec<String>) -> Option<Vec<Option<String>>> {
+        if keys.is_empty() {
             return Some(Vec::new());
         }
         self.forget_stale().await?;
         let mut conn = self.inner.conn.clone();
-        let mut cmd = redis::cmd("MGET");
-        for &u in users {
-            cmd.arg(self.score_key(u));
-        }
+        let cmd = redis::cmd("MGET").arg(keys).to_owned();
         self.run("MGET", cmd.query_async(&mut conn)).await
     }
 
