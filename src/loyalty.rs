@@ -511,6 +511,8 @@ async fn find_drift(ctx: &Context, cancel: &CancellationToken) -> Result<(u64, V
                    FROM moderation_events GROUP BY user_id) t ON t.user_id = u.id
     "#;
     let mut tx = ctx.pool.begin().await.db("starting the sweep")?;
+    // The backend (for cancelling), and the merge join above: hash joins off
+    // for this transaction only, in the same round trip.
     let pid: i32 =
         sqlx::query_scalar("SELECT pg_backend_pid(), set_config('enable_hashjoin', 'off', true)")
             .fetch_one(&mut *tx)

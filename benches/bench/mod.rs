@@ -48,13 +48,9 @@ impl Opts {
             large: args.iter().any(|a| a == "--large"),
             json: args.iter().any(|a| a == "--json"),
             recorder: true,
-            idle: value_after(args, "--idle"),
-            soak: value_after(args, "--soak"),
-            only: args
-                .iter()
-                .position(|a| a == "--only")
-                .and_then(|i| args.get(i + 1))
-                .map(|v| v.to_lowercase()),
+            idle: value_after(args, "--idle").and_then(|v| v.parse().ok()),
+            soak: value_after(args, "--soak").and_then(|v| v.parse().ok()),
+            only: value_after(args, "--only").map(|v| v.to_lowercase()),
         }
     }
 
@@ -106,11 +102,12 @@ impl Opts {
     }
 }
 
-fn value_after(args: &[String], flag: &str) -> Option<u64> {
+/// The argument after `flag`, if both are there.
+fn value_after<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
     args.iter()
         .position(|a| a == flag)
         .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
+        .map(String::as_str)
 }
 
 /// Sizes of one run.
@@ -416,9 +413,7 @@ impl Bench {
             .as_deref()
             .is_none_or(|o| name.to_lowercase().contains(o))
     }
-}
 
-impl Bench {
     async fn create(opts: &Opts) -> Result<Bench, String> {
         let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| {
             "postgres://root@localhost/postgres?host=/var/run/postgresql".into()
