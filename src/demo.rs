@@ -3,9 +3,11 @@
 //! Everything is set-based (`INSERT ... SELECT FROM generate_series`), in
 //! chunks so progress can be shown: users with readable names and sign-up
 //! times spread over three years; events skewed towards a few very active
-//! users, with a realistic mix of content types and outcomes; scores set from
-//! the events (so a sweep finds no drift); and queue items appended behind
-//! whatever the queues already hold. It adds to what is there, never replaces.
+//! users, with a realistic mix of content types and outcomes; and queue items
+//! appended behind whatever the queues already hold. It adds to what is there,
+//! never replaces. Events and queue items are plain INSERTs: the triggers of
+//! the SQL contract score them, count them and key them, exactly as for any
+//! other writer (so demo data written beside live writers stays exact).
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Instant;
@@ -162,10 +164,6 @@ async fn seed_events(
         FROM generate_series($3, $4) AS g,
              LATERAL (SELECT random() AS who, random() AS kind, random() AS verdict, g AS dep) AS r
     "#;
-    let before: i64 = sqlx::query_scalar("SELECT COALESCE(max(id), 0) FROM moderation_events")
-        .fetch_one(pool)
-        .await
-        .db("reading events")?;
     let tag = run_tag();
     let next = AtomicI64::new(0);
     let done = AtomicI64::new(0);
@@ -195,101 +193,44 @@ async fn seed_events(
         }
     };
     tokio::try_join!(worker(), worker())?;
-    // Scores consistent with the events; the leaderboard sees one change per user.
-    sqlx::query(
-        r#"WITH sums AS (
-               SELECT user_id, SUM(score_delta) AS delta FROM moderation_events WHERE id > $1 GROUP BY user_id
-           ), scored AS (
-               UPDATE users u SET loyalty_score = u.loyalty_score + s.delta,
-                                  score_version = next_score_version(u.score_version), updated_at = now()
-               FROM sums s WHERE u.id = s.user_id AND s.delta <> 0
-               RETURNING u.id
-           )
-           UPDATE leaderboard_pending SET changes = changes + (SELECT count(*) FROM scored) WHERE shard = 0"#,
-    )
-    .bind(before)
-    .execute(pool)
-    .await
-    .db("scoring demo users")?;
-    say("scores set from the events".into());
     Ok(())
 }
 
 /// Appends `n` items to each queue: the global topic queue; posts over n/20
-/// topics; messages over n/5 conversations. Keys, scope counters and block
-/// counts are written by the same statement as the items.
+/// topics; messages over n/5 conversations. Plain INSERTs: the queues' triggers
+/// give every item its scope's tail key and count it, as for any writer.
 async fn seed_queues(conn: &mut PgConnection, n: i64) -> Result<()> {
-    // `new` yields (scope, key) of the inserted items; the rest is shared.
-    macro_rules! append {
-        ($queue:literal, $insert:literal) => {
-            concat!(
-                "WITH new AS (", $insert, "),
-                scopes AS (
-                    INSERT INTO queue_scopes AS s (queue, scope, last_key, item_count, needs_reorder)
-                    SELECT '", $queue, "', scope, max(key), count(*), true FROM new GROUP BY scope
-                    ON CONFLICT (queue, scope) DO UPDATE
-                        SET last_key = GREATEST(s.last_key, EXCLUDED.last_key),
-                            item_count = s.item_count + EXCLUDED.item_count,
-                            needs_reorder = true
-                ), blocks AS (
-                    INSERT INTO queue_blocks AS b (queue, scope, block, item_count)
-                    SELECT '", $queue, "', scope, queue_block(key), count(*) FROM new GROUP BY 1, 2, 3
-                    ON CONFLICT (queue, scope, block) DO UPDATE SET item_count = b.item_count + EXCLUDED.item_count
-                )
-                SELECT count(*) FROM new"
-            )
-        };
-    }
     // Priorities 0..100 in steps of 0.5 (many ties, as in life); entry times
     // 10 ms apart, oldest first.
-    const TOPIC: &str = append!(
-        "topic",
-        "INSERT INTO topic_creation_queue (topic_id, position_in_queue, priority_score, entered_queue_at)
-         SELECT 'demo-topic-' || $1 || '-' || g, $3 + g, round(random() * 200) / 2,
+    const TOPIC: &str =
+        "INSERT INTO topic_creation_queue (topic_id, priority_score, entered_queue_at)
+         SELECT 'demo-topic-' || $1 || '-' || g, round(random() * 200) / 2,
                 now() - ($2 - g) * interval '10 ms'
-         FROM generate_series(1, $2) AS g
-         RETURNING ''::TEXT AS scope, position_in_queue AS key"
-    );
-    const POST: &str = append!(
-        "post",
-        "INSERT INTO post_moderation_queue (post_id, topic_id, position_in_queue, priority_score, entered_queue_at)
-         SELECT 'demo-post-' || $1 || '-' || g, 'demo-topic-' || $1 || '-' || (1 + g % $3), 1 + g / $3,
+         FROM generate_series(1, $2) AS g";
+    const POST: &str =
+        "INSERT INTO post_moderation_queue (post_id, topic_id, priority_score, entered_queue_at)
+         SELECT 'demo-post-' || $1 || '-' || g, 'demo-topic-' || $1 || '-' || (1 + g % $3),
                 round(random() * 200) / 2, now() - ($2 - g) * interval '10 ms'
          FROM generate_series(1, $2) AS g
-         RETURNING topic_id AS scope, position_in_queue AS key"
-    );
-    const MESSAGE: &str = append!(
-        "message",
-        "INSERT INTO private_message_queue (message_id, conversation_id, position_in_queue, priority_score, entered_queue_at)
-         SELECT 'demo-message-' || $1 || '-' || g, 'demo-conversation-' || $1 || '-' || (1 + g % $3), 1 + g / $3,
+         ORDER BY 1 + g % $3, g";
+    const MESSAGE: &str = "INSERT INTO private_message_queue (message_id, conversation_id, priority_score, entered_queue_at)
+         SELECT 'demo-message-' || $1 || '-' || g, 'demo-conversation-' || $1 || '-' || (1 + g % $3),
                 round(random() * 200) / 2, now() - ($2 - g) * interval '10 ms'
          FROM generate_series(1, $2) AS g
-         RETURNING conversation_id AS scope, position_in_queue AS key"
-    );
+         ORDER BY 1 + g % $3, g";
     let tag = run_tag();
     let mut tx = sqlx::Connection::begin(&mut *conn)
         .await
         .db("starting the queue load")?;
-    // The global topic scope may hold items: append behind them, under its lock.
-    let base: i64 = sqlx::query_scalar(
-        "INSERT INTO queue_scopes AS s (queue, scope, last_key, item_count) VALUES ('topic', '', 0, 0)
-         ON CONFLICT (queue, scope) DO UPDATE SET last_key = s.last_key RETURNING last_key",
-    )
-    .fetch_one(&mut *tx)
-    .await
-    .db("locking the topic queue")?;
-    for (sql, third) in [
-        (TOPIC, base),
+    // Rows in scope order: each scope's lock is taken once, in order.
+    for (sql, scopes) in [
+        (TOPIC, 1),
         (POST, (n / 20).max(1)),
         (MESSAGE, (n / 5).max(1)),
     ] {
-        sqlx::query(sql)
-            .bind(&tag)
-            .bind(n)
-            .bind(third)
-            .execute(&mut *tx)
-            .await
-            .db("adding demo queue items")?;
+        let q = sqlx::query(sql).bind(&tag).bind(n);
+        let q = if sql == TOPIC { q } else { q.bind(scopes) };
+        q.execute(&mut *tx).await.db("adding demo queue items")?;
     }
     tx.commit().await.db("committing the queue load")?;
     Ok(())

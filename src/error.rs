@@ -62,18 +62,20 @@ pub enum Error {
         item: String,
     },
 
-    /// An idempotency key was reused for another user (exit 65). Nothing was written.
-    #[error(
-        "event id {event_id:?} already recorded an event for user {owner}, not user {user}: use a new --event-id"
-    )]
+    /// An idempotency key was reused for another event (exit 65). Nothing was written.
+    #[error("{detail}: use a new --event-id for a new event")]
     EventIdConflict {
         /// The reused key.
         event_id: String,
-        /// The user the key belongs to.
-        owner: i64,
-        /// The user this request named.
-        user: i64,
+        /// What the key already recorded, as the database says it.
+        detail: String,
     },
+
+    /// The event would take the user's score outside the 64-bit range (exit 65).
+    #[error(
+        "the event would take user {0}'s loyalty score outside the 64-bit range; nothing was recorded"
+    )]
+    ScoreOverflow(i64),
 
     /// PostgreSQL cannot be reached or dropped the connection (exit 69).
     #[error(
@@ -120,7 +122,8 @@ impl Error {
             Error::UnknownUser(_)
             | Error::UnknownItem { .. }
             | Error::DuplicateItem { .. }
-            | Error::EventIdConflict { .. } => EXIT_DATA,
+            | Error::EventIdConflict { .. }
+            | Error::ScoreOverflow(_) => EXIT_DATA,
             Error::Unavailable { .. } => EXIT_UNAVAILABLE,
             Error::Migrate(sqlx::migrate::MigrateError::Execute(e)) if is_unavailable(e) => {
                 EXIT_UNAVAILABLE
@@ -176,6 +179,26 @@ pub fn is_unavailable(e: &sqlx::Error) -> bool {
 /// True when PostgreSQL cancelled a statement (statement_timeout or pg_cancel_backend).
 pub fn is_cancelled(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("57014"))
+}
+
+/// SQLSTATE raised by `record_moderation_event` when an event id is reused
+/// with another payload (migration 5).
+pub const SQLSTATE_EVENT_ID_REUSED: &str = "LY001";
+
+/// The SQLSTATE of a database error, if it is one.
+pub fn sqlstate(e: &sqlx::Error) -> Option<String> {
+    match e {
+        sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
+        _ => None,
+    }
+}
+
+/// The server's own message of a database error (no driver prefix, no context).
+pub fn database_message(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Database(db) => db.message().to_owned(),
+        other => other.to_string(),
+    }
 }
 
 /// The name of the constraint a database error violated, if any.

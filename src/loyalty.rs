@@ -1,12 +1,14 @@
 //! Loyalty scores: incremental updates, the coherent cache, and the integrity sweep.
 //!
-//! A moderation event is recorded by ONE statement (one round trip, one
-//! implicit transaction): it inserts the audit row, adds the row's
-//! `score_delta` (the rule lives in the schema) to the user's score, bumps the
-//! score's version and counts a pending leaderboard change. Either all of it
-//! lands or none of it does, so scores cannot drift from their events the way
-//! the seed's two separate statements could. An idempotency key makes a retry a
-//! no-op that answers with the current score.
+//! A moderation event is recorded by ONE INSERT into `moderation_events`,
+//! whose statement trigger (migration 5) adds the row's `score_delta` (the
+//! rule lives in the schema) to the user's score, bumps the score's version
+//! and counts a pending leaderboard change, in the same transaction. That is
+//! the SQL contract every client relies on, and loyaltyd's own path goes
+//! through it too (`record_moderation_event`, one round trip): either all of
+//! it lands or none of it does, so scores cannot drift from their events the
+//! way the seed's two separate statements could. An idempotency key makes a
+//! retry a no-op that answers with the current score.
 //!
 //! The integrity sweep ([`recalc_all`]) has three steps:
 //! 1. **find drift** with one read-only statement: every stored score against
@@ -32,7 +34,10 @@ use tokio_util::sync::CancellationToken;
 use crate::cache::VersionedScore;
 use crate::context::Context;
 use crate::db;
-use crate::error::{DbContext, Error, Result, violated_constraint};
+use crate::error::{
+    DbContext, Error, Result, SQLSTATE_EVENT_ID_REUSED, database_message, sqlstate,
+    violated_constraint,
+};
 use crate::telemetry::{Operation, Timer};
 use crate::types::{ContentType, Ident, Outcome, UserId};
 
@@ -113,96 +118,56 @@ pub struct SweepReport {
 /// Records one moderation event; returns the user's new score.
 pub async fn record_event(ctx: &Context, event: &NewEvent) -> Result<Recorded> {
     let timer = Timer::start(Operation::RecordEvent, None);
-    let recorded = insert_event(&ctx.pool, event).await?;
-    if let Some(ref fresh) = recorded.1 {
-        ctx.cache.set_scores(std::slice::from_ref(fresh)).await;
-    }
+    let (recorded, fresh) = insert_event(&ctx.pool, event).await?;
+    ctx.cache.set_scores(&[fresh]).await;
     timer.finish(&ctx.perf, Some(event.user));
-    Ok(recorded.0)
+    Ok(recorded)
 }
 
-async fn insert_event(pool: &PgPool, e: &NewEvent) -> Result<(Recorded, Option<VersionedScore>)> {
-    // One statement: audit row, score change and pending count land together.
-    // Unreferenced CTEs run after the main query, so the lock order is always
-    // the user's row, then this backend's pending shard (no deadlocks).
-    const SQL: &str = r#"
-        WITH event AS (
-            INSERT INTO moderation_events (user_id, event_type, content_type, content_id, outcome, event_id)
-            VALUES ($1, $2, $3, $4, $5, $6)
-            ON CONFLICT (event_id) WHERE event_id IS NOT NULL DO NOTHING
-            RETURNING user_id, score_delta
-        ), scored AS (
-            UPDATE users u
-            SET loyalty_score = u.loyalty_score + e.score_delta,
-                score_version = next_score_version(u.score_version),
-                updated_at = now()
-            FROM event e
-            WHERE u.id = e.user_id
-            RETURNING u.loyalty_score, u.score_version, e.score_delta
-        ), counted AS (
-            UPDATE leaderboard_pending SET changes = changes + 1
-            WHERE shard = leaderboard_shard()
-              AND EXISTS (SELECT 1 FROM event WHERE score_delta <> 0)
-        )
-        SELECT loyalty_score, score_version, score_delta::BIGINT FROM scored
-    "#;
-    let row: Option<(i64, i64, i64)> = sqlx::query_as(SQL)
-        .bind(e.user.get())
-        .bind(e.event_type.as_str())
-        .bind(e.content_type.as_str())
-        .bind(e.content_id.as_str())
-        .bind(e.outcome.as_str())
-        .bind(e.event_id.as_ref().map(Ident::as_str))
-        .fetch_optional(pool)
-        .await
-        .map_err(|err| match violated_constraint(&err) {
-            Some("moderation_events_user_id_fkey") => Error::UnknownUser(e.user.get()),
-            _ => crate::error::from_sqlx("recording the event", err),
-        })?;
-    if let Some((score, version, delta)) = row {
-        let recorded = Recorded {
-            user_id: e.user,
-            loyalty_score: score,
-            score_delta: delta,
-            duplicate: false,
-        };
-        let fresh = VersionedScore {
-            user: e.user,
-            score,
-            version,
-        };
-        return Ok((recorded, Some(fresh)));
-    }
-    // No row: the event id was already recorded (the insert did nothing). A
-    // new statement sees the committed state, including a concurrent twin.
-    let Some(key) = &e.event_id else {
-        // Unreachable through the FK (it raises), kept as a clear answer.
-        return Err(Error::UnknownUser(e.user.get()));
+async fn insert_event(pool: &PgPool, e: &NewEvent) -> Result<(Recorded, VersionedScore)> {
+    // The INSERT's trigger changes the score and counts the pending change
+    // (migration 5): the same path as any other client's INSERT. The function
+    // answers with the score after it, in the same round trip.
+    let (score, version, delta, duplicate): (i64, i64, i32, bool) =
+        sqlx::query_as("SELECT * FROM record_moderation_event($1, $2, $3, $4, $5, $6)")
+            .bind(e.user.get())
+            .bind(e.event_type.as_str())
+            .bind(e.content_type.as_str())
+            .bind(e.content_id.as_str())
+            .bind(e.outcome.as_str())
+            .bind(e.event_id.as_ref().map(Ident::as_str))
+            .fetch_one(pool)
+            .await
+            .map_err(|err| event_error(e.user, e.event_id.as_ref(), err))?;
+    let recorded = Recorded {
+        user_id: e.user,
+        loyalty_score: score,
+        score_delta: i64::from(delta),
+        duplicate,
     };
-    let (owner, score): (i64, i64) = sqlx::query_as(
-        "SELECT e.user_id, u.loyalty_score FROM moderation_events e \
-         JOIN users u ON u.id = e.user_id WHERE e.event_id = $1",
-    )
-    .bind(key.as_str())
-    .fetch_one(pool)
-    .await
-    .db("reading the recorded event")?;
-    if owner != e.user.get() {
-        return Err(Error::EventIdConflict {
-            event_id: key.to_string(),
-            owner,
-            user: e.user.get(),
-        });
+    // A replay answers with the current score and version too: the retry
+    // of a write whose cache update was lost puts it right.
+    let fresh = VersionedScore {
+        user: e.user,
+        score,
+        version,
+    };
+    Ok((recorded, fresh))
+}
+
+/// The domain error a refused event write means.
+fn event_error(user: UserId, event_id: Option<&Ident>, err: sqlx::Error) -> Error {
+    if violated_constraint(&err) == Some("moderation_events_user_id_fkey") {
+        return Error::UnknownUser(user.get());
     }
-    Ok((
-        Recorded {
-            user_id: e.user,
-            loyalty_score: score,
-            score_delta: 0,
-            duplicate: true,
+    match sqlstate(&err).as_deref() {
+        Some(SQLSTATE_EVENT_ID_REUSED) => Error::EventIdConflict {
+            event_id: event_id.map(Ident::to_string).unwrap_or_default(),
+            detail: database_message(&err),
         },
-        None,
-    ))
+        Some("22003") => Error::ScoreOverflow(user.get()),
+        _ => crate::error::from_sqlx("recording the event", err),
+    }
 }
 
 /// The outcome of a batch: each touched user's score after it.
@@ -224,44 +189,6 @@ pub async fn record_events(ctx: &Context, events: &[NewEvent]) -> Result<BatchRe
         });
     }
     let timer = Timer::start(Operation::RecordEvents, None);
-    // UNNEST turns the columns into rows: one statement however long the batch.
-    // `locked` takes every touched user's row lock in id order before anything
-    // else (it feeds a one-time filter of the insert), so concurrent batches
-    // cannot deadlock on each other whatever join order the UPDATE's plan has;
-    // events go in user order, which fills the user-keyed indexes in order.
-    const SQL: &str = r#"
-        WITH input AS (
-            SELECT * FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[])
-                WITH ORDINALITY AS t(user_id, event_type, content_type, content_id, outcome, event_id, ord)
-        ), locked AS (
-            SELECT id FROM users WHERE id IN (SELECT user_id FROM input) ORDER BY id FOR NO KEY UPDATE
-        ), event AS (
-            INSERT INTO moderation_events (user_id, event_type, content_type, content_id, outcome, event_id)
-            SELECT user_id, event_type, content_type, content_id, outcome, event_id
-            FROM input
-            WHERE (SELECT count(*) FROM locked) >= 0
-            ORDER BY user_id, ord
-            ON CONFLICT (event_id) WHERE event_id IS NOT NULL DO NOTHING
-            RETURNING user_id, score_delta
-        ), per_user AS (
-            SELECT user_id, SUM(score_delta) AS delta, COUNT(*) AS events,
-                   COUNT(*) FILTER (WHERE score_delta <> 0) AS changes
-            FROM event GROUP BY user_id ORDER BY user_id
-        ), scored AS (
-            UPDATE users u
-            SET loyalty_score = u.loyalty_score + p.delta,
-                score_version = next_score_version(u.score_version),
-                updated_at = now()
-            FROM per_user p
-            WHERE u.id = p.user_id
-            RETURNING u.id, u.loyalty_score, u.score_version, p.events
-        ), counted AS (
-            UPDATE leaderboard_pending
-            SET changes = changes + (SELECT COALESCE(SUM(changes), 0) FROM per_user)
-            WHERE shard = leaderboard_shard()
-        )
-        SELECT id, loyalty_score, score_version, events FROM scored ORDER BY id
-    "#;
     let mut users = Vec::with_capacity(events.len());
     let mut types = Vec::with_capacity(events.len());
     let mut contents = Vec::with_capacity(events.len());
@@ -276,31 +203,29 @@ pub async fn record_events(ctx: &Context, events: &[NewEvent]) -> Result<BatchRe
         outcomes.push(e.outcome.as_str());
         keys.push(e.event_id.as_ref().map(Ident::as_str));
     }
-    let attempt = || {
-        sqlx::query_as::<_, (i64, i64, i64, i64)>(SQL)
-            .bind(&users)
-            .bind(&types)
-            .bind(&contents)
-            .bind(&content_ids)
-            .bind(&outcomes)
-            .bind(&keys)
-            .fetch_all(&ctx.pool)
-    };
-    let mut result = attempt().await;
-    for _ in 0..3 {
-        // Cannot happen between batches (see `locked`); should a plan of
-        // PostgreSQL's still find one, the statement wrote nothing: run it again.
-        match &result {
-            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("40P01") => {
-                result = attempt().await
-            }
-            _ => break,
-        }
-    }
+    // One INSERT of every event (UNNEST turns the columns into rows); its
+    // trigger updates each user once, locking them in id order, so
+    // concurrent batches cannot deadlock on each other.
+    let result = sqlx::query_as::<_, (i64, i64, i64, i64)>(
+        "SELECT * FROM record_moderation_events($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(&users)
+    .bind(&types)
+    .bind(&contents)
+    .bind(&content_ids)
+    .bind(&outcomes)
+    .bind(&keys)
+    .fetch_all(&ctx.pool)
+    .await;
     let rows = match result {
         Ok(rows) => rows,
         Err(err) if violated_constraint(&err) == Some("moderation_events_user_id_fkey") => {
             return Err(first_unknown_user(&ctx.pool, &users).await);
+        }
+        Err(err) if sqlstate(&err).as_deref() == Some("22003") => {
+            return Err(Error::Runtime(
+                "a score of the batch would leave the 64-bit range; nothing was recorded".into(),
+            ));
         }
         Err(err) => return Err(crate::error::from_sqlx("recording a batch of events", err)),
     };
@@ -421,7 +346,8 @@ async fn repair(tx: &mut Transaction<'_, Postgres>, ids: &[i64]) -> Result<Vec<R
             WHERE u.id = ANY($1)
         ), fixed AS (
             UPDATE users u
-            SET loyalty_score = t.score, score_version = next_score_version(u.score_version), updated_at = now()
+            SET loyalty_score = t.score, score_version = next_score_version(u.score_version),
+                score_xid = pg_current_xact_id(), updated_at = now()
             FROM truth t
             WHERE u.id = t.id AND u.loyalty_score <> t.score
             RETURNING u.id, u.loyalty_score, u.score_version, t.previous

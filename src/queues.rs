@@ -14,40 +14,39 @@
 //! * positions as plain ranks, `COUNT(*)` of the keys before an item: exact
 //!   and simple, but O(position) per read (milliseconds at 100,000);
 //! * **counted blocks in PostgreSQL** (chosen): `position_in_queue` becomes a
-//!   stable ordering key that only grows. Keys are grouped in blocks of 512
+//!   stable ordering key. Keys are grouped in blocks of 512
 //!   (`queue_block(key)`), and `queue_blocks` counts the items in each. An
 //!   item's position is the sum of the counts of the blocks before its own plus
 //!   its rank inside its block: at most n/512 small rows plus 512 index
 //!   entries, one statement, one snapshot, so always exact and dense.
-//!   An add touches the scope row, one block row and one item; a remove the
-//!   same; nothing else moves. It is all one transaction in one database,
-//!   so there is nothing to reconcile after a crash.
 //!
-//! Every change of a scope (add, remove, reorder) first locks its row in
-//! `queue_scopes`, which hands out the keys: adds and removes of one scope are
-//! serialized (so "position = length + 1" on add is exact), and since all of
-//! them lock in the same order (scope, then items, then blocks), they cannot
-//! deadlock. Readers take no locks.
+//! # Who keeps the bookkeeping
+//! The triggers of migration 5, for every writer: a plain `INSERT` into a
+//! queue table gets the scope's tail key (MAX + 1, under the scope's row lock
+//! in `queue_scopes`, so adds of one scope are serialized and commit in key
+//! order), and every INSERT, DELETE or UPDATE keeps `queue_scopes` and
+//! `queue_blocks` exact in the writer's transaction. This module's add and
+//! remove are such an INSERT and DELETE (the add through `queue_add`, which
+//! answers with the position in the same round trip); position and list are
+//! the read API's `queue_position` and `queue_head`.
 //!
-//! A reorder re-keys the scope by priority (desc), entry time (asc) and old
-//! order, into a fresh key range that starts at the next block boundary, and
-//! rebuilds the scope's block counts; [`reorder_all`] does that in one
-//! statement for every scope that had an add since its last reorder.
+//! A reorder re-keys a scope by priority (desc), entry time (asc) and old
+//! order, into a fresh key range above every old key; the UPDATE's trigger
+//! moves the block counts. It takes the scope's lock and then the items'
+//! without waiting (`NOWAIT`): a writer that deletes an item locks the item
+//! before the scope, so a reorder that waited for items while holding the
+//! scope could deadlock with it. A busy scope is tried again shortly, and
+//! [`reorder_all`] skips scopes being written (`SKIP LOCKED`) until its next
+//! run.
 //!
-//! `position_in_queue` therefore no longer holds the dense position; the views
-//! `*_positions` give SQL consumers dense positions (O(n) per scan).
-//!
-//! # SQL per queue
-//! The three tables differ only in names (item column, scope column; the
-//! topic queue has no scope column and uses the constant scope `''`), so each
-//! statement is written once in [`queue_sql!`] and instantiated per table with
-//! `concat!`: every query stays a `&'static str`, no SQL is built at run time.
+//! `position_in_queue` therefore holds no dense position; the read API and
+//! the views `*_positions` give SQL consumers dense positions.
 
 use serde::Serialize;
 use sqlx::PgPool;
 
 use crate::context::Context;
-use crate::error::{DbContext, Error, Result, from_sqlx, violated_constraint};
+use crate::error::{DbContext, Error, Result, from_sqlx, sqlstate, violated_constraint};
 use crate::telemetry::{Operation, Timer};
 use crate::types::{Ident, Priority, QueueKind, Scope};
 
@@ -119,132 +118,52 @@ pub struct Reordered {
     pub items: i64,
 }
 
-/// The statements of one queue table.
+/// The statements that differ per queue table (the rest is the SQL API's).
 struct QueueSql {
-    add: &'static str,
     remove: &'static str,
-    position: &'static str,
-    list: &'static str,
-    lock_scope: &'static str,
-    lock_changed_scopes: &'static str,
+    lock_items: &'static str,
     rekey: &'static str,
-    /// Names of the constraints that mean "already queued".
+    /// The primary key constraint: "already queued".
     duplicate: &'static str,
 }
 
 /// Writes each statement once; see the module docs. Arguments: queue name,
-/// table, item column, primary key constraint, the scope column for inserts
-/// (with its bind, or empty), and the scope expression unqualified and
-/// qualified by the aliases `i`, `j` and `q` (a column, or `''` for the topic queue).
+/// table, item column, primary key constraint, and the scope expression
+/// unqualified and qualified by the aliases `q` and `m` (a column, or `''`
+/// for the topic queue).
 macro_rules! queue_sql {
     ($queue:literal, $table:literal, $id:literal, $pkey:literal,
-     insert: ($scope_col:literal, $scope_val:literal),
-     scope: ($s:literal, $s_i:literal, $s_j:literal, $s_q:literal)) => {
+     scope: ($s:literal, $s_q:literal, $s_m:literal)) => {
         QueueSql {
-            // The scope row hands out the key and counts the item (its lock
-            // serializes the scope's changes); then the item; then its block.
-            add: concat!(
-                "WITH scope AS (
-                    INSERT INTO queue_scopes AS s (queue, scope, last_key, item_count, needs_reorder)
-                    VALUES ('", $queue, "', $2, 1, 1, true)
-                    ON CONFLICT (queue, scope) DO UPDATE
-                        SET last_key = s.last_key + 1, item_count = s.item_count + 1, needs_reorder = true
-                    RETURNING last_key, item_count
-                ), item AS (
-                    INSERT INTO ", $table, " (", $id, $scope_col, ", position_in_queue, priority_score)
-                    SELECT $1", $scope_val, ", last_key, $3 FROM scope
-                    RETURNING entered_queue_at
-                ), block AS (
-                    INSERT INTO queue_blocks AS b (queue, scope, block, item_count)
-                    SELECT '", $queue, "', $2, queue_block(last_key), 1 FROM scope
-                    ON CONFLICT (queue, scope, block) DO UPDATE SET item_count = b.item_count + 1
-                )
-                SELECT scope.item_count AS position, item.entered_queue_at FROM scope, item"
-            ),
-            // `locked` takes the scope lock before the item's row lock (the
-            // order add and reorder use): it feeds a one-time filter that runs
-            // before the DELETE scans. The DELETE re-checks the item after the
-            // wait, so a concurrent remove of the same item makes this one find
-            // nothing; counts change only for a row actually deleted.
             remove: concat!(
-                "WITH target AS (
-                    SELECT ", $s, " AS scope FROM ", $table, " WHERE ", $id, " = $1
-                ), locked AS (
-                    SELECT s.scope FROM queue_scopes s JOIN target t ON s.queue = '", $queue, "' AND s.scope = t.scope
-                    FOR UPDATE OF s
-                ), removed AS (
-                    DELETE FROM ", $table, " WHERE ", $id, " = $1 AND EXISTS (SELECT 1 FROM locked)
-                    RETURNING ", $s, " AS scope, position_in_queue AS key
-                ), counted AS (
-                    UPDATE queue_scopes s SET item_count = s.item_count - 1
-                    FROM removed r WHERE s.queue = '", $queue, "' AND s.scope = r.scope
-                ), block AS (
-                    -- An upsert, not an UPDATE: the statement's snapshot predates
-                    -- the wait for the scope lock, and an UPDATE would not see a
-                    -- block row created meanwhile (by an add or a reorder); the
-                    -- conflict check sees the latest committed row.
-                    INSERT INTO queue_blocks AS b (queue, scope, block, item_count)
-                    SELECT '", $queue, "', r.scope, queue_block(r.key), 0 FROM removed r
-                    ON CONFLICT (queue, scope, block) DO UPDATE SET item_count = b.item_count - 1
-                )
-                SELECT scope FROM removed"
+                "DELETE FROM ", $table, " WHERE ", $id, " = $1 RETURNING ", $s, "::TEXT"
             ),
-            // The counts of the blocks before the item's block, plus the
-            // item's rank inside its block (a bounded index range scan).
-            position: concat!(
-                "SELECT ", $s_i, " AS scope, i.priority_score, i.entered_queue_at,
-                    (SELECT COALESCE(SUM(b.item_count), 0) FROM queue_blocks b
-                      WHERE b.queue = '", $queue, "' AND b.scope = ", $s_i, "
-                        AND b.block < queue_block(i.position_in_queue))::BIGINT
-                  + (SELECT count(*) FROM ", $table, " j
-                      WHERE ", $s_j, " = ", $s_i, "
-                        AND j.position_in_queue >= queue_block_first_key(queue_block(i.position_in_queue))
-                        AND j.position_in_queue <= i.position_in_queue) AS position
-                FROM ", $table, " i WHERE i.", $id, " = $1"
+            lock_items: concat!(
+                "SELECT 1 FROM ", $table, " WHERE ", $s, " = ANY($1) FOR UPDATE NOWAIT"
             ),
-            list: concat!(
-                "SELECT ", $id, " AS content_id,
-                        ROW_NUMBER() OVER (ORDER BY position_in_queue) AS position,
-                        priority_score, entered_queue_at
-                 FROM (SELECT * FROM ", $table, " WHERE ", $s, " = $1
-                       ORDER BY position_in_queue LIMIT $2) head
-                 ORDER BY position_in_queue"
-            ),
-            lock_scope: concat!(
-                "SELECT scope FROM queue_scopes WHERE queue = '", $queue, "' AND scope = $1 FOR UPDATE"
-            ),
-            lock_changed_scopes: concat!(
-                "SELECT scope FROM queue_scopes WHERE queue = '", $queue, "' AND needs_reorder
-                 ORDER BY scope FOR UPDATE"
-            ),
-            // Runs after the scopes are locked, in a new snapshot that sees
-            // every committed change of them. New keys start at the next block
-            // boundary above every old key, so the new blocks never collide
-            // with the old ones being deleted in the same statement.
+            // Runs after the scopes and their items are locked, in a new
+            // snapshot that sees every committed change of them. New keys
+            // start at the block boundary above the scope's highest key, so
+            // the unique (scope, key) index never sees two rows on one key
+            // while the statement runs; the trigger moves the block counts.
             rekey: concat!(
                 "WITH target AS (
-                    SELECT scope, queue_block_first_key(queue_block(last_key) + 1) - 1 AS base
-                    FROM queue_scopes WHERE queue = '", $queue, "' AND scope = ANY($1)
+                    SELECT s.scope,
+                           queue_block_first_key(queue_block(COALESCE(
+                               (SELECT max(m.position_in_queue) FROM ", $table, " m WHERE ", $s_m, " = s.scope), 0)) + 1) - 1 AS base
+                    FROM queue_scopes s WHERE s.queue = '", $queue, "' AND s.scope = ANY($1)
                 ), ranked AS (
-                    SELECT q.", $id, " AS id, t.base, t.scope,
+                    SELECT q.", $id, " AS id, t.base,
                            ROW_NUMBER() OVER (PARTITION BY t.scope
                                ORDER BY q.priority_score DESC, q.entered_queue_at ASC, q.position_in_queue ASC) AS rn
                     FROM ", $table, " q JOIN target t ON t.scope = ", $s_q, "
-                ), sized AS (
-                    SELECT t.scope, t.base, count(r.id) AS n
-                    FROM target t LEFT JOIN ranked r ON r.scope = t.scope GROUP BY t.scope, t.base
-                ), scopes AS (
-                    UPDATE queue_scopes s SET last_key = z.base + z.n, item_count = z.n, needs_reorder = false
-                    FROM sized z WHERE s.queue = '", $queue, "' AND s.scope = z.scope
                 ), moved AS (
                     UPDATE ", $table, " q SET position_in_queue = r.base + r.rn
                     FROM ranked r WHERE q.", $id, " = r.id
-                    RETURNING ", $s_q, " AS scope, q.position_in_queue AS key
-                ), cleared AS (
-                    DELETE FROM queue_blocks b USING target t WHERE b.queue = '", $queue, "' AND b.scope = t.scope
-                ), counted AS (
-                    INSERT INTO queue_blocks (queue, scope, block, item_count)
-                    SELECT '", $queue, "', scope, queue_block(key), count(*) FROM moved GROUP BY 1, 2, 3
+                    RETURNING 1
+                ), flagged AS (
+                    UPDATE queue_scopes s SET needs_reorder = false
+                    FROM target t WHERE s.queue = '", $queue, "' AND s.scope = t.scope
                 )
                 SELECT (SELECT count(*) FROM target), (SELECT count(*) FROM moved)"
             ),
@@ -255,18 +174,15 @@ macro_rules! queue_sql {
 
 const TOPIC_SQL: QueueSql = queue_sql!(
     "topic", "topic_creation_queue", "topic_id", "topic_creation_queue_pkey",
-    insert: ("", ""),
-    scope: ("''", "''", "''", "''")
+    scope: ("''", "''", "''")
 );
 const POST_SQL: QueueSql = queue_sql!(
     "post", "post_moderation_queue", "post_id", "post_moderation_queue_pkey",
-    insert: (", topic_id", ", $2"),
-    scope: ("topic_id", "i.topic_id", "j.topic_id", "q.topic_id")
+    scope: ("topic_id", "q.topic_id", "m.topic_id")
 );
 const MESSAGE_SQL: QueueSql = queue_sql!(
     "message", "private_message_queue", "message_id", "private_message_queue_pkey",
-    insert: (", conversation_id", ", $2"),
-    scope: ("conversation_id", "i.conversation_id", "j.conversation_id", "q.conversation_id")
+    scope: ("conversation_id", "q.conversation_id", "m.conversation_id")
 );
 
 fn sql(queue: QueueKind) -> &'static QueueSql {
@@ -292,27 +208,29 @@ pub async fn add(
 ) -> Result<Placed> {
     check_scope(queue, scope)?;
     let timer = Timer::start(Operation::QueueAdd, Some(queue));
-    let row: (i64, chrono::DateTime<chrono::Utc>) = sqlx::query_as(sql(queue).add)
-        .bind(item.as_str())
-        .bind(scope.key())
-        .bind(priority.get())
-        .fetch_one(&ctx.pool)
-        .await
-        .map_err(|e| match violated_constraint(&e) {
-            Some(c) if c == sql(queue).duplicate => Error::DuplicateItem {
-                queue: queue.as_str(),
-                item: item.to_string(),
-            },
-            _ => from_sqlx("adding to the queue", e),
-        })?;
+    let (position, entered): (i64, chrono::DateTime<chrono::Utc>) =
+        sqlx::query_as("SELECT * FROM queue_add($1, $2, $3, $4)")
+            .bind(queue.as_str())
+            .bind(item.as_str())
+            .bind(scope.key())
+            .bind(priority.get())
+            .fetch_one(&ctx.pool)
+            .await
+            .map_err(|e| match violated_constraint(&e) {
+                Some(c) if c == sql(queue).duplicate => Error::DuplicateItem {
+                    queue: queue.as_str(),
+                    item: item.to_string(),
+                },
+                _ => from_sqlx("adding to the queue", e),
+            })?;
     timer.finish(&ctx.perf, None);
     Ok(Placed {
         queue,
         content_id: item.to_string(),
         scope: scope_name(queue, scope.key().to_owned()),
-        position: row.0,
+        position,
         priority_score: priority.get(),
-        entered_queue_at: row.1,
+        entered_queue_at: entered,
     })
 }
 
@@ -336,13 +254,14 @@ pub async fn remove(ctx: &Context, queue: QueueKind, item: &Ident) -> Result<Rem
 /// An item's exact position in its scope.
 pub async fn position(ctx: &Context, queue: QueueKind, item: &Ident) -> Result<Placed> {
     let timer = Timer::start(Operation::QueuePosition, Some(queue));
-    let row: Option<(String, f64, chrono::DateTime<chrono::Utc>, i64)> =
-        sqlx::query_as(sql(queue).position)
+    let row: Option<(String, i64, f64, chrono::DateTime<chrono::Utc>)> =
+        sqlx::query_as("SELECT * FROM queue_position($1, $2)")
+            .bind(queue.as_str())
             .bind(item.as_str())
             .fetch_optional(&ctx.pool)
             .await
             .db("reading the queue position")?;
-    let (scope, priority, entered, position) = row.ok_or_else(|| unknown(queue, item))?;
+    let (scope, position, priority, entered) = row.ok_or_else(|| unknown(queue, item))?;
     timer.finish(&ctx.perf, None);
     Ok(Placed {
         queue,
@@ -364,9 +283,10 @@ pub async fn list(ctx: &Context, queue: QueueKind, scope: &Scope, limit: i64) ->
         ));
     }
     let timer = Timer::start(Operation::QueueList, Some(queue));
-    let items: Vec<Item> = sqlx::query_as(sql(queue).list)
+    let items: Vec<Item> = sqlx::query_as("SELECT * FROM queue_head($1, $2, $3)")
+        .bind(queue.as_str())
         .bind(scope.key())
-        .bind(limit)
+        .bind(limit as i32)
         .fetch_all(&ctx.pool)
         .await
         .db("listing the queue")?;
@@ -381,74 +301,122 @@ pub async fn list(ctx: &Context, queue: QueueKind, scope: &Scope, limit: i64) ->
 
 /// How many items a scope holds (from its counter).
 pub async fn scope_length(pool: &PgPool, queue: QueueKind, scope: &Scope) -> Result<i64> {
-    let n: Option<i64> =
-        sqlx::query_scalar("SELECT item_count FROM queue_scopes WHERE queue = $1 AND scope = $2")
-            .bind(queue.as_str())
-            .bind(scope.key())
-            .fetch_optional(pool)
-            .await
-            .db("reading the queue length")?;
-    Ok(n.unwrap_or(0))
+    sqlx::query_scalar("SELECT queue_length($1, $2)")
+        .bind(queue.as_str())
+        .bind(scope.key())
+        .fetch_one(pool)
+        .await
+        .db("reading the queue length")
 }
 
 /// Sorts one scope by priority (desc), then entry time (asc).
 pub async fn reorder(ctx: &Context, queue: QueueKind, scope: &Scope) -> Result<Reordered> {
     check_scope(queue, scope)?;
     let timer = Timer::start(Operation::QueueReorder, Some(queue));
-    let mut tx = ctx.pool.begin().await.db("starting the reorder")?;
-    let locked: Vec<String> = sqlx::query_scalar(sql(queue).lock_scope)
-        .bind(scope.key())
-        .fetch_all(&mut *tx)
-        .await
-        .db("locking the queue scope")?;
-    let done = rekey(&mut tx, queue, &locked).await?;
-    tx.commit().await.db("committing the reorder")?;
+    let done = rekey_locked(ctx, queue, ScopeSet::One(scope.key()), None).await?;
     timer.finish(&ctx.perf, None);
     Ok(done)
 }
 
 /// Sorts every scope of a queue that had an add since its last reorder, in
-/// one transaction; `timeout` bounds it on the server.
+/// one transaction; `timeout` bounds it on the server. Scopes that writers
+/// hold at the moment are left for the next run.
 pub async fn reorder_all(
     ctx: &Context,
     queue: QueueKind,
     timeout: std::time::Duration,
 ) -> Result<Reordered> {
     let timer = Timer::start(Operation::QueueReorder, Some(queue));
-    let mut tx = ctx.pool.begin().await.db("starting the reorder")?;
-    crate::db::set_local_timeout(&mut tx, timeout).await?;
-    let locked: Vec<String> = sqlx::query_scalar(sql(queue).lock_changed_scopes)
-        .fetch_all(&mut *tx)
-        .await
-        .db("locking changed queue scopes")?;
-    let done = rekey(&mut tx, queue, &locked).await?;
-    tx.commit().await.db("committing the reorder")?;
+    let done = rekey_locked(ctx, queue, ScopeSet::Changed, Some(timeout)).await?;
     timer.finish(&ctx.perf, None);
     Ok(done)
 }
 
-async fn rekey(
-    tx: &mut sqlx::PgConnection,
+/// Which scopes a reorder takes.
+enum ScopeSet<'a> {
+    /// One scope, waiting for its lock.
+    One(&'a str),
+    /// Every scope with an add since its last reorder that no writer holds.
+    Changed,
+}
+
+/// How often a reorder tries again when a writer holds one of its items.
+const REKEY_ATTEMPTS: u32 = 20;
+
+/// Locks the scopes, then their items without waiting, then re-keys them;
+/// tries again shortly while a writer holds an item (see the module docs).
+async fn rekey_locked(
+    ctx: &Context,
     queue: QueueKind,
-    scopes: &[String],
+    scopes: ScopeSet<'_>,
+    timeout: Option<std::time::Duration>,
 ) -> Result<Reordered> {
-    if scopes.is_empty() {
+    let q = sql(queue);
+    for attempt in 1..=REKEY_ATTEMPTS {
+        let mut tx = ctx.pool.begin().await.db("starting the reorder")?;
+        if let Some(limit) = timeout {
+            crate::db::set_local_timeout(&mut tx, limit).await?;
+        }
+        let locked: Vec<String> = match scopes {
+            ScopeSet::One(scope) => sqlx::query_scalar(
+                "SELECT scope FROM queue_scopes WHERE queue = $1 AND scope = $2 FOR UPDATE",
+            )
+            .bind(queue.as_str())
+            .bind(scope),
+            ScopeSet::Changed => sqlx::query_scalar(
+                "SELECT scope FROM queue_scopes WHERE queue = $1 AND needs_reorder
+                 ORDER BY scope FOR UPDATE SKIP LOCKED",
+            )
+            .bind(queue.as_str()),
+        }
+        .fetch_all(&mut *tx)
+        .await
+        .db("locking queue scopes")?;
+        if locked.is_empty() {
+            return Ok(Reordered {
+                queue,
+                scopes: 0,
+                items: 0,
+            });
+        }
+        match sqlx::query(q.lock_items)
+            .bind(&locked)
+            .execute(&mut *tx)
+            .await
+        {
+            Ok(_) => {}
+            // 55P03: a writer holds an item. Let go of everything and retry.
+            Err(e) if sqlstate(&e).as_deref() == Some("55P03") && attempt < REKEY_ATTEMPTS => {
+                drop(tx.rollback().await);
+                tokio::time::sleep(std::time::Duration::from_millis(25 * u64::from(attempt))).await;
+                continue;
+            }
+            Err(e) => return Err(from_sqlx("locking the queue's items", e)),
+        }
+        let (scopes, items): (i64, i64) = sqlx::query_as(q.rekey)
+            .bind(&locked)
+            .fetch_one(&mut *tx)
+            .await
+            .db("reordering the queue")?;
+        // The old key range's blocks are empty now.
+        sqlx::query(
+            "DELETE FROM queue_blocks WHERE queue = $1 AND scope = ANY($2) AND item_count = 0",
+        )
+        .bind(queue.as_str())
+        .bind(&locked)
+        .execute(&mut *tx)
+        .await
+        .db("clearing empty queue blocks")?;
+        tx.commit().await.db("committing the reorder")?;
         return Ok(Reordered {
             queue,
-            scopes: 0,
-            items: 0,
+            scopes,
+            items,
         });
     }
-    let (scopes, items): (i64, i64) = sqlx::query_as(sql(queue).rekey)
-        .bind(scopes)
-        .fetch_one(tx)
-        .await
-        .db("reordering the queue")?;
-    Ok(Reordered {
-        queue,
-        scopes,
-        items,
-    })
+    Err(Error::Runtime(format!(
+        "the {queue} queue's items stayed locked by writers; the reorder will try again"
+    )))
 }
 
 fn check_scope(queue: QueueKind, scope: &Scope) -> Result<()> {

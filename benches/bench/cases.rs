@@ -627,26 +627,12 @@ async fn queues_at(b: &Bench, report: &mut Report, n: i64) -> R<()> {
         .execute(&b.pool)
         .await
         .map_err(e)?;
-    sqlx::query("DELETE FROM queue_scopes WHERE queue = 'topic'")
-        .execute(&b.pool)
-        .await
-        .map_err(e)?;
-    sqlx::query("DELETE FROM queue_blocks WHERE queue = 'topic'")
-        .execute(&b.pool)
-        .await
-        .map_err(e)?;
-    // The same n items in both, priorities with ties, oldest first.
+    // The same n items in both, priorities with ties, oldest first. A plain
+    // INSERT: the queue's triggers key and count the items (and the TRUNCATE
+    // above cleared the topic queue's bookkeeping).
     sqlx::query(
-        "WITH new AS (
-             INSERT INTO topic_creation_queue (topic_id, position_in_queue, priority_score, entered_queue_at)
-             SELECT 'q-' || g, g, (g * 37) % 200 / 2.0, now() - ($1 - g) * INTERVAL '1 ms' FROM generate_series(1, $1) g
-             RETURNING position_in_queue AS key
-         ), scope AS (
-             INSERT INTO queue_scopes (queue, scope, last_key, item_count, needs_reorder)
-             SELECT 'topic', '', max(key), count(*), true FROM new
-         )
-         INSERT INTO queue_blocks (queue, scope, block, item_count)
-         SELECT 'topic', '', queue_block(key), count(*) FROM new GROUP BY 3",
+        "INSERT INTO topic_creation_queue (topic_id, priority_score, entered_queue_at)
+         SELECT 'q-' || g, (g * 37) % 200 / 2.0, now() - ($1 - g) * INTERVAL '1 ms' FROM generate_series(1, $1) g",
     )
     .bind(n)
     .execute(&b.pool)

@@ -137,22 +137,25 @@ async fn a_retried_event_id_counts_once_even_when_retried_concurrently(
     assert_eq!(firsts, 1);
     assert_eq!(events(&pool).await, 1);
     assert_eq!(pending(&pool).await, 1);
-    // The same key for another user is a conflict, not a silent success.
+    // The same key for another user, or for the same user with another
+    // payload, is a conflict (exit 65), not a silent success.
     let mut other = event(2, ContentType::Post, Outcome::Approved);
     other.event_id = Some(ident("evt-7"));
-    let err = loyalty::record_event(&ctx, &other).await;
-    assert!(
-        matches!(
-            err,
-            Err(Error::EventIdConflict {
-                owner: 1,
-                user: 2,
-                ..
-            })
-        ),
-        "{err:?}"
-    );
+    let mut changed = event(1, ContentType::Topic, Outcome::Rejected);
+    changed.event_id = Some(ident("evt-7"));
+    for reuse in [other, changed] {
+        let err = loyalty::record_event(&ctx, &reuse).await;
+        match &err {
+            Err(e @ Error::EventIdConflict { event_id, .. }) => {
+                assert_eq!(event_id, "evt-7");
+                assert_eq!(e.exit_code(), 65);
+                assert!(e.to_string().contains("user 1"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
     assert_eq!(events(&pool).await, 1);
+    assert_eq!(common::score_drift(&pool).await, vec![]);
 }
 
 #[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
