@@ -179,6 +179,19 @@ BEGIN
     ORDER BY u.id;
 END $$;
 
+-- Where the daemon's cache sync stands (src/sync.rs): every transaction
+-- below `horizon` (the last read's snapshot xmax) that is not `running`
+-- (its xip) had ended when the sync last read `users`, and the score changes
+-- it committed are in Redis. Starts at this migration's own snapshot.
+CREATE TABLE cache_sync_state (
+    singleton BOOLEAN     PRIMARY KEY DEFAULT true CONSTRAINT cache_sync_state_singleton CHECK (singleton),
+    horizon   xid8        NOT NULL,
+    running   xid8[]      NOT NULL,
+    synced_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+INSERT INTO cache_sync_state (horizon, running)
+SELECT pg_snapshot_xmax(pg_current_snapshot()), ARRAY(SELECT pg_snapshot_xip(pg_current_snapshot()));
+
 -- ---------------------------------------------------------------- queues
 --
 -- `position_in_queue` stays the ordering key of migration 3. What changes is

@@ -2,15 +2,28 @@
 # Brings up what loyaltyd needs on a Debian machine, as root: installs
 # PostgreSQL and Redis from Debian's packages if they are missing, starts them
 # if they are stopped, and makes sure the PostgreSQL role `root` exists (tests
-# and the run script connect over the local socket as root).
-# Usage: scripts/services.sh
+# and the run script connect over the local socket as root). With --test it
+# also installs what the tests drive loyaltyd with: Python's psycopg (the
+# forum handlers of the SQL contract tests) and Prometheus (promtool and a
+# live server).
+# Usage: scripts/services.sh [--test] [DATABASE...]
 set -euo pipefail
 
 log() { printf 'services: %s\n' "$*" >&2; }
 
+test_tools=false
+if [ "${1:-}" = "--test" ]; then
+    test_tools=true
+    shift
+fi
+
 missing=()
 command -v pg_ctlcluster >/dev/null 2>&1 || missing+=(postgresql)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+if $test_tools; then
+    /usr/bin/python3 -c 'import psycopg' >/dev/null 2>&1 || missing+=(python3-psycopg)
+    command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+fi
 if ((${#missing[@]})); then
     log "installing ${missing[*]} from Debian's packages"
     apt-get update -qq

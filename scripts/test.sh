@@ -3,7 +3,7 @@
 # plus the formatting and lint checks. Usage: scripts/test.sh [cargo test args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/services.sh loyaltyd_test
+scripts/services.sh --test loyaltyd_test
 # Tests connect over the local socket: no password on a fresh install either.
 export DATABASE_URL="postgres://root@localhost/loyaltyd_test?host=/var/run/postgresql"
 export REDIS_URL="redis://127.0.0.1:6379/"

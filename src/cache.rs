@@ -8,21 +8,30 @@
 //! # Coherence
 //! `loyalty:{user_id}` holds the score as a plain integer (the seed's format,
 //! so other readers keep working); `loyalty:{user_id}:version` beside it holds
-//! `users.score_version` of that score. Both are written by one Lua script that
-//! refuses to replace a newer version with an older one. Writers hold the row
-//! lock when they bump the version, so versions follow commit order, and a slow
-//! writer or a reader refilling the cache from an old snapshot can never land an
-//! older score over a newer one: once a write has returned, the cache holds its
-//! score or a newer one, or nothing.
+//! `users.score_version` of that score. Writers set both through one Lua
+//! script that refuses to replace a newer version with an older one. Versions
+//! are bumped under the row lock, so they follow commit order: two writers of
+//! one user cannot land an older score over a newer one.
+//!
+//! # Refills: leases
+//! A reader that misses takes a lease (`loyalty:{user_id}:lease`, a random
+//! token, in the same script as the miss) before it reads PostgreSQL, and its
+//! refill lands only while it still holds that lease; every writer's script
+//! deletes the lease. So a refill from a snapshot older than a write is
+//! refused even when the version key is gone (Redis restarted empty, an
+//! eviction, a DEL of the prefix): the lease went with it, or the write
+//! removed it. This is the lease of Facebook's memcache (NSDI 2013). A reader
+//! that gets no lease (another reader holds it) reads PostgreSQL and does not
+//! refill.
 //!
 //! # Partitions
-//! A write whose cache update fails (Redis unreachable, but alive and still
-//! holding the old score) leaves a stale entry behind. The cache remembers
-//! those users and deletes their cached scores before it next reads or writes
-//! through Redis, so this process never serves them; other processes see the
-//! stale value at most until the TTL or the next integrity sweep, which
-//! compares every cached score with the database. A Redis that restarts
-//! empty (no persistence, the recommended setup) holds nothing stale.
+//! A write whose cache update fails (Redis unreachable from this process,
+//! but alive and still holding the old score) leaves a stale entry. The
+//! change is committed in PostgreSQL with its transaction id
+//! (`users.score_xid`), and the daemon's cache sync (`src/sync.rs`) writes
+//! every committed change it has not yet seen to Redis, until Redis takes
+//! it: the stale entry lives at most one sync interval past the moment Redis
+//! is reachable from the daemon again, even when the writer exited at once.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,11 +45,45 @@ use crate::error::{Error, Result};
 use crate::telemetry;
 use crate::types::UserId;
 
-/// Sets score and version unless the cache already holds a newer version.
-/// KEYS: value key, version key. ARGV: score, version, ttl seconds.
+/// Sets score and version unless the cache already holds a newer version,
+/// and ends any reader's lease (its refill would be older than this write).
+/// KEYS: value key, version key, lease key. ARGV: score, version, ttl seconds.
 /// An equal version overwrites: the database is the authority at that version,
 /// which lets the integrity sweep repair a corrupted value.
 const SET_IF_NEWER: &str = r#"
+redis.call('DEL', KEYS[3])
+local current = tonumber(redis.call('GET', KEYS[2]))
+if current and current > tonumber(ARGV[2]) then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+return 1
+"#;
+
+/// A read: the cached value, or on a miss a lease for the refill.
+/// KEYS: value key, lease key. ARGV: lease token, lease milliseconds.
+/// Returns the value; or "" when the miss took the lease; or nil when
+/// another reader holds it.
+const GET_OR_LEASE: &str = r#"
+local v = redis.call('GET', KEYS[1])
+if v then
+  return v
+end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return ''
+end
+return false
+"#;
+
+/// A refill: lands only under the reader's own lease, and never over a newer
+/// version. KEYS: value key, version key, lease key. ARGV: score, version,
+/// ttl seconds, lease token.
+const REFILL: &str = r#"
+if redis.call('GET', KEYS[3]) ~= ARGV[4] then
+  return 0
+end
+redis.call('DEL', KEYS[3])
 local current = tonumber(redis.call('GET', KEYS[2]))
 if current and current > tonumber(ARGV[2]) then
   return 0
@@ -53,16 +96,45 @@ return 1
 /// Replaces a cached score only if it is still exactly what was seen (value
 /// and version, the version possibly absent): the sweep's repair of an entry
 /// whose version no write of the current database produced (a restore from a
-/// backup winds versions back). KEYS: value key, version key. ARGV: seen
-/// value, seen version ("" for none), score, version, ttl seconds.
+/// backup winds versions back). KEYS: value key, version key, lease key.
+/// ARGV: seen value, seen version ("" for none), score, version, ttl seconds.
 const REPLACE_IF_UNCHANGED: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] and (redis.call('GET', KEYS[2]) or '') == ARGV[2] then
+  redis.call('DEL', KEYS[3])
   redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[5])
   redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[5])
   return 1
 end
 return 0
 "#;
+
+/// Every script, for loading them after Redis forgot them.
+const SCRIPTS: [&str; 4] = [SET_IF_NEWER, GET_OR_LEASE, REFILL, REPLACE_IF_UNCHANGED];
+
+/// The seed's Redis counter of pending leaderboard changes.
+pub const SEED_PENDING: &str = "leaderboard:refresh_pending";
+
+/// How long a reader's lease lasts: longer than a database read, short
+/// enough that a reader that died holding one delays nobody's refill long.
+const LEASE: Duration = Duration::from_secs(2);
+
+/// What a cache read found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    /// The cached score.
+    Hit(i64),
+    /// A miss, and this reader holds the lease to refill it.
+    Leased(Lease),
+    /// A miss without a lease (another reader holds it, or Redis is away).
+    Miss,
+}
+
+/// The right to refill one user's entry (see "Refills: leases").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    user: UserId,
+    token: String,
+}
 
 /// A cached entry as stored: the raw value and version strings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,20 +162,18 @@ pub struct Cache {
     inner: Arc<Inner>,
 }
 
-/// Users remembered as stale at most; beyond it the sweep has to catch up.
-const MAX_STALE: usize = 100_000;
-
 struct Inner {
-    /// Users whose cached score may be stale (a failed write); see "Partitions".
-    stale: std::sync::Mutex<std::collections::HashSet<UserId>>,
-    has_stale: std::sync::atomic::AtomicBool,
     conn: ConnectionManager,
     prefix: String,
     ttl_secs: u64,
     timeout: Duration,
     set_if_newer: Script,
+    get_or_lease: Script,
+    refill: Script,
     replace_if_unchanged: Script,
     last_error_log: AtomicU64,
+    /// Makes lease tokens unique within the process.
+    leases: AtomicU64,
 }
 
 impl Cache {
@@ -120,15 +190,16 @@ impl Cache {
             .map_err(|e| Error::Config(format!("key \"redis.url\": {e}")))?;
         Ok(Cache {
             inner: Arc::new(Inner {
-                stale: std::sync::Mutex::new(std::collections::HashSet::new()),
-                has_stale: std::sync::atomic::AtomicBool::new(false),
                 conn,
                 prefix: cfg.key_prefix.clone(),
                 ttl_secs: cfg.cache_ttl.as_secs().max(1),
                 timeout: cfg.timeout,
                 set_if_newer: Script::new(SET_IF_NEWER),
+                get_or_lease: Script::new(GET_OR_LEASE),
+                refill: Script::new(REFILL),
                 replace_if_unchanged: Script::new(REPLACE_IF_UNCHANGED),
                 last_error_log: AtomicU64::new(0),
+                leases: AtomicU64::new(0),
             }),
         })
     }
@@ -153,13 +224,58 @@ impl Cache {
         format!("{}loyalty:{user}:version", self.inner.prefix)
     }
 
-    /// The cached score, or `None` on a miss, a bad value or an unavailable Redis.
-    pub async fn get_score(&self, user: UserId) -> Option<i64> {
-        self.forget_stale().await?;
-        let mut conn = self.inner.conn.clone();
-        let cmd = redis::cmd("GET").arg(self.score_key(user)).to_owned();
-        let value: Option<String> = self.run("GET", cmd.query_async(&mut conn)).await?;
-        value.and_then(|v| v.parse().ok())
+    /// `loyalty:{user_id}:lease`: a reader's right to refill (see "Refills: leases").
+    pub fn lease_key(&self, user: UserId) -> String {
+        format!("{}loyalty:{user}:lease", self.inner.prefix)
+    }
+
+    /// The cached score; on a miss, a lease to refill it if no other reader
+    /// holds one. A value that is not a number is a miss without a lease.
+    pub async fn lookup(&self, user: UserId) -> Lookup {
+        let token = format!(
+            "{}:{}:{}",
+            std::process::id(),
+            self.inner.leases.fetch_add(1, Ordering::Relaxed),
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        );
+        let mut pipe = redis::pipe();
+        pipe.cmd("EVALSHA")
+            .arg(self.inner.get_or_lease.get_hash())
+            .arg(2)
+            .arg(self.score_key(user))
+            .arg(self.lease_key(user))
+            .arg(&token)
+            .arg(LEASE.as_millis() as u64);
+        match self
+            .query_pipeline::<(Option<String>,)>("GET", &mut pipe)
+            .await
+        {
+            Some((Some(v),)) if v.is_empty() => Lookup::Leased(Lease { user, token }),
+            Some((Some(v),)) => v.parse().map_or(Lookup::Miss, Lookup::Hit),
+            _ => Lookup::Miss,
+        }
+    }
+
+    /// Refills a missed entry under its lease; false when the lease was lost
+    /// (a write, an expiry, a Redis that forgot it) or Redis is away.
+    pub async fn refill(&self, lease: &Lease, score: &VersionedScore) -> bool {
+        let mut pipe = redis::pipe();
+        pipe.cmd("EVALSHA")
+            .arg(self.inner.refill.get_hash())
+            .arg(3)
+            .arg(self.score_key(lease.user))
+            .arg(self.version_key(lease.user))
+            .arg(self.lease_key(lease.user))
+            .arg(score.score)
+            .arg(score.version)
+            .arg(self.inner.ttl_secs)
+            .arg(&lease.token);
+        matches!(
+            self.query_pipeline::<(i64,)>("EVALSHA", &mut pipe).await,
+            Some((1,))
+        )
     }
 
     /// The cached scores of many users (one MGET), `None` where missing.
@@ -201,7 +317,6 @@ impl Cache {
         if keys.is_empty() {
             return Some(Vec::new());
         }
-        self.forget_stale().await?;
         let mut conn = self.inner.conn.clone();
         let cmd = redis::cmd("MGET").arg(keys).to_owned();
         self.run("MGET", cmd.query_async(&mut conn)).await
@@ -235,60 +350,7 @@ impl Cache {
         for s in scores {
             self.add_set_if_newer(&mut pipe, s);
         }
-        let written =
-            self.forget_stale().await.is_some() && self.run_pipeline("EVALSHA", &mut pipe).await;
-        if !written {
-            self.remember_stale(scores.iter().map(|s| s.user));
-        }
-        written
-    }
-
-    /// Remembers users whose cached score may now be stale.
-    fn remember_stale(&self, users: impl Iterator<Item = UserId>) {
-        let Ok(mut stale) = self.inner.stale.lock() else {
-            return;
-        };
-        for user in users {
-            if stale.len() >= MAX_STALE {
-                tracing::warn!(
-                    "more than {MAX_STALE} cached scores may be stale after Redis failures; the integrity sweep will correct the rest"
-                );
-                break;
-            }
-            stale.insert(user);
-        }
-        self.inner
-            .has_stale
-            .store(!stale.is_empty(), Ordering::Release);
-    }
-
-    /// Deletes the cached scores remembered as stale (one round trip); `None`
-    /// when Redis is still unreachable, so the caller must not trust it yet.
-    async fn forget_stale(&self) -> Option<()> {
-        if !self.inner.has_stale.load(Ordering::Acquire) {
-            return Some(());
-        }
-        let users: Vec<UserId> = match self.inner.stale.lock() {
-            Ok(mut stale) => {
-                self.inner.has_stale.store(false, Ordering::Release);
-                stale.drain().collect()
-            }
-            Err(_) => return None,
-        };
-        // Only the values: the version keys stay, so an old refill stays refused.
-        let keys: Vec<String> = users.iter().map(|&u| self.score_key(u)).collect();
-        let mut conn = self.inner.conn.clone();
-        let del = redis::cmd("DEL").arg(&keys).to_owned();
-        if self
-            .run::<i64>("DEL", del.query_async(&mut conn))
-            .await
-            .is_some()
-        {
-            Some(())
-        } else {
-            self.remember_stale(users.into_iter());
-            None
-        }
+        self.run_pipeline("EVALSHA", &mut pipe).await
     }
 
     /// Queues one [`SET_IF_NEWER`] call (by its SHA) on a pipeline.
@@ -300,8 +362,8 @@ impl Cache {
             .ignore();
     }
 
-    /// Starts an EVALSHA of one of our scripts on a user's two keys; the
-    /// caller adds the script's ARGV.
+    /// Starts an EVALSHA of one of our scripts on a user's value, version and
+    /// lease keys; the caller adds the script's ARGV.
     fn add_script_call<'p>(
         &self,
         pipe: &'p mut Pipeline,
@@ -310,33 +372,71 @@ impl Cache {
     ) -> &'p mut Pipeline {
         pipe.cmd("EVALSHA")
             .arg(script.get_hash())
-            .arg(2)
+            .arg(3)
             .arg(self.score_key(user))
             .arg(self.version_key(user))
+            .arg(self.lease_key(user))
     }
 
-    /// Runs a pipeline under the timeout; loads the script and retries once if
-    /// Redis does not know it yet (after a restart or `SCRIPT FLUSH`).
+    /// Runs a pipeline under the timeout; loads the scripts and retries once if
+    /// Redis does not know them yet (after a restart or `SCRIPT FLUSH`).
     pub async fn run_pipeline(&self, what: &'static str, pipe: &mut Pipeline) -> bool {
+        self.query_pipeline::<()>(what, pipe).await.is_some()
+    }
+
+    /// [`Cache::run_pipeline`], returning the replies.
+    async fn query_pipeline<T: redis::FromRedisValue>(
+        &self,
+        what: &'static str,
+        pipe: &mut Pipeline,
+    ) -> Option<T> {
         let mut conn = self.inner.conn.clone();
         let attempt = async {
-            match pipe.query_async::<()>(&mut conn).await {
+            match pipe.query_async::<T>(&mut conn).await {
                 Err(e)
                     if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
                 {
-                    for script in [SET_IF_NEWER, REPLACE_IF_UNCHANGED] {
+                    for script in SCRIPTS {
                         let _: String = redis::cmd("SCRIPT")
                             .arg("LOAD")
                             .arg(script)
                             .query_async(&mut conn)
                             .await?;
                     }
-                    pipe.query_async::<()>(&mut conn).await
+                    pipe.query_async::<T>(&mut conn).await
                 }
                 other => other,
             }
         };
-        self.run(what, attempt).await.is_some()
+        self.run(what, attempt).await
+    }
+
+    /// The seed's own pending-refresh counter (`leaderboard:refresh_pending`),
+    /// which an application still running the seed's code increments; 0 when
+    /// absent, not a number, or Redis is away.
+    pub async fn seed_pending(&self) -> i64 {
+        let mut conn = self.inner.conn.clone();
+        let cmd = redis::cmd("GET").arg(self.key(SEED_PENDING)).to_owned();
+        self.run::<Option<String>>("GET", cmd.query_async(&mut conn))
+            .await
+            .flatten()
+            .and_then(|v| v.parse::<i64>().ok())
+            .unwrap_or(0)
+            .max(0)
+    }
+
+    /// Takes `n` consumed changes off the seed's counter (DECRBY, not DEL:
+    /// increments that landed meanwhile stay).
+    pub async fn consume_seed_pending(&self, n: i64) {
+        if n <= 0 {
+            return;
+        }
+        let mut conn = self.inner.conn.clone();
+        let cmd = redis::cmd("DECRBY")
+            .arg(self.key(SEED_PENDING))
+            .arg(n)
+            .to_owned();
+        let _ = self.run::<i64>("DECRBY", cmd.query_async(&mut conn)).await;
     }
 
     /// Deletes keys (tests and repairs); false when Redis could not be reached.

@@ -82,6 +82,10 @@ pub struct RedisConfig {
     /// counts as missing, never as failed. Default `250ms`.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// How often the daemon brings score changes that other writers
+    /// committed to the cache (src/sync.rs). Default `100ms`.
+    #[serde(with = "humantime_serde")]
+    pub sync_interval: Duration,
 }
 
 impl Default for RedisConfig {
@@ -91,6 +95,7 @@ impl Default for RedisConfig {
             key_prefix: String::new(),
             cache_ttl: Duration::from_secs(3600),
             timeout: Duration::from_millis(250),
+            sync_interval: Duration::from_millis(100),
         }
     }
 }
@@ -326,6 +331,7 @@ impl Config {
         })?;
         positive("redis.cache_ttl", self.redis.cache_ttl)?;
         positive("redis.timeout", self.redis.timeout)?;
+        positive("redis.sync_interval", self.redis.sync_interval)?;
         if self.leaderboard.refresh_threshold == 0 {
             return Err(("leaderboard.refresh_threshold", "must be at least 1".into()));
         }

@@ -93,6 +93,8 @@ pub async fn run(config: Config) -> Result<()> {
         tracker.clone(),
     ));
 
+    tracker.spawn(sync_loop(ctx.clone(), shutdown.clone()));
+
     let _ = sd_notify::notify(&[NotifyState::Ready]);
     if let Some(every) = sd_notify::watchdog_enabled() {
         tracker.spawn(watchdog(every / 2, shutdown.clone()));
@@ -171,6 +173,35 @@ async fn refresh_loop(
         }
         let (runner, token) = (runner.clone(), shutdown.clone());
         tracker.spawn(async move { runner.tick(&token).await });
+    }
+}
+
+/// The cache sync (see [`crate::sync`]), every `redis.sync_interval`. A
+/// failure is counted and logged at most once a minute; the next tick reads
+/// the same window again.
+async fn sync_loop(ctx: Context, shutdown: CancellationToken) {
+    let mut ticks = tokio::time::interval(ctx.config.redis.sync_interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_logged: Option<std::time::Instant> = None;
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        let failure = match crate::sync::sync_once(&ctx).await {
+            Ok(crate::sync::Synced::RedisUnavailable) => {
+                Some("Redis unavailable; the changes stay queued in PostgreSQL".to_owned())
+            }
+            Ok(_) => None,
+            Err(e) => Some(e.one_line()),
+        };
+        if let Some(why) = failure {
+            telemetry::cache_sync_failed();
+            if last_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                last_logged = Some(std::time::Instant::now());
+                tracing::warn!(error = %why, "cache sync did not complete; retrying every sync interval");
+            }
+        }
     }
 }
 

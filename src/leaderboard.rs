@@ -170,7 +170,8 @@ pub async fn rank(ctx: &Context, user: UserId) -> Result<Standing> {
     })
 }
 
-/// Pending changes and view age, and publishes them as gauges.
+/// Pending changes (PostgreSQL's and the seed's Redis counter) and view
+/// age, and publishes them as gauges.
 pub async fn status(ctx: &Context) -> Result<Status> {
     let (pending, age): (i64, f64) = sqlx::query_as(
         "SELECT (SELECT COALESCE(SUM(changes), 0)::BIGINT FROM leaderboard_pending), \
@@ -180,6 +181,7 @@ pub async fn status(ctx: &Context) -> Result<Status> {
     .fetch_one(&ctx.pool)
     .await
     .db("reading the leaderboard state")?;
+    let pending = pending + ctx.cache.seed_pending().await;
     telemetry::leaderboard_state(pending, Duration::from_secs_f64(age.max(0.0)));
     Ok(Status {
         pending_changes: pending,
@@ -194,27 +196,71 @@ pub async fn refresh(
     force: bool,
     cancel: &CancellationToken,
 ) -> Result<RefreshReport> {
-    let cfg = &ctx.config.leaderboard;
     let timer = Timer::start(Operation::LeaderboardRefresh, None);
     let started = std::time::Instant::now();
     let mut tx = ctx.pool.begin().await.db("starting the refresh")?;
+    // Every way out of the transaction ends it here, on its connection: a
+    // dropped transaction rolls back (and lets go of the lock) only when its
+    // pooled connection is next used.
+    let (report, seed_pending) = match refresh_in(ctx, &mut tx, force, cancel).await {
+        Ok(Step::Refreshed(report, seed_pending)) => {
+            tx.commit().await.db("committing the refresh")?;
+            (report, seed_pending)
+        }
+        Ok(Step::Skipped(report)) => {
+            let _ = tx.rollback().await;
+            return Ok(report);
+        }
+        Err(e) => {
+            let _ = tx.rollback().await;
+            return Err(e);
+        }
+    };
+    ctx.cache.consume_seed_pending(seed_pending).await;
+    timer.finish(&ctx.perf, None);
+    // After the commit: only the changes that arrived during the refresh are left.
+    let _ = status(ctx).await;
+    Ok(RefreshReport {
+        duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+        ..report
+    })
+}
+
+/// How a refresh transaction ends.
+enum Step {
+    /// Commit; then take the seed's counted changes (the second field) off its counter.
+    Refreshed(RefreshReport, i64),
+    /// Roll back: nothing to do, or someone else is doing it.
+    Skipped(RefreshReport),
+}
+
+/// The refresh's transaction, up to its commit.
+async fn refresh_in(
+    ctx: &Context,
+    tx: &mut PgConnection,
+    force: bool,
+    cancel: &CancellationToken,
+) -> Result<Step> {
+    let cfg = &ctx.config.leaderboard;
     let (pid, locked): (i32, bool) =
         sqlx::query_as("SELECT pg_backend_pid(), pg_try_advisory_xact_lock($1)")
             .bind(REFRESH_LOCK)
             .fetch_one(&mut *tx)
             .await
             .db("taking the refresh lock")?;
-    let (shards, counts, age) = observe_pending(&mut tx).await?;
-    let pending: i64 = counts.iter().sum();
-    let report = |refreshed, reason, duration_ms| RefreshReport {
+    let (shards, counts, age) = observe_pending(&mut *tx).await?;
+    // A seed-era application counts its changes in Redis: they are pending too.
+    let seed_pending = ctx.cache.seed_pending().await;
+    let pending: i64 = counts.iter().sum::<i64>() + seed_pending;
+    let report = |refreshed, reason| RefreshReport {
         refreshed,
         reason,
         pending_changes: pending,
         age_seconds: age,
-        duration_ms,
+        duration_ms: 0.0,
     };
     if !locked {
-        return Ok(report(false, RefreshReason::Busy, 0.0));
+        return Ok(Step::Skipped(report(false, RefreshReason::Busy)));
     }
     let age_d = Duration::from_secs_f64(age.max(0.0));
     let reason = if force {
@@ -223,15 +269,16 @@ pub async fn refresh(
         RefreshReason::Due
     } else {
         telemetry::leaderboard_state(pending, age_d);
-        return Ok(report(false, RefreshReason::NotDue, 0.0));
+        return Ok(Step::Skipped(report(false, RefreshReason::NotDue)));
     };
-    db::set_local_timeout(&mut tx, cfg.refresh_timeout).await?;
+    db::set_local_timeout(&mut *tx, cfg.refresh_timeout).await?;
     let run =
         sqlx::query("REFRESH MATERIALIZED VIEW CONCURRENTLY user_leaderboard").execute(&mut *tx);
     db::cancellable(&ctx.pool, pid, cancel, run)
         .await
         .db("refreshing the leaderboard view")?;
-    // Consume exactly what was seen before the refresh began.
+    // Consume exactly what was seen before the refresh began (PostgreSQL's
+    // shards here; the seed's counter after the commit).
     sqlx::query(
         "WITH consumed AS ( \
              UPDATE leaderboard_pending p SET changes = p.changes - o.changes \
@@ -242,19 +289,11 @@ pub async fn refresh(
     )
     .bind(&shards)
     .bind(&counts)
-    .bind(pending)
+    .bind(pending - seed_pending)
     .execute(&mut *tx)
     .await
     .db("consuming pending changes")?;
-    tx.commit().await.db("committing the refresh")?;
-    timer.finish(&ctx.perf, None);
-    // After the commit: only the changes that arrived during the refresh are left.
-    let _ = status(ctx).await;
-    Ok(report(
-        true,
-        reason,
-        started.elapsed().as_secs_f64() * 1000.0,
-    ))
+    Ok(Step::Refreshed(report(true, reason), seed_pending))
 }
 
 /// The pending count of each non-empty shard, and the view's age in seconds.

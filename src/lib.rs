@@ -13,7 +13,8 @@
 //! * [`loyalty`], [`leaderboard`], [`queues`]: the services; each owns its
 //!   SQL, its Redis keys and its invariants. [`stats`] and [`demo`] serve
 //!   the `stats` and `demo seed` commands.
-//! * [`jobs`]: the scheduled work and the runner that guards each tick.
+//! * [`jobs`]: the scheduled work and the runner that guards each tick;
+//!   [`sync`]: the daemon's cache sync for writers that bypass loyaltyd.
 //! * [`daemon`], [`cli`]: the entry points.
 
 pub mod cache;
@@ -29,6 +30,7 @@ pub mod leaderboard;
 pub mod loyalty;
 pub mod queues;
 pub mod stats;
+pub mod sync;
 pub mod telemetry;
 pub mod types;
 

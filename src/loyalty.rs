@@ -31,7 +31,7 @@ use serde::Serialize;
 use sqlx::{PgPool, Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
 
-use crate::cache::VersionedScore;
+use crate::cache::{Lookup, VersionedScore};
 use crate::context::Context;
 use crate::db;
 use crate::error::{
@@ -265,20 +265,26 @@ async fn first_unknown_user(pool: &PgPool, users: &[i64]) -> Error {
     }
 }
 
-/// A user's score: from the cache, else from PostgreSQL (and then cached).
+/// A user's score: from the cache, else from PostgreSQL (and then cached,
+/// if this reader holds the miss's lease: see `cache`'s "Refills: leases").
 pub async fn get_score(ctx: &Context, user: UserId) -> Result<Score> {
     let timer = Timer::start(Operation::GetScore, None);
-    if let Some(score) = ctx.cache.get_score(user).await {
-        timer.finish(&ctx.perf, Some(user));
-        return Ok(Score {
-            user_id: user,
-            loyalty_score: score,
-            cached: true,
-        });
-    }
+    let lease = match ctx.cache.lookup(user).await {
+        Lookup::Hit(score) => {
+            timer.finish(&ctx.perf, Some(user));
+            return Ok(Score {
+                user_id: user,
+                loyalty_score: score,
+                cached: true,
+            });
+        }
+        Lookup::Leased(lease) => Some(lease),
+        Lookup::Miss => None,
+    };
     let current = read_score(&ctx.pool, user).await?;
-    // Versioned: a reader that lost a race with a writer cannot cache the older score.
-    ctx.cache.set_scores(&[current]).await;
+    if let Some(lease) = lease {
+        ctx.cache.refill(&lease, &current).await;
+    }
     timer.finish(&ctx.perf, Some(user));
     Ok(Score {
         user_id: user,

@@ -42,6 +42,11 @@ pub const DRIFTED_USERS: &str = "loyaltyd_integrity_drifted_users";
 pub const REDIS_ERRORS: &str = "loyaltyd_redis_errors_total";
 /// Counter: perf samples dropped (channel full or Redis unavailable).
 pub const PERF_DROPPED: &str = "loyaltyd_perf_samples_dropped_total";
+/// Histogram: from a score's commit to its cache entry, for changes the
+/// daemon's cache sync brought to Redis.
+pub const CACHE_SYNC_DELAY: &str = "loyaltyd_cache_sync_delay_seconds";
+/// Counter: cache syncs that did not complete (Redis or PostgreSQL away).
+pub const CACHE_SYNC_FAILURES: &str = "loyaltyd_cache_sync_failures_total";
 /// Gauge: always 1, label `version`.
 pub const BUILD_INFO: &str = "loyaltyd_build_info";
 
@@ -55,6 +60,8 @@ pub const METRICS: &[&str] = &[
     DRIFTED_USERS,
     REDIS_ERRORS,
     PERF_DROPPED,
+    CACHE_SYNC_DELAY,
+    CACHE_SYNC_FAILURES,
     BUILD_INFO,
 ];
 
@@ -217,6 +224,9 @@ pub fn prometheus_builder() -> Result<PrometheusBuilder> {
     PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(OPERATION_DURATION.into()), OPERATION_BUCKETS)
         .and_then(|b| b.set_buckets_for_metric(Matcher::Full(JOB_DURATION.into()), JOB_BUCKETS))
+        .and_then(|b| {
+            b.set_buckets_for_metric(Matcher::Full(CACHE_SYNC_DELAY.into()), OPERATION_BUCKETS)
+        })
         .map_err(|e| Error::Runtime(format!("metrics exporter: {e}")))
 }
 
@@ -277,6 +287,18 @@ pub fn export_startup_series() {
     gauge!(DRIFTED_USERS).set(0.0);
     counter!(REDIS_ERRORS).increment(0);
     counter!(PERF_DROPPED).increment(0);
+    let _ = histogram!(CACHE_SYNC_DELAY);
+    counter!(CACHE_SYNC_FAILURES).increment(0);
+}
+
+/// Counts a cache sync that did not complete.
+pub fn cache_sync_failed() {
+    counter!(CACHE_SYNC_FAILURES).increment(1);
+}
+
+/// Records how long one score change took to reach the cache through the sync.
+pub fn cache_synced(delay: Duration) {
+    histogram!(CACHE_SYNC_DELAY).record(delay.as_secs_f64());
 }
 
 /// Counts one failed Redis command.

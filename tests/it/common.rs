@@ -471,3 +471,202 @@ pub async fn refreshing(pool: &PgPool) -> bool {
     .await
     .unwrap_or(false)
 }
+
+// ---------------------------------------------------------------- invariants
+
+/// Every stored queue invariant of one queue, from SQL alone: each item's
+/// position (the read API's `queue_position`) equals its rank by key within
+/// its scope (dense, 1-based); each scope's length equals its items; each
+/// block count equals the keys in that block. Returns scope -> items in order.
+pub async fn queue_invariants(
+    pool: &PgPool,
+    q: loyaltyd::types::QueueKind,
+) -> std::collections::BTreeMap<String, Vec<String>> {
+    use loyaltyd::types::QueueKind;
+    let (table, item, scope) = match q {
+        QueueKind::Topic => ("topic_creation_queue", "topic_id", "''"),
+        QueueKind::Post => ("post_moderation_queue", "post_id", "topic_id"),
+        QueueKind::Message => ("private_message_queue", "message_id", "conversation_id"),
+    };
+    let wrong: Vec<(String, String, i64, Option<i64>)> =
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "WITH ranked AS (
+             SELECT {scope}::TEXT AS scope, {item} AS item,
+                    ROW_NUMBER() OVER (PARTITION BY {scope} ORDER BY position_in_queue) AS rank
+             FROM {table})
+         SELECT r.scope, r.item, r.rank, p.position
+         FROM ranked r LEFT JOIN LATERAL queue_position('{q}', r.item) p ON true
+         WHERE p.position IS DISTINCT FROM r.rank"
+        )))
+        .fetch_all(pool)
+        .await
+        .unwrap_or_else(|e| panic!("positions: {e}"));
+    assert_eq!(wrong, vec![], "positions of the {q} queue");
+    let bad_lengths: Vec<(String, i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT s.scope, queue_length('{q}', s.scope), (SELECT count(*) FROM {table} t WHERE {scope} = s.scope)
+         FROM queue_scopes s WHERE s.queue = '{q}'
+           AND queue_length('{q}', s.scope) <> (SELECT count(*) FROM {table} t WHERE {scope} = s.scope)"
+    )))
+    .fetch_all(pool)
+    .await
+    .unwrap_or_else(|e| panic!("lengths: {e}"));
+    assert_eq!(bad_lengths, vec![], "scope lengths of the {q} queue");
+    let bad_blocks: Vec<(String, i64, i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "WITH actual AS (SELECT {scope}::TEXT AS scope, queue_block(position_in_queue) AS block, count(*) AS n
+                         FROM {table} GROUP BY 1, 2),
+              stored AS (SELECT scope, block, item_count::BIGINT AS n FROM queue_blocks WHERE queue = '{q}')
+         SELECT COALESCE(a.scope, s.scope), COALESCE(a.block, s.block), COALESCE(a.n, 0), COALESCE(s.n, 0)
+         FROM actual a FULL JOIN stored s USING (scope, block)
+         WHERE COALESCE(a.n, 0) <> COALESCE(s.n, 0)"
+    )))
+    .fetch_all(pool)
+    .await
+    .unwrap_or_else(|e| panic!("blocks: {e}"));
+    assert_eq!(bad_blocks, vec![], "block counts of the {q} queue");
+    let rows: Vec<(String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {scope}::TEXT, {item} FROM {table} ORDER BY 1, position_in_queue"
+    )))
+    .fetch_all(pool)
+    .await
+    .unwrap_or_else(|e| panic!("items: {e}"));
+    let mut scopes = std::collections::BTreeMap::<String, Vec<String>>::new();
+    for (s, i) in rows {
+        scopes.entry(s).or_default().push(i);
+    }
+    scopes
+}
+
+/// Pending leaderboard changes counted in PostgreSQL, plus those refreshes
+/// consumed: every event with a non-zero delta ever counted.
+pub async fn changes_counted(pool: &PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT (SELECT COALESCE(SUM(changes), 0) FROM leaderboard_pending)::BIGINT
+              + (SELECT consumed_changes FROM leaderboard_state)",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Events recorded with a non-zero score delta.
+pub async fn nonzero_events(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM moderation_events WHERE score_delta <> 0")
+        .fetch_one(pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Runs the integrity sweep and returns how many users it found drifted.
+pub async fn sweep_drift(ctx: &Context) -> u64 {
+    let report =
+        loyaltyd::loyalty::recalc_all(ctx, 1000, &tokio_util::sync::CancellationToken::new())
+            .await
+            .unwrap_or_else(|e| panic!("sweep: {e}"));
+    assert!(report.completed, "{report:?}");
+    report.drifted_users
+}
+
+// ---------------------------------------------------------------- other clients
+
+/// A login role of this test's own, with the forum's privileges
+/// (`grant_forum_access`) on the test database; dropped with [`ForumRole::drop_role`].
+pub struct ForumRole {
+    pub name: String,
+    pub database: String,
+}
+
+impl ForumRole {
+    /// Creates the role and grants it what the SQL contract says a forum needs.
+    pub async fn create(pool: &PgPool, name: &str) -> ForumRole {
+        let name = format!(
+            "forum_{name}_{}",
+            unique_prefix("r").replace(':', "_").replace("test_r_", "")
+        )
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect::<String>()
+        .to_lowercase();
+        let database: String = sqlx::query_scalar("SELECT current_database()::TEXT")
+            .fetch_one(pool)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        for sql in [
+            format!("CREATE ROLE \"{name}\" LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE"),
+            format!("SELECT grant_forum_access('{name}')"),
+        ] {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                .execute(pool)
+                .await
+                .unwrap_or_else(|e| panic!("role {name}: {e}"));
+        }
+        ForumRole { name, database }
+    }
+
+    /// A libpq connection string for this role over the local socket.
+    pub fn dsn(&self) -> String {
+        format!(
+            "host=/var/run/postgresql dbname={} user={}",
+            self.database, self.name
+        )
+    }
+
+    /// Runs a psql script as this role; returns (success, stdout, stderr).
+    pub fn psql(&self, script: &str) -> (bool, String, String) {
+        use std::io::Write;
+        let mut child = Command::new("psql")
+            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", &self.dsn()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("psql: {e}"));
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(script.as_bytes())
+                .unwrap_or_else(|e| panic!("psql stdin: {e}"));
+        }
+        let out = child
+            .wait_with_output()
+            .unwrap_or_else(|e| panic!("psql: {e}"));
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Drops the role (and what it owns) again.
+    pub async fn drop_role(self, pool: &PgPool) {
+        for sql in [
+            format!("DROP OWNED BY \"{}\"", self.name),
+            format!("DROP ROLE \"{}\"", self.name),
+        ] {
+            let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(pool).await;
+        }
+    }
+}
+
+/// Debian's Python, which has `python3-psycopg` (the test set-up installs it).
+pub const PYTHON: &str = "/usr/bin/python3";
+
+/// A fenced code block of README.md, found by the HTML comment that names
+/// it (`<!-- example: NAME -->` on the line before the fence).
+pub fn readme_example(name: &str) -> String {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .unwrap_or_else(|e| panic!("README.md: {e}"));
+    let marker = format!("<!-- example: {name} -->");
+    let after = readme
+        .split_once(&marker)
+        .unwrap_or_else(|| panic!("README.md has no {marker}"))
+        .1;
+    let fence_start = after
+        .find("```")
+        .unwrap_or_else(|| panic!("no fence after {marker}"));
+    let body = &after[fence_start..];
+    let first_line_end = body.find('\n').unwrap_or(body.len());
+    let rest = &body[first_line_end + 1..];
+    let end = rest
+        .find("\n```")
+        .unwrap_or_else(|| panic!("unclosed fence after {marker}"));
+    rest[..end + 1].to_owned()
+}

@@ -9,6 +9,7 @@ mod common;
 mod bench;
 mod cli;
 mod config;
+mod contract;
 mod daemon;
 mod hostile;
 mod leaderboard;
