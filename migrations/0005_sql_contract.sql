@@ -192,6 +192,12 @@ CREATE TABLE cache_sync_state (
 INSERT INTO cache_sync_state (horizon, running)
 SELECT pg_snapshot_xmax(pg_current_snapshot()), ARRAY(SELECT pg_snapshot_xip(pg_current_snapshot()));
 
+-- When each job last ran to its end anywhere in the cluster (the refresh,
+-- which has no cron ticks, gets a row of its own on its first run): what
+-- loyaltyd_job_last_success_timestamp_seconds starts from, so a job that
+-- stalls shows up however often daemons restart.
+ALTER TABLE job_ticks ADD COLUMN succeeded_at TIMESTAMPTZ;
+
 -- ---------------------------------------------------------------- queues
 --
 -- `position_in_queue` stays the ordering key of migration 3. What changes is

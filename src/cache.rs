@@ -111,6 +111,16 @@ return 0
 /// Every script, for loading them after Redis forgot them.
 const SCRIPTS: [&str; 4] = [SET_IF_NEWER, GET_OR_LEASE, REFILL, REPLACE_IF_UNCHANGED];
 
+/// How long Redis counts as away after it failed to answer (see [`Cache::run`]).
+const BACK_OFF: Duration = Duration::from_secs(1);
+
+/// Milliseconds since the Unix epoch.
+fn millis_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// The seed's Redis counter of pending leaderboard changes.
 pub const SEED_PENDING: &str = "leaderboard:refresh_pending";
 
@@ -174,6 +184,8 @@ struct Inner {
     last_error_log: AtomicU64,
     /// Makes lease tokens unique within the process.
     leases: AtomicU64,
+    /// Until when (ms since the epoch) Redis counts as away after a failure.
+    down_until: AtomicU64,
 }
 
 impl Cache {
@@ -184,7 +196,9 @@ impl Cache {
         let manager_cfg = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(cfg.timeout))
             .set_response_timeout(Some(cfg.timeout))
-            .set_number_of_retries(1)
+            // No retries inside a command: an unreachable Redis is a miss at
+            // once, and the manager reconnects on a later command.
+            .set_number_of_retries(0)
             .set_max_delay(Duration::from_millis(500));
         let conn = ConnectionManager::new_lazy_with_config(client, manager_cfg)
             .map_err(|e| Error::Config(format!("key \"redis.url\": {e}")))?;
@@ -200,6 +214,7 @@ impl Cache {
                 replace_if_unchanged: Script::new(REPLACE_IF_UNCHANGED),
                 last_error_log: AtomicU64::new(0),
                 leases: AtomicU64::new(0),
+                down_until: AtomicU64::new(0),
             }),
         })
     }
@@ -249,7 +264,7 @@ impl Cache {
             .arg(&token)
             .arg(LEASE.as_millis() as u64);
         match self
-            .query_pipeline::<(Option<String>,)>("GET", &mut pipe)
+            .query_pipeline::<(Option<String>,)>("GET", &mut pipe, false)
             .await
         {
             Some((Some(v),)) if v.is_empty() => Lookup::Leased(Lease { user, token }),
@@ -273,7 +288,8 @@ impl Cache {
             .arg(self.inner.ttl_secs)
             .arg(&lease.token);
         matches!(
-            self.query_pipeline::<(i64,)>("EVALSHA", &mut pipe).await,
+            self.query_pipeline::<(i64,)>("EVALSHA", &mut pipe, true)
+                .await,
             Some((1,))
         )
     }
@@ -350,7 +366,9 @@ impl Cache {
         for s in scores {
             self.add_set_if_newer(&mut pipe, s);
         }
-        self.run_pipeline("EVALSHA", &mut pipe).await
+        self.query_pipeline::<()>("EVALSHA", &mut pipe, true)
+            .await
+            .is_some()
     }
 
     /// Queues one [`SET_IF_NEWER`] call (by its SHA) on a pipeline.
@@ -381,14 +399,16 @@ impl Cache {
     /// Runs a pipeline under the timeout; loads the scripts and retries once if
     /// Redis does not know them yet (after a restart or `SCRIPT FLUSH`).
     pub async fn run_pipeline(&self, what: &'static str, pipe: &mut Pipeline) -> bool {
-        self.query_pipeline::<()>(what, pipe).await.is_some()
+        self.query_pipeline::<()>(what, pipe, false).await.is_some()
     }
 
-    /// [`Cache::run_pipeline`], returning the replies.
+    /// [`Cache::run_pipeline`], returning the replies; `write` skips the
+    /// back-off (see [`Cache::attempt`]).
     async fn query_pipeline<T: redis::FromRedisValue>(
         &self,
         what: &'static str,
         pipe: &mut Pipeline,
+        write: bool,
     ) -> Option<T> {
         let mut conn = self.inner.conn.clone();
         let attempt = async {
@@ -408,7 +428,11 @@ impl Cache {
                 other => other,
             }
         };
-        self.run(what, attempt).await
+        if write {
+            self.attempt(what, attempt).await
+        } else {
+            self.run(what, attempt).await
+        }
     }
 
     /// The seed's own pending-refresh counter (`leaderboard:refresh_pending`),
@@ -463,17 +487,43 @@ impl Cache {
         what: &'static str,
         fut: impl Future<Output = RedisResult<T>>,
     ) -> Option<T> {
-        match tokio::time::timeout(self.inner.timeout, fut).await {
-            Ok(Ok(v)) => Some(v),
-            Ok(Err(e)) => {
-                self.record_error(what, &e.to_string());
-                None
-            }
-            Err(_) => {
-                self.record_error(what, "timed out");
-                None
-            }
+        // A Redis that just failed to answer is not asked again for a
+        // moment: a process (a one-shot CLI call above all) pays for an
+        // outage once, not once per command.
+        if millis_now() < self.inner.down_until.load(Ordering::Relaxed) {
+            return None;
         }
+        self.attempt(what, fut).await
+    }
+
+    /// [`Cache::run`] without the back-off: for score writes, which are
+    /// always tried (a write that skipped a Redis that is back would leave
+    /// a stale entry for the cache sync to fix).
+    async fn attempt<T>(
+        &self,
+        what: &'static str,
+        fut: impl Future<Output = RedisResult<T>>,
+    ) -> Option<T> {
+        let failure = match tokio::time::timeout(self.inner.timeout, fut).await {
+            Ok(Ok(v)) => return Some(v),
+            Ok(Err(e))
+                if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() =>
+            {
+                e.to_string()
+            }
+            Ok(Err(e)) => {
+                // Redis answered (a script error, a wrong type): it is up.
+                self.record_error(what, &e.to_string());
+                return None;
+            }
+            Err(_) => "timed out".to_owned(),
+        };
+        self.inner.down_until.store(
+            millis_now() + BACK_OFF.as_millis() as u64,
+            Ordering::Relaxed,
+        );
+        self.record_error(what, &failure);
+        None
     }
 
     /// Counts a Redis failure; logs it unless one was logged in the last minute.

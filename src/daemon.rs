@@ -46,6 +46,16 @@ pub async fn run(config: Config) -> Result<()> {
         return Ok(());
     }
     let ctx = Context::with_pool(config, pool, true)?;
+    // Every job's last success, from the cluster's record, or this start.
+    let started = std::time::SystemTime::now();
+    let known = crate::jobs::last_successes(&ctx.pool).await;
+    for job in Job::ALL {
+        let at = known
+            .iter()
+            .find(|(j, _)| *j == job)
+            .map_or(started, |k| k.1);
+        telemetry::job_succeeded(job, at);
+    }
     let instance = instance_name();
     let tracker = TaskTracker::new();
 

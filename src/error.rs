@@ -79,7 +79,8 @@ pub enum Error {
 
     /// PostgreSQL cannot be reached or dropped the connection (exit 69).
     #[error(
-        "PostgreSQL unreachable while {context}: {source} (is the server running and database.url right?)"
+        "PostgreSQL unreachable while {context}: {} (is the server running and database.url right?)",
+        describe(source)
     )]
     Unavailable {
         /// What the program was doing.
@@ -96,7 +97,7 @@ pub enum Error {
     },
 
     /// Any other database failure (exit 1).
-    #[error("database error while {context}: {source}")]
+    #[error("database error while {context}: {}", describe(source))]
     Database {
         /// What the program was doing.
         context: &'static str,
@@ -193,6 +194,27 @@ pub fn sqlstate(e: &sqlx::Error) -> Option<String> {
     }
 }
 
+/// A driver error as an operator reads it: for a server error its message,
+/// detail and hint (not the driver's wrapping, nor the server's source-file
+/// line it reports), else the driver's own text.
+pub fn describe(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Database(db) => {
+            let mut text = db.message().to_owned();
+            if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+                if let Some(detail) = pg.detail() {
+                    text.push_str(&format!(" ({detail})"));
+                }
+                if let Some(hint) = pg.hint() {
+                    text.push_str(&format!("; {hint}"));
+                }
+            }
+            text
+        }
+        other => other.to_string(),
+    }
+}
+
 /// The server's own message of a database error (no driver prefix, no context).
 pub fn database_message(e: &sqlx::Error) -> String {
     match e {
@@ -231,7 +253,8 @@ pub fn from_sqlx(context: &'static str, source: sqlx::Error) -> Error {
     {
         // Undefined table, function or column: the schema is not (fully) there.
         Error::Runtime(format!(
-            "database error while {context}: {source} (is the schema migrated? run `loyaltyd migrate`)"
+            "database error while {context}: {} (is the schema migrated? run `loyaltyd migrate`)",
+            describe(&source)
         ))
     } else {
         Error::Database { context, source }

@@ -21,7 +21,7 @@
 //! `loyaltyd_job_runs_total` and in one log line.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use chrono::{DateTime, Timelike, Utc};
 use sqlx::pool::PoolConnection;
@@ -41,8 +41,10 @@ use crate::types::QueueKind;
 pub enum Done {
     /// The job did work; a summary for the log.
     Worked(String),
-    /// Nothing needed doing; why.
-    Nothing(&'static str),
+    /// The job ran and nothing needed doing; why.
+    Idle(&'static str),
+    /// The job did not run here: another instance or the previous run has it.
+    NotRun(&'static str),
 }
 
 /// Refreshes the leaderboard if the debounce policy says so.
@@ -53,8 +55,8 @@ pub async fn refresh_leaderboard(ctx: &Context, cancel: &CancellationToken) -> R
             "refreshed the leaderboard: {} pending changes consumed in {:.0} ms",
             r.pending_changes, r.duration_ms
         )),
-        RefreshReason::NotDue => Done::Nothing("refresh not due"),
-        RefreshReason::Busy => Done::Nothing("another refresh is running"),
+        RefreshReason::NotDue => Done::Idle("refresh not due"),
+        RefreshReason::Busy => Done::NotRun("another refresh is running"),
     })
 }
 
@@ -75,8 +77,15 @@ pub async fn integrity_sweep(ctx: &Context, cancel: &CancellationToken) -> Resul
         );
     }
     Ok(Done::Worked(format!(
-        "checked {} users: {} drifted, {} cache entries corrected",
-        report.users_checked, report.drifted_users, report.cache_repaired
+        "checked {} users: {} drifted, {} cache entries corrected{}",
+        report.users_checked,
+        report.drifted_users,
+        report.cache_repaired,
+        if report.cache_checked {
+            ""
+        } else {
+            " (Redis unavailable: the cache was not checked)"
+        }
     )))
 }
 
@@ -96,14 +105,14 @@ pub async fn reorder_queues(ctx: &Context, cancel: &CancellationToken) -> Result
         items += r.items;
     }
     Ok(if scopes == 0 {
-        Done::Nothing("no queue changed since its last reorder")
+        Done::Idle("no queue changed since its last reorder")
     } else {
         Done::Worked(format!("reordered {scopes} queue scopes, {items} items"))
     })
 }
 
 /// Advisory lock key of a job (distinct from the refresh's own lock).
-fn lock_key(job: Job) -> i64 {
+pub fn lock_key(job: Job) -> i64 {
     match job {
         Job::LeaderboardRefresh => 0x4c59_4a42_0001,
         Job::IntegritySweep => 0x4c59_4a42_0002,
@@ -186,21 +195,28 @@ impl JobRunner {
             .as_ref()
             .map(|s| scheduled_instant(s, Utc::now()));
         let tick_name = tick.map(|t| t.to_rfc3339()).unwrap_or_default();
-        let (outcome, detail) = match self.try_run(tick, shutdown).await {
-            Ok(Done::Worked(summary)) => (JobOutcome::Success, summary),
-            Ok(Done::Nothing(why)) => (JobOutcome::Skipped, why.to_owned()),
-            Err(e) => (JobOutcome::Failed, e.one_line()),
+        let (outcome, detail, ran) = match self.try_run(tick, shutdown).await {
+            Ok(Done::Worked(summary)) => (JobOutcome::Success, summary, true),
+            Ok(Done::Idle(why)) => (JobOutcome::Skipped, why.to_owned(), true),
+            Ok(Done::NotRun(why)) => (JobOutcome::Skipped, why.to_owned(), false),
+            Err(e) => (JobOutcome::Failed, e.one_line(), false),
         };
         let took = started.elapsed();
         telemetry::job_run(self.inner.job, outcome, took);
+        if ran {
+            // The job is alive: it ran to its end here, with or without work.
+            telemetry::job_succeeded(self.inner.job, SystemTime::now());
+            record_success(&self.inner.ctx.pool, self.inner.job).await;
+        }
         let ms = took.as_secs_f64() * 1000.0;
         let tick = tick_name.as_str();
         match outcome {
             JobOutcome::Success => {
                 tracing::info!(job, tick, outcome = "success", duration_ms = ms, "{detail}")
             }
+            // Counted in loyaltyd_job_runs_total; a line only when asked for.
             JobOutcome::Skipped => {
-                tracing::info!(job, tick, outcome = "skipped", duration_ms = ms, "{detail}")
+                tracing::debug!(job, tick, outcome = "skipped", duration_ms = ms, "{detail}")
             }
             JobOutcome::Failed => tracing::error!(
                 job,
@@ -220,22 +236,47 @@ impl JobRunner {
     ) -> Result<Done> {
         let inner = &self.inner;
         let Ok(_running) = inner.running.try_lock() else {
-            return Ok(Done::Nothing("the previous run is still going"));
+            return Ok(Done::NotRun("the previous run is still going"));
         };
         let pool = &inner.ctx.pool;
         let Some(lock) = ClusterLock::try_acquire(pool, lock_key(inner.job)).await? else {
-            return Ok(Done::Nothing("another instance is running it"));
+            return match idle_holder(pool, lock_key(inner.job), inner.timeout).await {
+                // No run lasts past its time limit: a lock held that long by
+                // a connection doing nothing was leaked. A failure, so the
+                // alerts see it; not a skip.
+                Some((pid, idle)) => Err(Error::Runtime(format!(
+                    "the {} lock is held by an idle connection (backend {pid}, idle {idle:.0} s, past the job's time limit): a leaked lock; the job cannot run until that connection ends",
+                    inner.job.as_str()
+                ))),
+                None => Ok(Done::NotRun("another instance is running it")),
+            };
         };
+        // From here the lock is released on every path: explicitly below, or
+        // by closing its connection when `lock` is dropped (a `?`, a panic,
+        // a cancelled future).
+        let result = self.run_locked(pool, tick, shutdown).await;
+        lock.release().await;
+        result
+    }
+
+    /// The tick's work under the cluster lock: claim the tick, run under the
+    /// time limit.
+    async fn run_locked(
+        &self,
+        pool: &PgPool,
+        tick: Option<DateTime<Utc>>,
+        shutdown: &CancellationToken,
+    ) -> Result<Done> {
+        let inner = &self.inner;
         if let Some(tick) = tick
             && !claim_tick(pool, inner.job, tick, &inner.instance).await?
         {
-            lock.release().await;
-            return Ok(Done::Nothing("another instance ran this tick"));
+            return Ok(Done::NotRun("another instance ran this tick"));
         }
         let cancel = shutdown.child_token();
         let work = (inner.work)(&inner.ctx, &cancel);
         tokio::pin!(work);
-        let result = tokio::select! {
+        tokio::select! {
             r = &mut work => r,
             () = tokio::time::sleep(inner.timeout) => {
                 // Ask the run to stop at its next safe point and wait for it.
@@ -247,9 +288,7 @@ impl JobRunner {
                     humantime::format_duration(inner.timeout)
                 )))
             }
-        };
-        lock.release().await;
-        result
+        }
     }
 }
 
@@ -264,6 +303,38 @@ pub fn scheduled_instant(schedule: &croner::Cron, now: DateTime<Utc>) -> DateTim
         .find_previous_occurrence(&now, true)
         .unwrap_or(now)
         .with_timezone(&Utc)
+}
+
+/// Records that a job ran to its end (cluster-wide, so a restarted daemon and
+/// the alerts know when it last did); a failure to record is only logged.
+async fn record_success(pool: &PgPool, job: Job) {
+    let recorded = sqlx::query(
+        "INSERT INTO job_ticks AS t (job, last_tick, claimed_by, succeeded_at)
+         VALUES ($1, '-infinity', '', now())
+         ON CONFLICT (job) DO UPDATE SET succeeded_at = now()",
+    )
+    .bind(job.as_str())
+    .execute(pool)
+    .await;
+    if let Err(e) = recorded {
+        tracing::warn!(job = job.as_str(), error = %crate::error::one_line(&e.to_string()), "could not record the job's success");
+    }
+}
+
+/// When each job last ran to its end anywhere in the cluster (from
+/// `job_ticks`), for the gauges at start-up.
+pub async fn last_successes(pool: &PgPool) -> Vec<(Job, SystemTime)> {
+    let rows: Vec<(String, DateTime<Utc>)> =
+        sqlx::query_as("SELECT job, succeeded_at FROM job_ticks WHERE succeeded_at IS NOT NULL")
+            .fetch_all(pool)
+            .await
+            .unwrap_or_default();
+    rows.into_iter()
+        .filter_map(|(name, at)| {
+            let job = Job::ALL.into_iter().find(|j| j.as_str() == name)?;
+            Some((job, SystemTime::from(at)))
+        })
+        .collect()
 }
 
 /// Claims a tick for this instance; false when another instance claimed it.
@@ -285,8 +356,14 @@ async fn claim_tick(pool: &PgPool, job: Job, tick: DateTime<Utc>, instance: &str
 }
 
 /// A session advisory lock and the one connection that holds it.
+///
+/// Released on that same connection ([`ClusterLock::release`]); dropped
+/// without that (an early return, a panic, a cancelled future), it closes
+/// the connection instead of handing it back to the pool, and PostgreSQL
+/// releases the lock with the session. A pooled connection still holding
+/// the lock would keep it for as long as the pool keeps the connection.
 struct ClusterLock {
-    conn: PoolConnection<Postgres>,
+    conn: Option<PoolConnection<Postgres>>,
     key: i64,
 }
 
@@ -298,20 +375,56 @@ impl ClusterLock {
             .fetch_one(&mut *conn)
             .await
             .db("taking the job lock")?;
-        Ok(got.then_some(ClusterLock { conn, key }))
+        Ok(got.then_some(ClusterLock {
+            conn: Some(conn),
+            key,
+        }))
     }
 
     /// Unlocks on the same connection; if that fails, closes the connection,
     /// which releases the lock on the server just as well.
     async fn release(mut self) {
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
         let unlocked = sqlx::query_scalar::<_, bool>("SELECT pg_advisory_unlock($1)")
             .bind(self.key)
-            .fetch_one(&mut *self.conn)
+            .fetch_one(&mut *conn)
             .await;
         if !matches!(unlocked, Ok(true)) {
-            drop(self.conn.detach());
+            drop(conn.detach());
         }
     }
+}
+
+impl Drop for ClusterLock {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            // Detached from the pool, the connection closes when dropped.
+            drop(conn.detach());
+        }
+    }
+}
+
+/// The backend holding a job's lock, if it has been idle longer than
+/// `limit`, and for how many seconds.
+async fn idle_holder(pool: &PgPool, key: i64, limit: Duration) -> Option<(i32, f64)> {
+    // A bigint advisory key is stored as two halves: classid (high 32 bits)
+    // and objid (low 32 bits), objsubid 1.
+    sqlx::query_as(
+        "SELECT a.pid, EXTRACT(EPOCH FROM clock_timestamp() - a.state_change)::FLOAT8
+         FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+           AND l.classid::BIGINT = ($1 >> 32) AND l.objid::BIGINT = ($1 & 4294967295)
+           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+           AND a.state = 'idle' AND clock_timestamp() - a.state_change > $2 * INTERVAL '1 second'",
+    )
+    .bind(key)
+    .bind(limit.as_secs_f64())
+    .fetch_optional(pool)
+    .await
+    .ok()
+    .flatten()
 }
 
 #[cfg(test)]

@@ -111,8 +111,12 @@ pub struct SweepReport {
     pub cache_repaired: u64,
     /// Batches (transactions) run.
     pub batches: u64,
-    /// False when the sweep stopped early (cancelled); the batches done are complete.
+    /// False when the sweep stopped early (cancelled, or its time limit cut
+    /// a read short); the batches done are complete.
     pub completed: bool,
+    /// False when Redis could not be read for every user (the cache check
+    /// was skipped for the rest; the database part is unaffected).
+    pub cache_checked: bool,
 }
 
 /// Records one moderation event; returns the user's new score.
@@ -402,6 +406,15 @@ pub async fn recalc_all(
         cached_scores_differing(ctx, batch_size, cancel)
     );
     let (users_checked, drifted) = drift?;
+    let (differing, cache_checked, cut_short) = match differing {
+        Ok((found, checked)) => (found, checked, false),
+        // Cut short by the time limit or a cancel: the report says so.
+        Err(e) => {
+            tracing::warn!(error = %e.one_line(), "the sweep's cache check stopped early");
+            (Vec::new(), false, true)
+        }
+    };
+    report.cache_checked = cache_checked;
     report.users_checked = users_checked;
     for batch in drifted.chunks(batch_size.max(1) as usize) {
         if cancel.is_cancelled() {
@@ -418,7 +431,10 @@ pub async fn recalc_all(
     for batch in differing.chunks(batch_size.max(1) as usize) {
         report.cache_repaired += repair_cache_entries(ctx, batch).await;
     }
-    report.completed = !cancel.is_cancelled();
+    // A cache check that Redis could not answer is reported
+    // (cache_checked), not a failed sweep; one that the time limit or a
+    // cancel cut short is an incomplete sweep.
+    report.completed = !cancel.is_cancelled() && !cut_short;
     timer.finish(&ctx.perf, None);
     Ok(report)
 }
@@ -477,55 +493,69 @@ async fn repair_drifted(ctx: &Context, ids: &[i64], report: &mut SweepReport) ->
 }
 
 /// The users whose cached score differs from the database, `batch` users at
-/// a time (read only; [`repair_cache_entries`] corrects them).
+/// a time (read only; [`repair_cache_entries`] corrects them), and whether
+/// Redis answered for every user.
 ///
-/// The users stream from one sequential scan; each batch's cached scores come
-/// in one MGET. The cost follows the number of users, never the size of the
-/// Redis keyspace (which a SCAN would walk, whoever else's keys it holds).
+/// The users stream from one sequential scan, under the sweep's time limit
+/// and its cancel (not the request `statement_timeout`: at some millions of
+/// users the scan outlasts it); each batch's cached scores come in one MGET.
+/// The cost follows the number of users, never the size of the Redis
+/// keyspace (which a SCAN would walk, whoever else's keys it holds). An
+/// error or a cancel ends it as an error: the sweep is then incomplete.
 async fn cached_scores_differing(
     ctx: &Context,
     batch: u32,
     cancel: &CancellationToken,
-) -> Vec<UserId> {
+) -> Result<(Vec<UserId>, bool)> {
     use futures_util::TryStreamExt;
-    let mut rows =
-        sqlx::query_as::<_, (i64, i64)>("SELECT id, loyalty_score FROM users").fetch(&ctx.pool);
-    let mut chunk: Vec<(UserId, i64)> = Vec::with_capacity(batch as usize);
+    let mut tx = ctx.pool.begin().await.db("starting the cache check")?;
+    db::set_local_timeout(&mut tx, ctx.config.sweep.timeout).await?;
     let mut differing = Vec::new();
-    loop {
-        let row = match rows.try_next().await {
-            Ok(row) => row,
-            Err(e) => {
-                tracing::warn!(error = %crate::error::one_line(&e.to_string()), "the sweep's cache check stopped early");
-                return differing;
+    let mut checked = true;
+    {
+        let mut rows =
+            sqlx::query_as::<_, (i64, i64)>("SELECT id, loyalty_score FROM users").fetch(&mut *tx);
+        let mut chunk: Vec<(UserId, i64)> = Vec::with_capacity(batch as usize);
+        loop {
+            if cancel.is_cancelled() {
+                return Err(Error::Cancelled {
+                    context: "the sweep's cache check",
+                });
             }
-        };
-        if let Some((id, score)) = row
-            && let Ok(user) = UserId::new(id)
-        {
-            chunk.push((user, score));
-        }
-        if chunk.len() >= batch as usize || (row.is_none() && !chunk.is_empty()) {
-            let users: Vec<UserId> = chunk.iter().map(|c| c.0).collect();
-            // Values only: the versions matter just for the few that differ,
-            // and repair_cache_entries reads those again anyway.
-            let Some(cached) = ctx.cache.get_values(&users).await else {
-                return differing;
-            };
-            differing.extend(
-                chunk
-                    .iter()
-                    .zip(cached)
-                    .filter_map(|(&(user, score), value)| {
-                        value.filter(|v| v.parse() != Ok(score)).map(|_| user)
-                    }),
-            );
-            chunk.clear();
-        }
-        if row.is_none() || cancel.is_cancelled() {
-            return differing;
+            let row = rows
+                .try_next()
+                .await
+                .db("reading scores for the cache check")?;
+            if let Some((id, score)) = row
+                && let Ok(user) = UserId::new(id)
+            {
+                chunk.push((user, score));
+            }
+            if chunk.len() >= batch as usize || (row.is_none() && !chunk.is_empty()) {
+                let users: Vec<UserId> = chunk.iter().map(|c| c.0).collect();
+                // Values only: the versions matter just for the few that
+                // differ, and repair_cache_entries reads those again anyway.
+                let Some(cached) = ctx.cache.get_values(&users).await else {
+                    checked = false;
+                    break;
+                };
+                differing.extend(
+                    chunk
+                        .iter()
+                        .zip(cached)
+                        .filter_map(|(&(user, score), value)| {
+                            value.filter(|v| v.parse() != Ok(score)).map(|_| user)
+                        }),
+                );
+                chunk.clear();
+            }
+            if row.is_none() {
+                break;
+            }
         }
     }
+    let _ = tx.rollback().await;
+    Ok((differing, checked))
 }
 
 /// Corrects the cached scores of `users` that differ from the database.

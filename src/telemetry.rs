@@ -32,6 +32,8 @@ pub const OPERATION_DURATION: &str = "loyaltyd_operation_duration_seconds";
 pub const JOB_RUNS: &str = "loyaltyd_job_runs_total";
 /// Histogram of job run durations, label `job`.
 pub const JOB_DURATION: &str = "loyaltyd_job_duration_seconds";
+/// Gauge: when each job last ran to its end (with or without work), label `job`.
+pub const JOB_LAST_SUCCESS: &str = "loyaltyd_job_last_success_timestamp_seconds";
 /// Gauge: leaderboard changes not yet refreshed into the view.
 pub const LEADERBOARD_PENDING: &str = "loyaltyd_leaderboard_pending_changes";
 /// Gauge: seconds since the view was last refreshed.
@@ -55,6 +57,7 @@ pub const METRICS: &[&str] = &[
     OPERATION_DURATION,
     JOB_RUNS,
     JOB_DURATION,
+    JOB_LAST_SUCCESS,
     LEADERBOARD_PENDING,
     LEADERBOARD_AGE,
     DRIFTED_USERS,
@@ -312,6 +315,14 @@ pub fn job_run(job: Job, outcome: JobOutcome, took: Duration) {
     if outcome != JobOutcome::Skipped {
         histogram!(JOB_DURATION, "job" => job.as_str()).record(took.as_secs_f64());
     }
+}
+
+/// Records when a job last ran to its end.
+pub fn job_succeeded(job: Job, at: SystemTime) {
+    let secs = at
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    gauge!(JOB_LAST_SUCCESS, "job" => job.as_str()).set(secs);
 }
 
 /// Publishes the leaderboard's pending changes and view age.

@@ -303,6 +303,73 @@ pub fn series(text: &str, series: &str) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// A Redis server of this test's own, that can be killed for real.
+pub struct PrivateRedis {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl PrivateRedis {
+    pub async fn start() -> PrivateRedis {
+        let mut r = PrivateRedis {
+            port: free_port(),
+            child: None,
+        };
+        r.restart().await;
+        r
+    }
+
+    pub async fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("redis-server: {e}"));
+        self.child = Some(child);
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("private redis-server did not start");
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    pub async fn get(&self, key: &str) -> Option<i64> {
+        let client = redis::Client::open(self.url()).ok()?;
+        let mut c = client.get_multiplexed_async_connection().await.ok()?;
+        let v: Option<String> = redis::cmd("GET").arg(key).query_async(&mut c).await.ok()?;
+        v.and_then(|v| v.parse().ok())
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 // ---------------------------------------------------------------- the proxy
 
 /// Where a proxy forwards to.
@@ -341,12 +408,15 @@ impl Upstream {
 }
 
 /// A TCP proxy on a fixed loopback port that can be cut (port closed, every
-/// connection dropped) and restored, to play a service outage.
+/// connection dropped) and restored, to play a service outage; or stalled
+/// (connections stay open, replies are held back), to play a server that
+/// stopped answering.
 pub struct Proxy {
     pub port: u16,
     upstream: Upstream,
     state: Arc<Mutex<Option<JoinHandle<()>>>>,
     conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    stalled: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Proxy {
@@ -357,6 +427,7 @@ impl Proxy {
             upstream,
             state: Arc::new(Mutex::new(None)),
             conns: Arc::new(Mutex::new(Vec::new())),
+            stalled: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         };
         p.restore().await;
         p
@@ -370,6 +441,16 @@ impl Proxy {
         for c in self.conns.lock().await.drain(..) {
             c.abort();
         }
+    }
+
+    /// Holds every reply back (the connections stay open) until [`Proxy::resume`].
+    pub fn stall(&self) {
+        self.stalled.store(true, Ordering::SeqCst);
+    }
+
+    /// Lets replies through again.
+    pub fn resume(&self) {
+        self.stalled.store(false, Ordering::SeqCst);
     }
 
     /// Opens the port again.
@@ -391,19 +472,21 @@ impl Proxy {
         let listener = listener.unwrap_or_else(|| panic!("cannot rebind proxy port {}", self.port));
         let upstream = self.upstream.clone();
         let conns = self.conns.clone();
+        let stalled = self.stalled.clone();
         *state = Some(tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
+            while let Ok((inbound, _)) = listener.accept().await {
                 let upstream = upstream.clone();
+                let stalled = stalled.clone();
                 let task = tokio::spawn(async move {
                     match upstream {
                         Upstream::Tcp(addr) => {
-                            if let Ok(mut out) = TcpStream::connect(addr).await {
-                                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                            if let Ok(out) = TcpStream::connect(addr).await {
+                                relay(inbound, out, stalled).await;
                             }
                         }
                         Upstream::Unix(path) => {
-                            if let Ok(mut out) = UnixStream::connect(path).await {
-                                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                            if let Ok(out) = UnixStream::connect(path).await {
+                                relay(inbound, out, stalled).await;
                             }
                         }
                     }
@@ -428,6 +511,35 @@ impl Proxy {
     pub fn redis_url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
     }
+}
+
+/// Copies both ways; replies (upstream to client) wait while `stalled`.
+async fn relay<S>(inbound: TcpStream, out: S, stalled: Arc<std::sync::atomic::AtomicBool>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut in_read, mut in_write) = inbound.into_split();
+    let (mut out_read, mut out_write) = tokio::io::split(out);
+    let up = async move {
+        let _ = tokio::io::copy(&mut in_read, &mut out_write).await;
+    };
+    let down = async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match out_read.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            while stalled.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            if in_write.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::join!(up, down);
 }
 
 /// Polls `check` until it holds, or fails the test naming `what`.

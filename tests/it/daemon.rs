@@ -21,6 +21,8 @@ fn fast(pool: &PgPool, name: &str) -> Config {
     c.leaderboard.check_interval = Duration::from_millis(200);
     c.leaderboard.refresh_threshold = 3;
     c.database.connect_timeout = Duration::from_secs(2);
+    // Skipped ticks are logged at DEBUG; these tests read them.
+    c.log.level = "info,loyaltyd::jobs=debug,sqlx=warn".into();
     c
 }
 

@@ -11,6 +11,7 @@ mod cli;
 mod config;
 mod contract;
 mod daemon;
+mod faults;
 mod hostile;
 mod leaderboard;
 mod loyalty;
