@@ -32,13 +32,17 @@ CREATE INDEX users_score_xid ON users (score_xid) WHERE score_xid IS NOT NULL;
 -- Adds per-user deltas to scores: locks the users in id order first (so two
 -- writers of many users cannot deadlock), bumps each score's version and
 -- records the writing transaction; then counts `changes` pending leaderboard
--- changes on this backend's shard.
+-- changes on this backend's shard. The writes are marked as loyaltyd's own
+-- (`loyaltyd.scoring`, for this transaction only) so users_score_written
+-- (below) lets them through.
 CREATE FUNCTION apply_score_deltas(ids BIGINT[], deltas BIGINT[], changes BIGINT) RETURNS void
-    LANGUAGE sql AS $$
+    LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM set_config('loyaltyd.scoring', 'on', true);
     WITH input AS (
-        SELECT id, delta FROM unnest(ids, deltas) AS t(id, delta) WHERE delta <> 0
+        SELECT t.id, t.delta FROM unnest(ids, deltas) AS t(id, delta) WHERE t.delta <> 0
     ), locked AS (
-        SELECT u.id FROM users u WHERE u.id IN (SELECT id FROM input) ORDER BY u.id FOR NO KEY UPDATE
+        SELECT u.id FROM users u WHERE u.id IN (SELECT input.id FROM input) ORDER BY u.id FOR NO KEY UPDATE
     ), scored AS (
         -- The one-time filter runs `locked` before the UPDATE touches a row.
         UPDATE users u
@@ -49,9 +53,57 @@ CREATE FUNCTION apply_score_deltas(ids BIGINT[], deltas BIGINT[], changes BIGINT
         FROM input i
         WHERE u.id = i.id AND (SELECT count(*) FROM locked) >= 0
     )
-    UPDATE leaderboard_pending SET changes = leaderboard_pending.changes + apply_score_deltas.changes
-    WHERE shard = leaderboard_shard() AND apply_score_deltas.changes > 0;
-$$;
+    UPDATE leaderboard_pending p SET changes = p.changes + apply_score_deltas.changes
+    WHERE p.shard = leaderboard_shard() AND apply_score_deltas.changes > 0;
+    PERFORM set_config('loyaltyd.scoring', '', true);
+END $$;
+
+-- ---------------------------------------------------------------- the seed's writers
+--
+-- While a forum switches over, an application still running the original
+-- code changes scores itself (UPDATE users SET loyalty_score = loyalty_score
+-- + delta), then inserts the event in a second statement; with the trigger
+-- below the event would count twice. `loyaltyd_settings.legacy_score_writes`
+-- (on while the old code runs; `loyaltyd adopt` turns it on, the operator
+-- off once the application only inserts events) makes such a direct write a
+-- credit: the next event of that user with that delta consumes it instead of
+-- adding its delta again, whichever writer inserts it. Credits are fungible,
+-- so the sum comes out exact whatever the interleaving; the integrity sweep
+-- counts a fresh credit as pending and repairs one older than five minutes
+-- (an UPDATE whose INSERT never came) as drift.
+CREATE TABLE loyaltyd_settings (
+    singleton           BOOLEAN PRIMARY KEY DEFAULT true CONSTRAINT loyaltyd_settings_singleton CHECK (singleton),
+    legacy_score_writes BOOLEAN NOT NULL DEFAULT false
+);
+INSERT INTO loyaltyd_settings DEFAULT VALUES;
+
+CREATE TABLE legacy_score_credits (
+    id         BIGSERIAL   PRIMARY KEY,
+    user_id    BIGINT      NOT NULL,
+    delta      BIGINT      NOT NULL,
+    written_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE INDEX legacy_score_credits_user ON legacy_score_credits (user_id, delta);
+
+-- Any score written directly (an operator's fix, a restore, a seed-era
+-- application) still gets a new version and its transaction, so the cache
+-- sync brings it to Redis; in legacy mode it also becomes a credit.
+CREATE FUNCTION users_score_written() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER AS $$
+BEGIN
+    NEW.score_version := next_score_version(OLD.score_version);
+    NEW.score_xid := pg_current_xact_id();
+    IF (SELECT legacy_score_writes FROM loyaltyd_settings) THEN
+        INSERT INTO legacy_score_credits (user_id, delta)
+        VALUES (NEW.id, NEW.loyalty_score - OLD.loyalty_score);
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER users_score_written BEFORE UPDATE OF loyalty_score ON users
+    FOR EACH ROW
+    WHEN (OLD.loyalty_score IS DISTINCT FROM NEW.loyalty_score
+          AND current_setting('loyaltyd.scoring', true) IS DISTINCT FROM 'on')
+    EXECUTE FUNCTION users_score_written();
 
 -- Scores follow moderation_events, whoever writes them: an INSERT (one row,
 -- many rows, COPY) adds each event's score_delta to its user's score and
@@ -66,11 +118,37 @@ DECLARE
     deltas BIGINT[];
     changes BIGINT;
 BEGIN
-    IF TG_OP = 'INSERT' THEN
+    IF TG_OP = 'INSERT' AND NOT EXISTS (SELECT 1 FROM legacy_score_credits) THEN
         SELECT array_agg(user_id), array_agg(delta), COALESCE(sum(n), 0)
         INTO ids, deltas, changes
         FROM (SELECT user_id, sum(score_delta) AS delta, count(*) FILTER (WHERE score_delta <> 0) AS n
               FROM new_events GROUP BY user_id) per_user;
+    ELSIF TG_OP = 'INSERT' THEN
+        -- Seed-era writers changed some of these scores already: each new
+        -- event consumes one credit of its user and delta, if there is one,
+        -- instead of adding its delta again. A credit another transaction
+        -- consumes first is not deleted here (its row lock, then the
+        -- re-check), so it is consumed once.
+        WITH ev AS (
+            SELECT user_id, score_delta::BIGINT AS delta, count(*) AS n
+            FROM new_events WHERE score_delta <> 0 GROUP BY user_id, score_delta
+        ), consumed AS (
+            DELETE FROM legacy_score_credits c
+            WHERE c.id IN (
+                SELECT m.id FROM (
+                    SELECT lc.id, ev.n,
+                           row_number() OVER (PARTITION BY lc.user_id, lc.delta ORDER BY lc.id) AS rn
+                    FROM legacy_score_credits lc JOIN ev ON ev.user_id = lc.user_id AND ev.delta = lc.delta
+                ) m WHERE m.rn <= m.n)
+            RETURNING c.user_id, c.delta
+        )
+        SELECT array_agg(user_id), array_agg(delta), COALESCE(sum(n), 0)
+        INTO ids, deltas, changes
+        FROM (SELECT user_id, sum(delta) AS delta, sum(n) AS n
+              FROM (SELECT user_id, score_delta::BIGINT AS delta, (score_delta <> 0)::INT AS n FROM new_events
+                    UNION ALL
+                    SELECT user_id, -delta, 0 FROM consumed) moved
+              GROUP BY user_id) per_user;
     ELSIF TG_OP = 'DELETE' THEN
         SELECT array_agg(user_id), array_agg(delta), count(*) FILTER (WHERE delta <> 0)
         INTO ids, deltas, changes
@@ -344,6 +422,21 @@ BEGIN
     RETURN NULL;
 END $$;
 
+-- BEFORE UPDATE of a key, each row, when the writer is not loyaltyd's
+-- reorder (`loyaltyd.rekey`): in legacy mode (above) it is the seed's
+-- remove, shifting every later key down by one after its DELETE. The DELETE
+-- closed the gap already; the shift is kept from moving keys (it could run
+-- into the unique key index halfway, row order being the plan's).
+-- Otherwise (an operator's fix) the new key stands.
+CREATE FUNCTION queue_key_written() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER AS $$
+BEGIN
+    IF (SELECT legacy_score_writes FROM loyaltyd_settings) THEN
+        NEW.position_in_queue := OLD.position_in_queue;
+    END IF;
+    RETURN NEW;
+END $$;
+
 -- TRUNCATE clears the queue's bookkeeping with it.
 CREATE FUNCTION queue_truncated() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER AS $$
@@ -360,6 +453,11 @@ CREATE TRIGGER topic_creation_queue_counted AFTER INSERT OR DELETE ON topic_crea
 CREATE TRIGGER topic_creation_queue_moved AFTER UPDATE ON topic_creation_queue
     REFERENCING OLD TABLE AS old_items NEW TABLE AS new_items
     FOR EACH STATEMENT EXECUTE FUNCTION queue_items_moved('topic');
+CREATE TRIGGER topic_creation_queue_rekeyed BEFORE UPDATE OF position_in_queue ON topic_creation_queue
+    FOR EACH ROW
+    WHEN (OLD.position_in_queue IS DISTINCT FROM NEW.position_in_queue
+          AND current_setting('loyaltyd.rekey', true) IS DISTINCT FROM 'on')
+    EXECUTE FUNCTION queue_key_written();
 CREATE TRIGGER topic_creation_queue_truncated AFTER TRUNCATE ON topic_creation_queue
     FOR EACH STATEMENT EXECUTE FUNCTION queue_truncated('topic');
 
@@ -372,6 +470,11 @@ CREATE TRIGGER post_moderation_queue_counted AFTER INSERT OR DELETE ON post_mode
 CREATE TRIGGER post_moderation_queue_moved AFTER UPDATE ON post_moderation_queue
     REFERENCING OLD TABLE AS old_items NEW TABLE AS new_items
     FOR EACH STATEMENT EXECUTE FUNCTION queue_items_moved('post');
+CREATE TRIGGER post_moderation_queue_rekeyed BEFORE UPDATE OF position_in_queue ON post_moderation_queue
+    FOR EACH ROW
+    WHEN (OLD.position_in_queue IS DISTINCT FROM NEW.position_in_queue
+          AND current_setting('loyaltyd.rekey', true) IS DISTINCT FROM 'on')
+    EXECUTE FUNCTION queue_key_written();
 CREATE TRIGGER post_moderation_queue_truncated AFTER TRUNCATE ON post_moderation_queue
     FOR EACH STATEMENT EXECUTE FUNCTION queue_truncated('post');
 
@@ -384,6 +487,11 @@ CREATE TRIGGER private_message_queue_counted AFTER INSERT OR DELETE ON private_m
 CREATE TRIGGER private_message_queue_moved AFTER UPDATE ON private_message_queue
     REFERENCING OLD TABLE AS old_items NEW TABLE AS new_items
     FOR EACH STATEMENT EXECUTE FUNCTION queue_items_moved('message');
+CREATE TRIGGER private_message_queue_rekeyed BEFORE UPDATE OF position_in_queue ON private_message_queue
+    FOR EACH ROW
+    WHEN (OLD.position_in_queue IS DISTINCT FROM NEW.position_in_queue
+          AND current_setting('loyaltyd.rekey', true) IS DISTINCT FROM 'on')
+    EXECUTE FUNCTION queue_key_written();
 CREATE TRIGGER private_message_queue_truncated AFTER TRUNCATE ON private_message_queue
     FOR EACH STATEMENT EXECUTE FUNCTION queue_truncated('message');
 
@@ -543,6 +651,7 @@ BEGIN
         SELECT p.oid::REGPROCEDURE FROM pg_proc p
         WHERE p.pronamespace = current_schema()::REGNAMESPACE
           AND p.proname IN ('moderation_events_scored', 'moderation_events_refuse_truncate',
+                            'users_score_written', 'queue_key_written',
                             'record_moderation_event', 'record_moderation_events',
                             'queue_item_keyed', 'queue_item_counted', 'queue_items_moved', 'queue_truncated',
                             'queue_add', 'queue_position', 'queue_head', 'queue_length', 'loyalty_standing',

@@ -343,17 +343,29 @@ struct Repaired {
 /// statement, so the recomputation's snapshot includes every event committed
 /// for them and no writer can add one until the transaction ends.
 async fn repair(tx: &mut Transaction<'_, Postgres>, ids: &[i64]) -> Result<Vec<Repaired>> {
-    sqlx::query("SELECT id FROM users WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
-        .bind(ids)
-        .execute(&mut **tx)
-        .await
-        .db("locking users to repair")?;
+    // The lock, and the mark that lets loyaltyd's own score writes past
+    // users_score_written (migration 5), in one round trip.
+    sqlx::query(
+        "SELECT set_config('loyaltyd.scoring', 'on', true),
+                (SELECT count(*) FROM (SELECT id FROM users WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE) l)",
+    )
+    .bind(ids)
+    .execute(&mut **tx)
+    .await
+    .db("locking users to repair")?;
+    // A seed-era writer's fresh credit (its event is on its way) counts; one
+    // older than LEGACY_CREDIT_GRACE never got its event: it is dropped.
     const SQL: &str = r#"
         WITH truth AS (
             SELECT u.id, u.loyalty_score AS previous,
-                   COALESCE((SELECT SUM(e.score_delta) FROM moderation_events e WHERE e.user_id = u.id), 0) AS score
+                   COALESCE((SELECT SUM(e.score_delta) FROM moderation_events e WHERE e.user_id = u.id), 0)
+                 + COALESCE((SELECT SUM(c.delta) FROM legacy_score_credits c
+                             WHERE c.user_id = u.id AND c.written_at > now() - $2 * INTERVAL '1 second'), 0) AS score
             FROM users u
             WHERE u.id = ANY($1)
+        ), expired AS (
+            DELETE FROM legacy_score_credits c
+            WHERE c.user_id = ANY($1) AND c.written_at <= now() - $2 * INTERVAL '1 second'
         ), fixed AS (
             UPDATE users u
             SET loyalty_score = t.score, score_version = next_score_version(u.score_version),
@@ -370,6 +382,7 @@ async fn repair(tx: &mut Transaction<'_, Postgres>, ids: &[i64]) -> Result<Vec<R
     "#;
     let rows: Vec<(i64, i64, i64, i64)> = sqlx::query_as(SQL)
         .bind(ids)
+        .bind(LEGACY_CREDIT_GRACE.as_secs_f64())
         .fetch_all(&mut **tx)
         .await
         .db("repairing scores")?;
@@ -387,6 +400,11 @@ async fn repair(tx: &mut Transaction<'_, Postgres>, ids: &[i64]) -> Result<Vec<R
         })
         .collect())
 }
+
+/// How long a seed-era writer's credit (migration 5, "the seed's writers")
+/// waits for its event before the sweep treats it as drift: the seed's
+/// UPDATE and INSERT are milliseconds apart; five minutes is a crash.
+pub const LEGACY_CREDIT_GRACE: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// The integrity sweep: every user's score against their events, repairing
 /// drift in PostgreSQL and Redis (see the module docs). Stops between repair

@@ -357,6 +357,12 @@ async fn rekey_locked(
         if let Some(limit) = timeout {
             crate::db::set_local_timeout(&mut tx, limit).await?;
         }
+        // Marks the key changes as a reorder's (migration 5's queue_key_written
+        // lets them through even in legacy mode).
+        sqlx::query("SELECT set_config('loyaltyd.rekey', 'on', true)")
+            .execute(&mut *tx)
+            .await
+            .db("starting the reorder")?;
         let locked: Vec<String> = match scopes {
             ScopeSet::One(scope) => sqlx::query_scalar(
                 "SELECT scope FROM queue_scopes WHERE queue = $1 AND scope = $2 FOR UPDATE",

@@ -144,13 +144,13 @@ async fn events(b: &Bench, report: &mut Report, heavy: i64) -> R<()> {
     let s = &b.sizes;
     let prefix = b.config.redis.key_prefix.clone();
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); 7];
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); 8];
     let mut redis = b.redis.clone();
     for i in 0..s.iterations {
         let user = 1 + rng.below(s.users as u64) as i64;
         let (kind, outcome) = (KINDS[i % 3].1, OUTCOMES[(i / 3) % 3].1);
-        for k in 0..7 {
-            let side = (i + k) % 7;
+        for k in 0..8 {
+            let side = (i + k) % 8;
             let took = match side {
                 0 => {
                     timed(loyalty::record_event(&b.ctx, &event(user, i)?))
@@ -201,7 +201,8 @@ async fn events(b: &Bench, report: &mut Report, heavy: i64) -> R<()> {
                     .await?
                     .1
                 }
-                _ => timed(sqlx::query("SELECT 1").execute(&b.pool)).await?.1,
+                6 => timed(sqlx::query("SELECT 1").execute(&b.pool)).await?.1,
+                _ => timed(plain_insert(&b.pool, user, i)).await?.1,
             };
             samples[side].push(took);
         }
@@ -214,7 +215,8 @@ async fn events(b: &Bench, report: &mut Report, heavy: i64) -> R<()> {
         "Event recording (1 client)",
         "record one event",
         vec![
-            Side::new("loyaltyd", &samples[0]).note("one statement + cache write"),
+            Side::new("loyaltyd", &samples[0]).note("record_moderation_event + cache write"),
+            Side::new("plain SQL: INSERT (the trigger scores it)", &samples[7]),
             Side::new("seed: UPDATE, SET, INSERT", &samples[1]),
             Side::new(
                 "seed: full recalculation per event, typical user",
@@ -229,20 +231,48 @@ async fn events(b: &Bench, report: &mut Report, heavy: i64) -> R<()> {
     Ok(())
 }
 
+/// A forum's own write: one plain INSERT of an event, no loyaltyd code (the
+/// trigger scores it; the daemon's cache sync brings it to Redis).
+async fn plain_insert(pool: &sqlx::PgPool, user: i64, i: usize) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO moderation_events (user_id, event_type, content_type, content_id, outcome)
+         VALUES ($1, 'moderation_decision', $2, 'bench', $3)",
+    )
+    .bind(user)
+    .bind(KINDS[i % 3].1)
+    .bind(OUTCOMES[(i / 3) % 3].1)
+    .execute(pool)
+    .await
+    .map(|_| ())
+}
+
 /// Bulk ingestion: batches of 500 events.
 async fn batches(b: &Bench, report: &mut Report) -> R<()> {
     let s = &b.sizes;
     let prefix = b.config.redis.key_prefix.clone();
     let mut rng = Rng(0x1234_5678_9abc_def1);
     let mut redis = b.redis.clone();
-    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    let (mut ours, mut theirs, mut plain) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..s.batches {
         let batch: Vec<NewEvent> = (0..500)
             .map(|i| event(1 + rng.below(s.users as u64) as i64, i))
             .collect::<R<_>>()?;
-        for side in [round % 2, (round + 1) % 2] {
+        for side in [round % 3, (round + 1) % 3, (round + 2) % 3] {
             if side == 0 {
                 ours.push(timed(loyalty::record_events(&b.ctx, &batch)).await?.1);
+            } else if side == 2 {
+                let users: Vec<i64> = batch.iter().map(|e| e.user.get()).collect();
+                let kinds: Vec<&str> = (0..500).map(|i| KINDS[i % 3].1).collect();
+                let outcomes: Vec<&str> = (0..500).map(|i| OUTCOMES[(i / 3) % 3].1).collect();
+                let insert = sqlx::query(
+                    "INSERT INTO moderation_events (user_id, event_type, content_type, content_id, outcome)
+                     SELECT u, 'moderation_decision', k, 'bench', o FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::TEXT[]) AS t(u, k, o)",
+                )
+                .bind(&users)
+                .bind(&kinds)
+                .bind(&outcomes)
+                .execute(&b.pool);
+                plain.push(timed(insert).await?.1);
             } else {
                 let start = Instant::now();
                 for (i, e) in batch.iter().enumerate() {
@@ -261,7 +291,8 @@ async fn batches(b: &Bench, report: &mut Report) -> R<()> {
         vec![
             Side::new("loyaltyd", &ours)
                 .rate(rate(&ours))
-                .note("record_events: one statement"),
+                .note("record_moderation_events: one INSERT"),
+            Side::new("plain SQL: one 500-row INSERT", &plain).rate(rate(&plain)),
             Side::new("seed: 500 × (UPDATE, SET, INSERT)", &theirs).rate(rate(&theirs)),
         ],
     );
@@ -271,10 +302,10 @@ async fn batches(b: &Bench, report: &mut Report) -> R<()> {
 /// 16 concurrent clients, round by round per side.
 async fn concurrent(b: &Bench, report: &mut Report) -> R<()> {
     let s = b.sizes.clone();
-    let mut all: Vec<(Vec<Duration>, Duration)> = vec![(Vec::new(), Duration::ZERO); 3];
+    let mut all: Vec<(Vec<Duration>, Duration)> = vec![(Vec::new(), Duration::ZERO); 4];
     for round in 0..s.rounds {
-        for k in 0..3 {
-            let side = (round + k) % 3;
+        for k in 0..4 {
+            let side = (round + k) % 4;
             let start = Instant::now();
             let mut tasks = Vec::new();
             for client in 0..16u64 {
@@ -304,6 +335,7 @@ async fn concurrent(b: &Bench, report: &mut Report) -> R<()> {
                                 .await?
                                 .1
                             }
+                            3 => timed(plain_insert(&pool, user, i)).await?.1,
                             _ => {
                                 timed(
                                     sqlx::query(
@@ -333,6 +365,7 @@ async fn concurrent(b: &Bench, report: &mut Report) -> R<()> {
         "record one event",
         vec![
             Side::new("loyaltyd", &all[0].0).rate(rate(&all[0])),
+            Side::new("plain SQL: INSERT", &all[3].0).rate(rate(&all[3])),
             Side::new("seed: UPDATE, SET, INSERT", &all[1].0).rate(rate(&all[1])),
             Side::new("floor: single-row UPDATE", &all[2].0).rate(rate(&all[2])),
         ],
@@ -652,7 +685,7 @@ async fn queues_at(b: &Bench, report: &mut Report, n: i64) -> R<()> {
         .map_err(e)?;
     let mut items: Vec<String> = (1..=n).map(|g| format!("q-{g}")).collect();
     let mut rng = Rng(0x0f0f_f0f0_1234_5678 + n as u64);
-    let mut t: Vec<Vec<Duration>> = vec![Vec::new(); 6];
+    let mut t: Vec<Vec<Duration>> = vec![Vec::new(); 8];
     for i in 0..(s.queue_iterations)(n) {
         // Remove a random item (the seed shifts everyone behind it), add a new one at the tail.
         let at = rng.below(items.len() as u64) as usize;
@@ -660,8 +693,23 @@ async fn queues_at(b: &Bench, report: &mut Report, n: i64) -> R<()> {
         let new = format!("n-{i}");
         let look = items[rng.below(items.len() as u64) as usize].clone();
         let ours_first = i % 2 == 0;
+        // Every other pair of iterations, a forum's plain SQL instead of
+        // loyaltyd's calls (the same triggers do the bookkeeping).
+        let plain = (i / 2) % 2 == 1;
         for side in [ours_first, !ours_first] {
-            if side {
+            if side && plain {
+                let remove = sqlx::query("DELETE FROM topic_creation_queue WHERE topic_id = $1")
+                    .bind(&gone)
+                    .execute(&b.pool);
+                t[6].push(timed(remove).await?.1);
+                let add = sqlx::query(
+                    "INSERT INTO topic_creation_queue (topic_id, priority_score) VALUES ($1, $2)",
+                )
+                .bind(&new)
+                .bind((i % 50) as f64)
+                .execute(&b.pool);
+                t[7].push(timed(add).await?.1);
+            } else if side {
                 t[0].push(
                     timed(queues::remove(&b.quiet, QueueKind::Topic, &ident(&gone)?))
                         .await?
@@ -714,12 +762,20 @@ async fn queues_at(b: &Bench, report: &mut Report, n: i64) -> R<()> {
     report.case(
         &group,
         "remove (from a random place)",
-        vec![Side::new("loyaltyd", &t[0]), Side::new("seed", &t[3])],
+        vec![
+            Side::new("loyaltyd", &t[0]),
+            Side::new("plain SQL: DELETE", &t[6]),
+            Side::new("seed", &t[3]),
+        ],
     );
     report.case(
         &group,
         "add (at the tail)",
-        vec![Side::new("loyaltyd", &t[1]), Side::new("seed", &t[4])],
+        vec![
+            Side::new("loyaltyd", &t[1]).note("queue_add: the INSERT and the position"),
+            Side::new("plain SQL: INSERT", &t[7]),
+            Side::new("seed", &t[4]),
+        ],
     );
     report.case(
         &group,

@@ -20,19 +20,20 @@ async fn the_benchmark_runs_in_small_mode_and_reports_every_row() {
         .await
         .unwrap_or_else(|e| panic!("benchmark: {e}"));
     let expected = [
-        ("Event recording (1 client)", "record one event", 7),
-        ("Event recording (bulk)", "a batch of 500 events", 2),
+        ("Event recording (1 client)", "record one event", 8),
+        ("Event recording (bulk)", "a batch of 500 events", 3),
         (
             "Event recording (16 concurrent clients)",
             "record one event",
-            3,
+            4,
         ),
         ("Telemetry overhead", "record one event", 3),
         ("Integrity sweep", "every score against its events", 3),
         ("Leaderboard reads", "a page of 100 at a random offset", 2),
         ("Leaderboard reads", "one user's rank", 2),
         ("Leaderboard refresh", "refresh after 10 changes", 8),
-        ("Queues at 500 items", "remove (from a random place)", 2),
+        ("Queues at 500 items", "remove (from a random place)", 3),
+        ("Queues at 500 items", "add (at the tail)", 3),
         ("Queues at 2000 items", "reorder the whole queue", 2),
     ];
     for (group, case, sides) in expected {
