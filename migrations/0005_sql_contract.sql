@@ -311,6 +311,7 @@ CREATE FUNCTION queue_item_keyed() RETURNS trigger
 DECLARE
     q CONSTANT TEXT := TG_ARGV[0];
     s TEXT := '';
+    flagged BOOLEAN;
 BEGIN
     IF q = 'post' THEN
         s := NEW.topic_id;
@@ -319,11 +320,17 @@ BEGIN
     END IF;
     -- The scope's row lock: every add takes it before it reads the tail key
     -- (and every reorder takes it too). The first add creates the scope; the
-    -- first add after a reorder flags it for the next one; after that it
-    -- locks without writing (ON CONFLICT DO UPDATE locks the row even when
-    -- its WHERE is false).
-    INSERT INTO queue_scopes AS sc (queue, scope, needs_reorder) VALUES (q, s, true)
-    ON CONFLICT (queue, scope) DO UPDATE SET needs_reorder = true WHERE NOT sc.needs_reorder;
+    -- first add after a reorder flags it for the next one. (A plain SELECT
+    -- FOR UPDATE first: most adds find their scope, and it costs less than
+    -- an upsert's speculative insertion.)
+    SELECT sc.needs_reorder INTO flagged FROM queue_scopes sc
+    WHERE sc.queue = q AND sc.scope = s FOR UPDATE;
+    IF NOT FOUND THEN
+        INSERT INTO queue_scopes AS sc (queue, scope, needs_reorder) VALUES (q, s, true)
+        ON CONFLICT (queue, scope) DO UPDATE SET needs_reorder = true;
+    ELSIF NOT flagged THEN
+        UPDATE queue_scopes SET needs_reorder = true WHERE queue = q AND scope = s;
+    END IF;
     -- An UPDATE gets here only for a move to another scope (the trigger's
     -- WHEN); a key given with the move is kept, and counted.
     IF TG_OP = 'UPDATE' AND NEW.position_in_queue IS DISTINCT FROM OLD.position_in_queue THEN
@@ -361,9 +368,14 @@ BEGIN
         ELSIF q = 'message' THEN
             s := NEW.conversation_id;
         END IF;
-        INSERT INTO queue_blocks AS b (queue, scope, block, item_count)
-        VALUES (q, s, queue_block(NEW.position_in_queue), 1)
-        ON CONFLICT (queue, scope, block) DO UPDATE SET item_count = b.item_count + 1;
+        -- An UPDATE first: all but one add in 512 find their block.
+        UPDATE queue_blocks SET item_count = item_count + 1
+        WHERE queue = q AND scope = s AND block = queue_block(NEW.position_in_queue);
+        IF NOT FOUND THEN
+            INSERT INTO queue_blocks AS b (queue, scope, block, item_count)
+            VALUES (q, s, queue_block(NEW.position_in_queue), 1)
+            ON CONFLICT (queue, scope, block) DO UPDATE SET item_count = b.item_count + 1;
+        END IF;
     ELSE
         IF q = 'post' THEN
             s := OLD.topic_id;
@@ -525,87 +537,105 @@ END $$;
 -- SECURITY DEFINER: a forum role with EXECUTE needs no SELECT on the
 -- bookkeeping tables. Each is one index lookup or a bounded range.
 
+-- (PL/pgSQL, not SQL functions: a SECURITY DEFINER SQL function is never
+-- inlined and is planned again on every call, 0.6 ms for queue_position;
+-- PL/pgSQL keeps its plans for the session.)
+
 -- An item's exact, dense, 1-based position: the counts of the blocks before
 -- the item's block plus its rank inside its block (see migration 3).
 CREATE FUNCTION queue_position(p_queue TEXT, p_content_id TEXT)
     RETURNS TABLE (scope TEXT, "position" BIGINT, priority_score FLOAT8, entered_queue_at TIMESTAMPTZ)
-    LANGUAGE sql STABLE SECURITY DEFINER AS $$
-    SELECT ''::TEXT,
-           (SELECT COALESCE(sum(b.item_count), 0) FROM queue_blocks b
-             WHERE b.queue = 'topic' AND b.scope = '' AND b.block < queue_block(i.position_in_queue))::BIGINT
-         + (SELECT count(*) FROM topic_creation_queue j
-             WHERE j.position_in_queue >= queue_block_first_key(queue_block(i.position_in_queue))
-               AND j.position_in_queue <= i.position_in_queue),
-           i.priority_score, i.entered_queue_at
-    FROM topic_creation_queue i WHERE p_queue = 'topic' AND i.topic_id = p_content_id
-    UNION ALL
-    SELECT i.topic_id,
-           (SELECT COALESCE(sum(b.item_count), 0) FROM queue_blocks b
-             WHERE b.queue = 'post' AND b.scope = i.topic_id AND b.block < queue_block(i.position_in_queue))::BIGINT
-         + (SELECT count(*) FROM post_moderation_queue j
-             WHERE j.topic_id = i.topic_id
-               AND j.position_in_queue >= queue_block_first_key(queue_block(i.position_in_queue))
-               AND j.position_in_queue <= i.position_in_queue),
-           i.priority_score, i.entered_queue_at
-    FROM post_moderation_queue i WHERE p_queue = 'post' AND i.post_id = p_content_id
-    UNION ALL
-    SELECT i.conversation_id,
-           (SELECT COALESCE(sum(b.item_count), 0) FROM queue_blocks b
-             WHERE b.queue = 'message' AND b.scope = i.conversation_id AND b.block < queue_block(i.position_in_queue))::BIGINT
-         + (SELECT count(*) FROM private_message_queue j
-             WHERE j.conversation_id = i.conversation_id
-               AND j.position_in_queue >= queue_block_first_key(queue_block(i.position_in_queue))
-               AND j.position_in_queue <= i.position_in_queue),
-           i.priority_score, i.entered_queue_at
-    FROM private_message_queue i WHERE p_queue = 'message' AND i.message_id = p_content_id
-$$;
+    LANGUAGE plpgsql STABLE SECURITY DEFINER AS $$
+BEGIN
+    IF p_queue = 'topic' THEN
+        RETURN QUERY
+        SELECT ''::TEXT,
+               (SELECT COALESCE(sum(b.item_count), 0) FROM queue_blocks b
+                 WHERE b.queue = 'topic' AND b.scope = '' AND b.block < queue_block(i.position_in_queue))::BIGINT
+             + (SELECT count(*) FROM topic_creation_queue j
+                 WHERE j.position_in_queue >= queue_block_first_key(queue_block(i.position_in_queue))
+                   AND j.position_in_queue <= i.position_in_queue),
+               i.priority_score, i.entered_queue_at
+        FROM topic_creation_queue i WHERE i.topic_id = p_content_id;
+    ELSIF p_queue = 'post' THEN
+        RETURN QUERY
+        SELECT i.topic_id,
+               (SELECT COALESCE(sum(b.item_count), 0) FROM queue_blocks b
+                 WHERE b.queue = 'post' AND b.scope = i.topic_id AND b.block < queue_block(i.position_in_queue))::BIGINT
+             + (SELECT count(*) FROM post_moderation_queue j
+                 WHERE j.topic_id = i.topic_id
+                   AND j.position_in_queue >= queue_block_first_key(queue_block(i.position_in_queue))
+                   AND j.position_in_queue <= i.position_in_queue),
+               i.priority_score, i.entered_queue_at
+        FROM post_moderation_queue i WHERE i.post_id = p_content_id;
+    ELSIF p_queue = 'message' THEN
+        RETURN QUERY
+        SELECT i.conversation_id,
+               (SELECT COALESCE(sum(b.item_count), 0) FROM queue_blocks b
+                 WHERE b.queue = 'message' AND b.scope = i.conversation_id AND b.block < queue_block(i.position_in_queue))::BIGINT
+             + (SELECT count(*) FROM private_message_queue j
+                 WHERE j.conversation_id = i.conversation_id
+                   AND j.position_in_queue >= queue_block_first_key(queue_block(i.position_in_queue))
+                   AND j.position_in_queue <= i.position_in_queue),
+               i.priority_score, i.entered_queue_at
+        FROM private_message_queue i WHERE i.message_id = p_content_id;
+    END IF;
+END $$;
 
 -- The first `p_limit` items of a scope ('' for the topic queue), in order.
 CREATE FUNCTION queue_head(p_queue TEXT, p_scope TEXT, p_limit INTEGER DEFAULT 100)
     RETURNS TABLE (content_id TEXT, "position" BIGINT, priority_score FLOAT8, entered_queue_at TIMESTAMPTZ)
-    LANGUAGE sql STABLE SECURITY DEFINER AS $$
-    SELECT h.id, ROW_NUMBER() OVER (ORDER BY h.key), h.priority_score, h.entered_queue_at
-    FROM (
-        (SELECT topic_id AS id, position_in_queue AS key, t.priority_score, t.entered_queue_at
-         FROM topic_creation_queue t WHERE p_queue = 'topic' AND p_scope = ''
-         ORDER BY position_in_queue LIMIT p_limit)
-        UNION ALL
-        (SELECT post_id, position_in_queue, p.priority_score, p.entered_queue_at
-         FROM post_moderation_queue p WHERE p_queue = 'post' AND p.topic_id = p_scope
-         ORDER BY position_in_queue LIMIT p_limit)
-        UNION ALL
-        (SELECT message_id, position_in_queue, m.priority_score, m.entered_queue_at
-         FROM private_message_queue m WHERE p_queue = 'message' AND m.conversation_id = p_scope
-         ORDER BY position_in_queue LIMIT p_limit)
-    ) h
-    ORDER BY h.key
-$$;
+    LANGUAGE plpgsql STABLE SECURITY DEFINER AS $$
+BEGIN
+    IF p_queue = 'topic' AND p_scope = '' THEN
+        RETURN QUERY
+        SELECT t.topic_id, ROW_NUMBER() OVER (ORDER BY t.position_in_queue), t.priority_score, t.entered_queue_at
+        FROM (SELECT * FROM topic_creation_queue ORDER BY position_in_queue LIMIT p_limit) t
+        ORDER BY t.position_in_queue;
+    ELSIF p_queue = 'post' THEN
+        RETURN QUERY
+        SELECT t.post_id, ROW_NUMBER() OVER (ORDER BY t.position_in_queue), t.priority_score, t.entered_queue_at
+        FROM (SELECT * FROM post_moderation_queue q WHERE q.topic_id = p_scope ORDER BY q.position_in_queue LIMIT p_limit) t
+        ORDER BY t.position_in_queue;
+    ELSIF p_queue = 'message' THEN
+        RETURN QUERY
+        SELECT t.message_id, ROW_NUMBER() OVER (ORDER BY t.position_in_queue), t.priority_score, t.entered_queue_at
+        FROM (SELECT * FROM private_message_queue q WHERE q.conversation_id = p_scope ORDER BY q.position_in_queue LIMIT p_limit) t
+        ORDER BY t.position_in_queue;
+    END IF;
+END $$;
 
 -- How many items a scope holds ('' for the topic queue): the sum of its
 -- blocks' counts.
 CREATE FUNCTION queue_length(p_queue TEXT, p_scope TEXT) RETURNS BIGINT
-    LANGUAGE sql STABLE SECURITY DEFINER AS $$
-    SELECT COALESCE(sum(item_count), 0)::BIGINT FROM queue_blocks WHERE queue = p_queue AND scope = p_scope
-$$;
+    LANGUAGE plpgsql STABLE SECURITY DEFINER AS $$
+BEGIN
+    RETURN (SELECT COALESCE(sum(b.item_count), 0)::BIGINT FROM queue_blocks b
+            WHERE b.queue = p_queue AND b.scope = p_scope);
+END $$;
 
 -- A user's score, and their rank and topic right on the leaderboard view as
--- last refreshed (rank NULL when not on it). NULL row for an unknown user.
+-- last refreshed (rank NULL when not on it). No row for an unknown user.
 CREATE FUNCTION loyalty_standing(p_user_id BIGINT)
     RETURNS TABLE (user_id BIGINT, loyalty_score BIGINT, rank BIGINT, can_create_topics BOOLEAN)
-    LANGUAGE sql STABLE SECURITY DEFINER AS $$
+    LANGUAGE plpgsql STABLE SECURITY DEFINER AS $$
+BEGIN
+    RETURN QUERY
     SELECT u.id, u.loyalty_score, l.rank, COALESCE(l.can_create_topics, false)
     FROM users u LEFT JOIN user_leaderboard l ON l.user_id = u.id
-    WHERE u.id = p_user_id
-$$;
+    WHERE u.id = p_user_id;
+END $$;
 
 -- A page of the leaderboard view: `p_limit` entries after `p_offset` ranks.
 CREATE FUNCTION leaderboard_page(p_limit INTEGER DEFAULT 100, p_offset BIGINT DEFAULT 0)
     RETURNS TABLE (user_id BIGINT, username TEXT, loyalty_score BIGINT, rank BIGINT, can_create_topics BOOLEAN)
-    LANGUAGE sql STABLE SECURITY DEFINER AS $$
+    LANGUAGE plpgsql STABLE SECURITY DEFINER AS $$
+BEGIN
     -- Ranks are dense 1..n: "rank > offset" skips without reading the skipped rows.
+    RETURN QUERY
     SELECT l.user_id, l.username, l.loyalty_score, l.rank, l.can_create_topics
-    FROM user_leaderboard l WHERE l.rank > p_offset ORDER BY l.rank LIMIT p_limit
-$$;
+    FROM user_leaderboard l WHERE l.rank > p_offset ORDER BY l.rank LIMIT p_limit;
+END $$;
 
 -- ---------------------------------------------------------------- privileges
 

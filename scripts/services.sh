@@ -3,9 +3,10 @@
 # PostgreSQL and Redis from Debian's packages if they are missing, starts them
 # if they are stopped, and makes sure the PostgreSQL role `root` exists (tests
 # and the run script connect over the local socket as root). With --test it
-# also installs what the tests drive loyaltyd with: Python's psycopg (the
-# forum handlers of the SQL contract tests) and Prometheus (promtool and a
-# live server).
+# also installs what the tests drive loyaltyd with: Python's psycopg and
+# redis-py (the forum handlers of the SQL contract tests, the original
+# design's own service code in the adoption tests) and Prometheus (promtool
+# and a live server).
 # Usage: scripts/services.sh [--test] [DATABASE...]
 set -euo pipefail
 
@@ -22,6 +23,7 @@ command -v pg_ctlcluster >/dev/null 2>&1 || missing+=(postgresql)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 if $test_tools; then
     /usr/bin/python3 -c 'import psycopg' >/dev/null 2>&1 || missing+=(python3-psycopg)
+    /usr/bin/python3 -c 'import redis' >/dev/null 2>&1 || missing+=(python3-redis)
     command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 fi
 if ((${#missing[@]})); then

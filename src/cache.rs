@@ -463,6 +463,35 @@ impl Cache {
         let _ = self.run::<i64>("DECRBY", cmd.query_async(&mut conn)).await;
     }
 
+    /// How many keys match `pattern` under the prefix (a SCAN), with up to
+    /// five of them; -1 when Redis is away.
+    pub async fn count_keys(&self, pattern: &str) -> (i64, Vec<String>) {
+        let pattern = format!("{}{pattern}", escape_glob(&self.inner.prefix));
+        let mut conn = self.inner.conn.clone();
+        let (mut cursor, mut count, mut examples) = (0u64, 0i64, Vec::new());
+        loop {
+            let scan = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .to_owned();
+            let Some((next, keys)) = self
+                .run::<(u64, Vec<String>)>("SCAN", scan.query_async(&mut conn))
+                .await
+            else {
+                return (-1, Vec::new());
+            };
+            count += keys.len() as i64;
+            examples.extend(keys.into_iter().take(5 - examples.len().min(5)));
+            cursor = next;
+            if cursor == 0 {
+                return (count, examples);
+            }
+        }
+    }
+
     /// Deletes keys (tests and repairs); false when Redis could not be reached.
     pub async fn delete(&self, keys: &[String]) -> bool {
         if keys.is_empty() {

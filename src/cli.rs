@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::types::{ContentType, Ident, Outcome, Priority, QueueKind, Scope, UserId};
-use crate::{daemon, db, demo, leaderboard, loyalty, queues, stats, telemetry};
+use crate::{adopt, daemon, db, demo, leaderboard, loyalty, queues, stats, telemetry};
 
 /// loyaltyd: incremental loyalty scores, a debounced leaderboard and exact
 /// moderation-queue positions on PostgreSQL and Redis.
@@ -39,6 +39,8 @@ pub enum Command {
     Run,
     /// Apply pending database migrations
     Migrate,
+    /// Upgrade a database of the original design in place, online
+    Adopt(AdoptArgs),
     /// Validate the configuration and print it, secrets redacted
     CheckConfig,
     /// Moderation events
@@ -58,6 +60,23 @@ pub enum Command {
     /// Synthetic forum data
     #[command(subcommand)]
     Demo(DemoCommand),
+}
+
+/// `adopt`
+#[derive(Debug, Args)]
+pub struct AdoptArgs {
+    /// Print the plan and the data problems; change nothing
+    #[arg(long)]
+    dry_run: bool,
+    /// Rows per batch of a back-fill or repair
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(i64).range(100..=1_000_000))]
+    batch_size: i64,
+    /// Longest wait for a lock on a forum table before letting the forum through and retrying
+    #[arg(long, default_value = "500ms", value_parser = |s: &str| humantime::parse_duration(s).map_err(|e| e.to_string()))]
+    lock_timeout: std::time::Duration,
+    /// The forum's application no longer runs the original code (it only inserts events)
+    #[arg(long)]
+    no_legacy_writers: bool,
 }
 
 /// `event ...`
@@ -241,6 +260,17 @@ pub async fn run(cli: Cli) -> Result<()> {
             db::migrate(&pool).await?;
             emit(json, &Migrated { migrated: true })
         }
+        Command::Adopt(args) => {
+            let pool = db::connect(&config.database).await?;
+            let cache = crate::cache::Cache::new(&config.redis)?;
+            let opts = adopt::Options {
+                dry_run: args.dry_run,
+                batch_size: args.batch_size,
+                lock_timeout: args.lock_timeout,
+                legacy_writers: !args.no_legacy_writers,
+            };
+            emit(json, &adopt::adopt(&pool, &cache, &opts).await?)
+        }
         Command::Stats => {
             let cache = crate::cache::Cache::new(&config.redis)?;
             emit(json, &stats::collect(&cache).await?)
@@ -343,9 +373,11 @@ async fn data_command(ctx: &Context, json: bool, command: Command) -> Result<()>
             json,
             &demo::seed(ctx, users, events, queue_items, true).await?,
         ),
-        Command::Run | Command::Migrate | Command::CheckConfig | Command::Stats => {
-            Err(Error::Runtime("internal: command dispatched twice".into()))
-        }
+        Command::Run
+        | Command::Migrate
+        | Command::Adopt(_)
+        | Command::CheckConfig
+        | Command::Stats => Err(Error::Runtime("internal: command dispatched twice".into())),
     }
 }
 
@@ -569,6 +601,42 @@ impl Render for stats::Stats {
             out.push_str(&format!(
                 "\n{:<40} {:>6} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3}",
                 l.key, l.count, l.avg_ms, l.p50_ms, l.p95_ms, l.p99_ms, l.max_ms
+            ));
+        }
+        out
+    }
+}
+
+impl Render for adopt::Report {
+    fn text(&self) -> String {
+        let mut out = String::from(if self.dry_run {
+            "adoption plan (dry run: nothing was changed)\n"
+        } else {
+            "adoption\n"
+        });
+        out.push_str("\nsteps:\n");
+        for (i, s) in self.steps.iter().enumerate() {
+            out.push_str(&format!(
+                "  {:>2}. {} [{} rows; lock: {}]\n",
+                i + 1,
+                s.step,
+                s.rows,
+                s.lock
+            ));
+        }
+        out.push_str("\ndata problems:\n");
+        for p in self.problems.iter().chain(&self.redis) {
+            out.push_str(&format!("  {:>9}  {}: {}\n", p.count, p.problem, p.action));
+            for e in &p.examples {
+                out.push_str(&format!("             e.g. {e}\n"));
+            }
+        }
+        if self.dry_run {
+            out.push_str("\nrun without --dry-run to carry it out");
+        } else {
+            out.push_str(&format!(
+                "\ndone in {:.1}s; migrations {:?} recorded: `loyaltyd migrate` is the path from here",
+                self.seconds, self.migrations_recorded
             ));
         }
         out

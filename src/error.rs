@@ -77,6 +77,11 @@ pub enum Error {
     )]
     ScoreOverflow(i64),
 
+    /// The database cannot be adopted as it is (exit 65): the message says
+    /// what is wrong with it. Nothing was changed.
+    #[error("cannot adopt this database: {0}")]
+    Adopt(String),
+
     /// PostgreSQL cannot be reached or dropped the connection (exit 69).
     #[error(
         "PostgreSQL unreachable while {context}: {} (is the server running and database.url right?)",
@@ -124,7 +129,8 @@ impl Error {
             | Error::UnknownItem { .. }
             | Error::DuplicateItem { .. }
             | Error::EventIdConflict { .. }
-            | Error::ScoreOverflow(_) => EXIT_DATA,
+            | Error::ScoreOverflow(_)
+            | Error::Adopt(_) => EXIT_DATA,
             Error::Unavailable { .. } => EXIT_UNAVAILABLE,
             Error::Migrate(sqlx::migrate::MigrateError::Execute(e)) if is_unavailable(e) => {
                 EXIT_UNAVAILABLE

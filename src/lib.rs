@@ -15,8 +15,10 @@
 //!   the `stats` and `demo seed` commands.
 //! * [`jobs`]: the scheduled work and the runner that guards each tick;
 //!   [`sync`]: the daemon's cache sync for writers that bypass loyaltyd.
+//! * [`adopt`]: the online upgrade of a database of the original design.
 //! * [`daemon`], [`cli`]: the entry points.
 
+pub mod adopt;
 pub mod cache;
 pub mod cli;
 pub mod config;

@@ -401,6 +401,19 @@ async fn repair(tx: &mut Transaction<'_, Postgres>, ids: &[i64]) -> Result<Vec<R
         .collect())
 }
 
+/// Repairs the scores of `ids` in the caller's transaction (the sweep's
+/// repair, for `adopt`): `(user, before, after)` of every score it changed.
+pub async fn repair_users(
+    tx: &mut Transaction<'_, Postgres>,
+    ids: &[i64],
+) -> Result<Vec<(i64, i64, i64)>> {
+    Ok(repair(tx, ids)
+        .await?
+        .into_iter()
+        .map(|r| (r.fresh.user.get(), r.previous, r.fresh.score))
+        .collect())
+}
+
 /// How long a seed-era writer's credit (migration 5, "the seed's writers")
 /// waits for its event before the sweep treats it as drift: the seed's
 /// UPDATE and INSERT are milliseconds apart; five minutes is a crash.

@@ -782,3 +782,37 @@ pub fn readme_example(name: &str) -> String {
         .unwrap_or_else(|| panic!("unclosed fence after {marker}"));
     rest[..end + 1].to_owned()
 }
+
+/// A new database beside the test's (named after it, so the test set-up's
+/// clean-up drops it too), with every migration applied: what `migrate`
+/// builds from empty.
+pub async fn migrated_database(pool: &PgPool, suffix: &str) -> PgPool {
+    // Identifiers stop at 63 bytes: a hash of the test's name, not the name.
+    let name: String =
+        sqlx::query_scalar("SELECT '_sqlx_test_' || left(md5(current_database() || $1), 24)")
+            .bind(suffix)
+            .fetch_one(pool)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    // A failed run of the same test leaves it behind (its database too).
+    for sql in [
+        format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"),
+        format!("CREATE DATABASE \"{name}\""),
+    ] {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(pool)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    let opts = pool.connect_options().as_ref().clone().database(&name);
+    let fresh = PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(opts)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    loyaltyd::MIGRATOR
+        .run(&fresh)
+        .await
+        .unwrap_or_else(|e| panic!("migrate {name}: {e}"));
+    fresh
+}

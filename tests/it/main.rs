@@ -6,6 +6,7 @@
 
 mod common;
 
+mod adopt;
 mod bench;
 mod cli;
 mod config;

@@ -1,0 +1,447 @@
+//! `loyaltyd adopt` on a database built from the original design's own
+//! schema and messy data (tests/fixtures/original_design.sql), while the
+//! original design's own service code keeps writing to it, with a SIGKILL
+//! in the middle; afterwards the schema is what `migrate` builds and every
+//! invariant holds.
+
+use std::collections::BTreeSet;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use loyaltyd::types::QueueKind;
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+use crate::common;
+
+const USERS: i64 = 2_000;
+const EVENTS: i64 = 40_000;
+
+/// Loads the original design's fixture into the (empty) test database.
+fn load_fixture(db: &str) {
+    let out = Command::new("psql")
+        .args([
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-v",
+            &format!("users={USERS}"),
+            "-v",
+            &format!("events={EVENTS}"),
+            "-h",
+            "/var/run/postgresql",
+            "-d",
+            db,
+            "-f",
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/fixtures/original_design.sql"
+            ),
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("psql: {e}"));
+    assert!(
+        out.status.success(),
+        "fixture: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+async fn database(pool: &PgPool) -> String {
+    sqlx::query_scalar("SELECT current_database()::TEXT")
+        .fetch_one(pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Every object of a schema, as text: columns (type, nullability,
+/// default), constraints, indexes, triggers, functions (body, settings,
+/// security), views and sequences; what is named in `except` left out.
+async fn schema(pool: &PgPool, except: &[&str]) -> BTreeSet<String> {
+    let rows: Vec<String> = sqlx::query_scalar(
+        r#"
+        SELECT 'column ' || c.relname || '.' || a.attname || ' ' || format_type(a.atttypid, a.atttypmod)
+               || CASE WHEN a.attnotnull THEN ' not null' ELSE '' END
+               || COALESCE(' default ' || pg_get_expr(d.adbin, d.adrelid), '')
+        FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+        LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+        WHERE c.relnamespace = current_schema()::REGNAMESPACE AND c.relkind IN ('r', 'v', 'm')
+          AND a.attnum > 0 AND NOT a.attisdropped AND c.relname <> '_sqlx_migrations'
+        UNION ALL
+        SELECT 'constraint ' || conrelid::REGCLASS || '.' || conname || ' ' || pg_get_constraintdef(oid)
+               || CASE WHEN convalidated THEN '' ELSE ' NOT VALID' END
+        FROM pg_constraint WHERE connamespace = current_schema()::REGNAMESPACE AND conrelid <> 0
+          AND conrelid::REGCLASS::TEXT <> '_sqlx_migrations'
+        UNION ALL
+        SELECT 'index ' || pg_get_indexdef(x.indexrelid) || CASE WHEN x.indisvalid THEN '' ELSE ' INVALID' END
+        FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
+        WHERE i.relnamespace = current_schema()::REGNAMESPACE AND x.indrelid::REGCLASS::TEXT <> '_sqlx_migrations'
+        UNION ALL
+        SELECT 'trigger ' || pg_get_triggerdef(t.oid) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+        WHERE NOT t.tgisinternal AND c.relnamespace = current_schema()::REGNAMESPACE
+        UNION ALL
+        SELECT 'function ' || p.proname || '(' || pg_get_function_identity_arguments(p.oid) || ') '
+               || md5(p.prosrc) || ' ' || p.prosecdef || ' ' || COALESCE(array_to_string(p.proconfig, ','), '')
+        FROM pg_proc p WHERE p.pronamespace = current_schema()::REGNAMESPACE
+        UNION ALL
+        SELECT 'view ' || c.relname || ' ' || md5(pg_get_viewdef(c.oid)) FROM pg_class c
+        WHERE c.relnamespace = current_schema()::REGNAMESPACE AND c.relkind IN ('v', 'm')
+        UNION ALL
+        SELECT 'sequence ' || s.seqrelid::REGCLASS || ' ' || format_type(s.seqtypid, NULL) FROM pg_sequence s
+        JOIN pg_class c ON c.oid = s.seqrelid WHERE c.relnamespace = current_schema()::REGNAMESPACE
+        "#,
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap_or_else(|e| panic!("schema: {e}"));
+    rows.into_iter()
+        // The forum creates its users: its own default on users.id stays.
+        .map(|r| match r.split_once(" default nextval('users_id_seq") {
+            Some((column, _)) if !except.is_empty() => column.to_owned(),
+            _ => r,
+        })
+        .filter(|r| !except.iter().any(|x| r.contains(x)))
+        .collect()
+}
+
+/// The forum's own objects, which adoption leaves alone.
+const FORUM_OWN: &[&str] = &[
+    "users.email",
+    "users_email",
+    "moderation_events.moderator_id",
+    "forum_posts",
+    "users_id_seq",
+];
+
+/// Running copies of the original application, killed if the test fails.
+struct Apps(Vec<Child>);
+
+impl Drop for Apps {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The original design's application, running (tests/fixtures/seed_app.py).
+fn old_app(config: &loyaltyd::Config, db: &str, worker: usize, seconds: u32, stop: &str) -> Child {
+    Command::new(common::PYTHON)
+        .args([
+            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/seed_app.py"),
+            &format!("host=/var/run/postgresql dbname={db} user=root"),
+            &config.redis.url,
+            &config.redis.key_prefix,
+            &worker.to_string(),
+            &seconds.to_string(),
+            &USERS.to_string(),
+            stop,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("python3: {e}"))
+}
+
+async fn finish(app: Child) -> serde_json::Value {
+    let out = tokio::task::spawn_blocking(move || app.wait_with_output())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        out.status.success(),
+        "old app: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `loyaltyd adopt`, off the runtime's thread.
+async fn adopt(config: &loyaltyd::Config, args: &[&str]) -> std::process::Output {
+    let config = config.clone();
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        common::run(&config, &[&["adopt"], &args[..]].concat())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[sqlx::test(migrations = false)]
+async fn the_original_design_is_adopted_online_beside_its_own_code_and_resumes_after_a_sigkill(
+    _o: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let pool = common::wide_pool(opts, 8).await;
+    let db = database(&pool).await;
+    load_fixture(&db);
+    let mut config = common::config(&pool, "adopt");
+    config.database.statement_timeout = Duration::from_secs(5);
+
+    // The dry run: the plan and every planted problem, nothing changed.
+    let before = schema(&pool, &[]).await;
+    let out = adopt(&config, &["--dry-run", "--json"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        schema(&pool, &[]).await,
+        before,
+        "a dry run changes nothing"
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}"));
+    let count = |needle: &str| -> i64 {
+        report["problems"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["problem"].as_str().is_some_and(|s| s.starts_with(needle)))
+            .and_then(|p| p["count"].as_i64())
+            .unwrap_or_else(|| panic!("no problem {needle:?} in {report}"))
+    };
+    assert_eq!(count("events whose content type is spelt"), 5);
+    assert_eq!(count("events whose outcome is spelt"), 7);
+    assert_eq!(count("events with a content type no rule"), 3);
+    assert_eq!(count("events with an outcome no rule"), 4);
+    assert_eq!(count("events without a valid event type or content id"), 2);
+    assert_eq!(count("events of users that no longer exist"), 6);
+    assert_eq!(count("scores that drifted"), 9);
+    assert_eq!(count("topic queue items sharing a position"), 3);
+    assert_eq!(count("post queue items sharing a position"), 1);
+    assert_eq!(count("message queue items sharing a position"), 0);
+    assert_eq!(count("topic queue positions missing"), 5);
+    assert_eq!(count("post queue items with an invalid"), 1);
+    assert_eq!(count("message queue items with an invalid"), 1);
+    assert!(
+        report["steps"].as_array().is_some_and(|s| s.len() > 5),
+        "{report}"
+    );
+    // The queues' order as the original left it (position, entry, id).
+    let old_order: Vec<(String, String)> = sqlx::query_as(
+        "SELECT topic_id::TEXT, post_id::TEXT FROM post_moderation_queue WHERE topic_id IS NOT NULL
+         ORDER BY topic_id, position_in_queue, entered_queue_at, post_id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+
+    // The old application keeps writing throughout.
+    let stop = std::env::temp_dir().join(format!("adopt-stop-{db}"));
+    let _ = std::fs::remove_file(&stop);
+    let stop_path = stop.to_string_lossy().into_owned();
+    let mut apps = Apps(
+        (0..2)
+            .map(|w| old_app(&config, &db, w, 120, &stop_path))
+            .collect(),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Killed in the middle (once the events are being shaped), then resumed.
+    let mut first = common::loyaltyd(&config)
+        .args(["adopt", "--batch-size", "2000"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    common::eventually(
+        "the adoption under way",
+        Duration::from_secs(60),
+        || async {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM adoption_quarantine")
+                .fetch_one(&pool)
+                .await
+                .unwrap_or(0)
+                > 0
+        },
+    )
+    .await;
+    let _ = first.kill(); // SIGKILL
+    let _ = first.wait();
+    let started = Instant::now();
+    let out = adopt(&config, &["--batch-size", "2000", "--json"]).await;
+    assert!(
+        out.status.success(),
+        "resumed adoption: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("resumed adoption took {:?}", started.elapsed());
+    std::fs::write(&stop, b"stop").unwrap_or_else(|e| panic!("{e}"));
+    let mut worst: f64 = 0.0;
+    let mut kept: Vec<String> = Vec::new();
+    for app in std::mem::take(&mut apps.0) {
+        let line = finish(app).await;
+        assert_eq!(
+            line["errors"],
+            serde_json::json!({}),
+            "the old code failed: {line}"
+        );
+        assert!(line["done"].as_i64().unwrap_or(0) > 10, "{line}");
+        worst = worst.max(line["worst_ms"].as_f64().unwrap_or(0.0));
+        kept.extend(
+            line["queued"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str().map(str::to_owned)),
+        );
+    }
+    eprintln!("the original code's worst latency during the adoption: {worst} ms");
+    let _ = std::fs::remove_file(&stop);
+
+    // The schema is what `migrate` builds, and `migrate` is the path now.
+    let fresh = common::migrated_database(&pool, "fresh").await;
+    let (adopted, migrated) = (schema(&pool, FORUM_OWN).await, schema(&fresh, &[]).await);
+    let only_adopted: Vec<_> = adopted.difference(&migrated).collect();
+    let only_migrated: Vec<_> = migrated.difference(&adopted).collect();
+    assert!(
+        only_adopted.is_empty() && only_migrated.is_empty(),
+        "the adopted schema differs from migrate's: only adopted {only_adopted:#?}, only migrated {only_migrated:#?}"
+    );
+    let migrate = common::run(&config, &["migrate"]);
+    assert!(
+        migrate.status.success(),
+        "{}",
+        String::from_utf8_lossy(&migrate.stderr)
+    );
+
+    // Every invariant: no drift (the original's writes counted once), dense
+    // positions in the old order, the view equal to its definition.
+    let ctx = common::ctx_with(&pool, config.clone(), false);
+    assert_eq!(common::sweep_drift(&ctx).await, 0);
+    let credits: i64 = sqlx::query_scalar("SELECT count(*) FROM legacy_score_credits")
+        .fetch_one(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(credits, 0, "every direct score write met its event");
+    for q in QueueKind::ALL {
+        common::queue_invariants(&pool, q).await;
+    }
+    let now = common::queue_invariants(&pool, QueueKind::Post).await;
+    for (topic, items) in &now {
+        let before: Vec<&String> = old_order
+            .iter()
+            .filter(|(t, i)| t == topic && items.contains(i))
+            .map(|(_, i)| i)
+            .collect();
+        let after: Vec<&String> = items.iter().filter(|i| before.contains(i)).collect();
+        assert_eq!(before, after, "the original order of {topic}");
+    }
+    for item in &kept {
+        assert!(
+            now.values().any(|v| v.contains(item)),
+            "the old code's item {item} is queued"
+        );
+    }
+    let forced =
+        loyaltyd::leaderboard::refresh(&ctx, true, &tokio_util::sync::CancellationToken::new())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    assert!(forced.refreshed);
+    let off: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM user_leaderboard l FULL JOIN (
+             SELECT id, ROW_NUMBER() OVER (ORDER BY loyalty_score DESC, created_at ASC) AS rank
+             FROM users WHERE loyalty_score > 0) t ON t.id = l.user_id
+         WHERE l.rank IS DISTINCT FROM t.rank",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(off, 0, "the view equals its definition");
+    // Nothing dropped: every moved row is in the quarantine, with its reason.
+    let quarantined: i64 = sqlx::query_scalar("SELECT count(*) FROM adoption_quarantine")
+        .fetch_one(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(quarantined, 3 + 4 + 2 + 6 + 1 + 1);
+    let repaired: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM adoption_repairs WHERE kind = 'users.loyalty_score'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(repaired >= 9, "{repaired}");
+}
+
+#[sqlx::test(migrations = false)]
+async fn after_adoption_the_old_code_and_plain_sql_together_count_every_score_once(
+    _o: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let pool = common::wide_pool(opts, 8).await;
+    let db = database(&pool).await;
+    load_fixture(&db);
+    let config = common::config(&pool, "coexist");
+    let out = adopt(&config, &["--json"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The old code (UPDATE, then INSERT) and a new application (INSERT
+    // only) at once, on the same users.
+    let stop = std::env::temp_dir().join(format!("coexist-stop-{db}"));
+    let mut apps = Apps(
+        (0..3)
+            .map(|w| old_app(&config, &db, w, 4, &stop.to_string_lossy()))
+            .collect(),
+    );
+    let writers: Vec<_> = (0..3)
+        .map(|w| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                for i in 0..300i64 {
+                    sqlx::query(
+                        "INSERT INTO moderation_events (user_id, event_type, content_type, content_id, outcome)
+                         VALUES ($1, 'moderation_decision', 'post', $2, 'approved')",
+                    )
+                    .bind(1 + (i * 31 + w) % USERS)
+                    .bind(format!("new-{w}-{i}"))
+                    .execute(&pool)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"));
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    for app in std::mem::take(&mut apps.0) {
+        let line = finish(app).await;
+        assert_eq!(line["errors"], serde_json::json!({}), "{line}");
+    }
+    let ctx = common::ctx_with(&pool, config, false);
+    assert_eq!(
+        common::sweep_drift(&ctx).await,
+        0,
+        "no score counted twice or not at all"
+    );
+    common::queue_invariants(&pool, QueueKind::Post).await;
+    // The switch, once the application only inserts events.
+    sqlx::query("UPDATE loyaltyd_settings SET legacy_score_writes = false")
+        .execute(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[sqlx::test(migrations = false)]
+async fn adopt_refuses_an_empty_database_and_one_loyaltyd_manages_already(pool: PgPool) {
+    let config = common::config(&pool, "refuse");
+    let out = adopt(&config, &[]).await;
+    assert_eq!(out.status.code(), Some(65));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("table users is missing") && err.contains("loyaltyd migrate"),
+        "{err}"
+    );
+    assert!(common::run(&config, &["migrate"]).status.success());
+    let out = adopt(&config, &["--dry-run"]).await;
+    assert_eq!(out.status.code(), Some(65));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("managed by loyaltyd already"));
+}
