@@ -88,6 +88,11 @@ pub async fn all(b: &Bench, report: &mut Report) -> R<()> {
             queues_at(b, report, n).await?;
         }
     }
+    if b.wants("adoption") {
+        for &(users, events) in &s.adoption {
+            super::adoption::adoption(b, report, users, events).await?;
+        }
+    }
     // The larger sweeps (--large) reseed from scratch: they come last.
     let larger = if b.wants("integrity sweep") {
         &s.sweep[1..]

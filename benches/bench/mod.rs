@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+mod adoption;
 mod cases;
 mod daemon;
 mod seed;
@@ -68,13 +69,16 @@ impl Opts {
                 queue_iterations: |_| 20,
                 refresh_users: vec![2_000, 5_000],
                 sweep: vec![(2_000, 40_000)],
+                adoption: vec![(2_000, 40_000)],
                 seed_loop_sample: 100,
                 rounds: 1,
             }
         } else {
             let mut sweep = vec![(200_000, 4_000_000)];
+            let mut adoption = vec![(200_000, 4_000_000)];
             if self.large {
                 sweep.push((1_000_000, 20_000_000));
+                adoption.push((1_000_000, 20_000_000));
             }
             Sizes {
                 users: 200_000,
@@ -95,6 +99,7 @@ impl Opts {
                 },
                 refresh_users: vec![200_000, 1_000_000],
                 sweep,
+                adoption,
                 seed_loop_sample: 2_000,
                 rounds: 3,
             }
@@ -124,6 +129,8 @@ pub struct Sizes {
     pub queue_iterations: fn(i64) -> usize,
     pub refresh_users: Vec<i64>,
     pub sweep: Vec<(i64, i64)>,
+    /// Sizes of the adopted databases (users, events).
+    pub adoption: Vec<(i64, i64)>,
     pub seed_loop_sample: i64,
     pub rounds: usize,
 }
