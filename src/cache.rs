@@ -372,7 +372,7 @@ impl Cache {
     }
 
     /// Queues one [`SET_IF_NEWER`] call (by its SHA) on a pipeline.
-    pub fn add_set_if_newer(&self, pipe: &mut Pipeline, s: &VersionedScore) {
+    fn add_set_if_newer(&self, pipe: &mut Pipeline, s: &VersionedScore) {
         self.add_script_call(pipe, &self.inner.set_if_newer, s.user)
             .arg(s.score)
             .arg(s.version)
@@ -398,7 +398,7 @@ impl Cache {
 
     /// Runs a pipeline under the timeout; loads the scripts and retries once if
     /// Redis does not know them yet (after a restart or `SCRIPT FLUSH`).
-    pub async fn run_pipeline(&self, what: &'static str, pipe: &mut Pipeline) -> bool {
+    async fn run_pipeline(&self, what: &'static str, pipe: &mut Pipeline) -> bool {
         self.query_pipeline::<()>(what, pipe, false).await.is_some()
     }
 
@@ -463,12 +463,12 @@ impl Cache {
         let _ = self.run::<i64>("DECRBY", cmd.query_async(&mut conn)).await;
     }
 
-    /// How many keys match `pattern` under the prefix (a SCAN), with up to
-    /// five of them; -1 when Redis is away.
-    pub async fn count_keys(&self, pattern: &str) -> (i64, Vec<String>) {
+    /// Every key matching `pattern` under the prefix (a SCAN; with the
+    /// prefix); `None` when Redis is away.
+    pub async fn keys(&self, pattern: &str) -> Option<Vec<String>> {
         let pattern = format!("{}{pattern}", escape_glob(&self.inner.prefix));
         let mut conn = self.inner.conn.clone();
-        let (mut cursor, mut count, mut examples) = (0u64, 0i64, Vec::new());
+        let (mut cursor, mut keys) = (0u64, Vec::new());
         loop {
             let scan = redis::cmd("SCAN")
                 .arg(cursor)
@@ -477,19 +477,44 @@ impl Cache {
                 .arg("COUNT")
                 .arg(1000)
                 .to_owned();
-            let Some((next, keys)) = self
+            let (next, batch) = self
                 .run::<(u64, Vec<String>)>("SCAN", scan.query_async(&mut conn))
-                .await
-            else {
-                return (-1, Vec::new());
-            };
-            count += keys.len() as i64;
-            examples.extend(keys.into_iter().take(5 - examples.len().min(5)));
+                .await?;
+            keys.extend(batch);
             cursor = next;
             if cursor == 0 {
-                return (count, examples);
+                return Some(keys);
             }
         }
+    }
+
+    /// How many keys match `pattern` under the prefix, with up to five of
+    /// them; -1 when Redis is away.
+    pub async fn count_keys(&self, pattern: &str) -> (i64, Vec<String>) {
+        match self.keys(pattern).await {
+            Some(keys) => (keys.len() as i64, keys.into_iter().take(5).collect()),
+            None => (-1, Vec::new()),
+        }
+    }
+
+    /// A whole list (LRANGE 0 -1); `None` when Redis is away.
+    pub async fn list(&self, key: &str) -> Option<Vec<String>> {
+        let mut conn = self.inner.conn.clone();
+        let cmd = redis::cmd("LRANGE").arg(key).arg(0).arg(-1).to_owned();
+        self.run("LRANGE", cmd.query_async(&mut conn)).await
+    }
+
+    /// Pushes values onto lists (their names without the prefix), each
+    /// trimmed to `len`, as one atomic pipeline; false when Redis is away.
+    pub async fn push_lists(&self, lists: &[(String, Vec<String>)], len: u32) -> bool {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for (list, values) in lists {
+            let key = self.key(list);
+            pipe.lpush(&key, values).ignore();
+            pipe.ltrim(&key, 0, len as isize - 1).ignore();
+        }
+        self.run_pipeline("LPUSH perf", &mut pipe).await
     }
 
     /// Deletes keys (tests and repairs); false when Redis could not be reached.
@@ -504,14 +529,9 @@ impl Cache {
             .is_some()
     }
 
-    /// A clone of the connection, for modules that speak Redis themselves.
-    pub fn connection(&self) -> ConnectionManager {
-        self.inner.conn.clone()
-    }
-
     /// Runs one Redis future under the timeout; an error or timeout is logged,
     /// counted and returned as `None`.
-    pub async fn run<T>(
+    async fn run<T>(
         &self,
         what: &'static str,
         fut: impl Future<Output = RedisResult<T>>,

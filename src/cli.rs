@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::types::{ContentType, Ident, Outcome, Priority, QueueKind, Scope, UserId};
-use crate::{adopt, daemon, db, demo, leaderboard, loyalty, queues, stats, telemetry};
+use crate::{adopt, daemon, db, demo, leaderboard, loyalty, perf, queues, telemetry};
 
 /// loyaltyd: incremental loyalty scores, a debounced leaderboard and exact
 /// moderation-queue positions on PostgreSQL and Redis.
@@ -88,19 +88,19 @@ pub enum EventCommand {
         #[arg(long, value_parser = parse_user)]
         user: UserId,
         /// The forum's name for the event, e.g. moderation_decision
-        #[arg(long, value_parser = |s: &str| Ident::parse("--event-type", s))]
+        #[arg(long, allow_hyphen_values = true, value_parser = |s: &str| Ident::parse("--event-type", s))]
         event_type: Ident,
         /// What was moderated
         #[arg(long, value_enum)]
         content_type: ContentType,
         /// Which piece of content
-        #[arg(long, value_parser = |s: &str| Ident::parse("--content-id", s))]
+        #[arg(long, allow_hyphen_values = true, value_parser = |s: &str| Ident::parse("--content-id", s))]
         content_id: Ident,
         /// The decision
         #[arg(long, value_enum)]
         outcome: Outcome,
         /// Idempotency key: a retried event with the same key counts once
-        #[arg(long, value_parser = |s: &str| Ident::parse("--event-id", s))]
+        #[arg(long, allow_hyphen_values = true, value_parser = |s: &str| Ident::parse("--event-id", s))]
         event_id: Option<Ident>,
     },
 }
@@ -160,10 +160,10 @@ pub enum LeaderboardCommand {
 #[derive(Debug, Args)]
 pub struct ScopeArgs {
     /// The topic (post queue)
-    #[arg(long, value_parser = |s: &str| Ident::parse("--topic", s))]
+    #[arg(long, allow_hyphen_values = true, value_parser = |s: &str| Ident::parse("--topic", s))]
     topic: Option<Ident>,
     /// The conversation (message queue)
-    #[arg(long, value_parser = |s: &str| Ident::parse("--conversation", s))]
+    #[arg(long, allow_hyphen_values = true, value_parser = |s: &str| Ident::parse("--conversation", s))]
     conversation: Option<Ident>,
 }
 
@@ -176,7 +176,7 @@ pub enum QueueCommand {
         #[arg(long, value_enum)]
         queue: QueueKind,
         /// The item
-        #[arg(long, value_parser = |s: &str| Ident::parse("--content-id", s))]
+        #[arg(long, allow_hyphen_values = true, value_parser = |s: &str| Ident::parse("--content-id", s))]
         content_id: Ident,
         #[command(flatten)]
         scope: ScopeArgs,
@@ -190,7 +190,7 @@ pub enum QueueCommand {
         #[arg(long, value_enum)]
         queue: QueueKind,
         /// The item
-        #[arg(long, value_parser = |s: &str| Ident::parse("--content-id", s))]
+        #[arg(long, allow_hyphen_values = true, value_parser = |s: &str| Ident::parse("--content-id", s))]
         content_id: Ident,
     },
     /// An item's exact position
@@ -199,7 +199,7 @@ pub enum QueueCommand {
         #[arg(long, value_enum)]
         queue: QueueKind,
         /// The item
-        #[arg(long, value_parser = |s: &str| Ident::parse("--content-id", s))]
+        #[arg(long, allow_hyphen_values = true, value_parser = |s: &str| Ident::parse("--content-id", s))]
         content_id: Ident,
     },
     /// The first items of a queue
@@ -273,7 +273,10 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Stats => {
             let cache = crate::cache::Cache::new(&config.redis)?;
-            emit(json, &stats::collect(&cache).await?)
+            emit(
+                json,
+                &perf::collect(&cache, &perf::PerfLists::disabled()).await?,
+            )
         }
         command => {
             let ctx = Context::connect(config, true).await?;
@@ -588,7 +591,7 @@ impl Render for queues::Reordered {
     }
 }
 
-impl Render for stats::Stats {
+impl Render for perf::Stats {
     fn text(&self) -> String {
         if self.lists.is_empty() {
             return "no perf lists yet".into();

@@ -195,7 +195,9 @@ impl Default for QueuesConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
-    /// A tracing filter (`info`, `loyaltyd=debug,sqlx=warn`). Default `info,sqlx=warn`; `RUST_LOG` overrides it.
+    /// A tracing filter (`info`, `loyaltyd=debug,sqlx=warn`). Default
+    /// `info,sqlx=warn,tokio_cron_scheduler=warn` (loyaltyd's own INFO lines;
+    /// dependencies only when something is wrong); `RUST_LOG` overrides it.
     pub level: String,
     /// `text` or `json`, one event per line. Default `text`.
     pub format: LogFormat,
@@ -204,7 +206,7 @@ pub struct LogConfig {
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
-            level: "info,sqlx=warn".into(),
+            level: "info,sqlx=warn,tokio_cron_scheduler=warn".into(),
             format: LogFormat::Text,
         }
     }
@@ -226,19 +228,23 @@ impl Config {
     pub fn load(path: Option<&Path>) -> Result<Config> {
         let figment = Self::figment(path)?;
         let config: Config = figment.extract().map_err(|e| {
-            // figment names keys with their profile ("default."): drop it.
-            let lines: Vec<String> = e
-                .into_iter()
-                .map(|e| e.to_string().replace("\"default.", "\""))
-                .collect();
+            let lines: Vec<String> = e.into_iter().map(|e| describe_error(&e)).collect();
             Error::Config(crate::error::one_line(&lines.join("; ")))
         })?;
         config.validate().map_err(|(key, problem)| {
             let source = figment
                 .find_metadata(key)
                 .map(|m| match &m.source {
-                    Some(src) => format!(" (set in {} {src})", m.name),
-                    None => format!(" (set in {})", m.name),
+                    Some(src) => format!(" (set in {src})"),
+                    None if m.name.contains("`LOYALTYD_`") => format!(
+                        " (set by environment variable {ENV_PREFIX}{})",
+                        key.replace('.', "__").to_ascii_uppercase()
+                    ),
+                    None if m.name.contains("environment") => format!(
+                        " (set by environment variable {})",
+                        key.replace('.', "_").to_ascii_uppercase()
+                    ),
+                    None => format!(" (set by {})", m.name),
                 })
                 .unwrap_or_default();
             Error::Config(format!("key \"{key}\"{source}: {problem}"))
@@ -270,7 +276,7 @@ impl Config {
                     .map(|k| k.as_str().replacen('_', ".", 1).into()),
             )
             .merge(
-                Env::prefixed("LOYALTYD_")
+                Env::prefixed(ENV_PREFIX)
                     .split("__")
                     // clap's own variable for --config, not a key.
                     .ignore(&["config"]),
@@ -384,6 +390,45 @@ impl Config {
         c
     }
 }
+
+/// One figment error as the operator wrote the value: the key as in
+/// `config.toml` (`leaderboard.max_staleness`) and, for a value from the
+/// environment, the variable that set it (`LOYALTYD_LEADERBOARD__MAX_STALENESS`).
+fn describe_error(e: &figment::Error) -> String {
+    let path: Vec<String> = e
+        .path
+        .iter()
+        .map(|k| k.to_ascii_lowercase())
+        .skip_while(|k| k == "default")
+        .collect();
+    let source = e.metadata.as_ref().map(|md| {
+        if md.name.contains("`LOYALTYD_`") {
+            format!(
+                "set by environment variable {ENV_PREFIX}{}",
+                path.join("__").to_ascii_uppercase()
+            )
+        } else if md.name.contains("environment") {
+            format!(
+                "set by environment variable {}",
+                path.join("_").to_ascii_uppercase()
+            )
+        } else if let Some(src) = &md.source {
+            format!("set in {src}")
+        } else {
+            format!("set by {}", md.name)
+        }
+    });
+    let kind = e.kind.to_string();
+    match (path.is_empty(), source) {
+        (true, Some(source)) => format!("{kind} ({source})"),
+        (true, None) => kind,
+        (false, Some(source)) => format!("key \"{}\" ({source}): {kind}", path.join(".")),
+        (false, None) => format!("key \"{}\": {kind}", path.join(".")),
+    }
+}
+
+/// The prefix of loyaltyd's environment variables.
+const ENV_PREFIX: &str = "LOYALTYD_";
 
 /// Parses a cron expression the way tokio-cron-scheduler does (seconds field
 /// required, UTC), with croner's own explanation when it is wrong.

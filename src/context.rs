@@ -8,7 +8,7 @@ use crate::cache::Cache;
 use crate::config::Config;
 use crate::db;
 use crate::error::Result;
-use crate::telemetry::PerfLists;
+use crate::perf::PerfLists;
 
 /// PostgreSQL pool, Redis cache, perf lists and configuration; cheap to clone.
 #[derive(Clone)]

@@ -18,11 +18,22 @@ use crate::error::{DbContext, Error, Result};
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
 
 /// Connection options derived from the configuration.
+///
+/// A loopback TCP address (`127.0.0.1`, `::1`, `localhost`) whose URL names
+/// no `sslmode` (nor does `PGSSLMODE`) connects without TLS: encryption adds
+/// nothing between two processes of one host, and sqlx 0.9.0 sets no
+/// TCP_NODELAY, so each TLS handshake over TCP stalls twice on delayed ACKs
+/// (about 40 ms each; upstream transact-rs/sqlx #4335, fixed after 0.9.0).
+/// Any other host, or an explicit `sslmode`, is as libpq would do it.
 pub fn connect_options(cfg: &DatabaseConfig) -> Result<PgConnectOptions> {
-    let opts: PgConnectOptions = cfg
+    let mut opts: PgConnectOptions = cfg
         .url
         .parse()
         .map_err(|e| Error::Config(format!("key \"database.url\": {e}")))?;
+    let explicit_tls = cfg.url.contains("sslmode=") || std::env::var_os("PGSSLMODE").is_some();
+    if !explicit_tls && is_loopback(opts.get_host()) {
+        opts = opts.ssl_mode(sqlx::postgres::PgSslMode::Disable);
+    }
     Ok(opts
         .application_name("loyaltyd")
         .options([("statement_timeout", millis(cfg.statement_timeout))])
@@ -32,7 +43,21 @@ pub fn connect_options(cfg: &DatabaseConfig) -> Result<PgConnectOptions> {
         .disable_statement_logging())
 }
 
+/// True for a host that is this machine over TCP.
+fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .trim_matches(|c| c == '[' || c == ']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Opens the pool and checks that the server answers (exit 69 when it does not).
+///
+/// The check's connection stays in the pool for the command that follows:
+/// it waits until sqlx has handed the connection back (its release ping runs
+/// in the background), so the command's first operation neither opens a
+/// second connection nor pays for one.
 pub async fn connect(cfg: &DatabaseConfig) -> Result<PgPool> {
     let pool = connect_lazy(cfg)?;
     sqlx::query("SELECT 1")
@@ -42,6 +67,12 @@ pub async fn connect(cfg: &DatabaseConfig) -> Result<PgPool> {
             context: "connecting",
             source,
         })?;
+    for _ in 0..100 {
+        if pool.num_idle() > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
     Ok(pool)
 }
 

@@ -25,7 +25,8 @@ use tokio_util::sync::CancellationToken;
 use crate::context::Context;
 use crate::db;
 use crate::error::{DbContext, Error, Result};
-use crate::telemetry::{self, Operation, Timer};
+use crate::perf::Timer;
+use crate::telemetry::{self, Operation};
 use crate::types::UserId;
 
 /// Advisory lock key held by the refresh (any process, any host).
@@ -132,7 +133,7 @@ pub async fn page(ctx: &Context, limit: i64, offset: i64) -> Result<Page> {
     if offset < 0 {
         return Err(Error::invalid("--offset", format!("{offset} is negative")));
     }
-    let timer = Timer::start(Operation::LeaderboardPage, None);
+    let timer = Timer::start(&ctx.perf, Operation::LeaderboardPage, None);
     // Ranks are dense 1..n, so "rank > offset" is OFFSET without reading the
     // skipped rows: an index range scan on idx_leaderboard_rank at any depth.
     let entries: Vec<Entry> = sqlx::query_as(
@@ -144,13 +145,13 @@ pub async fn page(ctx: &Context, limit: i64, offset: i64) -> Result<Page> {
     .fetch_all(&ctx.pool)
     .await
     .db("reading the leaderboard")?;
-    timer.finish(&ctx.perf, None);
+    timer.ok(None);
     Ok(Page { entries })
 }
 
 /// A user's rank on the board, or a clear "not ranked".
 pub async fn rank(ctx: &Context, user: UserId) -> Result<Standing> {
-    let timer = Timer::start(Operation::LeaderboardRank, None);
+    let timer = Timer::start(&ctx.perf, Operation::LeaderboardRank, None);
     // One round trip tells both "is the user known" and "are they on the board".
     let row: Option<RankRow> = sqlx::query_as(
         "SELECT u.loyalty_score, l.rank, l.loyalty_score, l.can_create_topics \
@@ -161,7 +162,7 @@ pub async fn rank(ctx: &Context, user: UserId) -> Result<Standing> {
     .await
     .db("reading the rank")?;
     let (current, rank, ranked_score, can) = row.ok_or(Error::UnknownUser(user.get()))?;
-    timer.finish(&ctx.perf, Some(user));
+    timer.ok(Some(user));
     Ok(Standing {
         user_id: user,
         rank,
@@ -196,7 +197,7 @@ pub async fn refresh(
     force: bool,
     cancel: &CancellationToken,
 ) -> Result<RefreshReport> {
-    let timer = Timer::start(Operation::LeaderboardRefresh, None);
+    let timer = Timer::start(&ctx.perf, Operation::LeaderboardRefresh, None);
     let started = std::time::Instant::now();
     let mut tx = ctx.pool.begin().await.db("starting the refresh")?;
     // Every way out of the transaction ends it here, on its connection: a
@@ -217,7 +218,7 @@ pub async fn refresh(
         }
     };
     ctx.cache.consume_seed_pending(seed_pending).await;
-    timer.finish(&ctx.perf, None);
+    timer.ok(None);
     // After the commit: only the changes that arrived during the refresh are left.
     let _ = status(ctx).await;
     Ok(RefreshReport {

@@ -7,12 +7,12 @@
 //! Each layer uses only the ones above it.
 //! * [`config`], [`error`], [`types`]: configuration, the one error type and
 //!   its exit codes, and the input types parsed at the edge.
-//! * [`db`], [`cache`], [`telemetry`], [`context`]: the PostgreSQL pool and
-//!   migrations, the Redis cache, metrics and perf lists, and the bundle of
-//!   them that services take.
+//! * [`db`], [`cache`], [`telemetry`], [`perf`], [`context`]: the
+//!   PostgreSQL pool and migrations, the Redis cache, the metrics and
+//!   logging, the operation timer and the Redis perf lists, and the bundle
+//!   of them that services take.
 //! * [`loyalty`], [`leaderboard`], [`queues`]: the services; each owns its
-//!   SQL, its Redis keys and its invariants. [`stats`] and [`demo`] serve
-//!   the `stats` and `demo seed` commands.
+//!   SQL, its Redis keys and its invariants. [`demo`] serves `demo seed`.
 //! * [`jobs`]: the scheduled work and the runner that guards each tick;
 //!   [`sync`]: the daemon's cache sync for writers that bypass loyaltyd.
 //! * [`adopt`]: the online upgrade of a database of the original design.
@@ -30,8 +30,8 @@ pub mod error;
 pub mod jobs;
 pub mod leaderboard;
 pub mod loyalty;
+pub mod perf;
 pub mod queues;
-pub mod stats;
 pub mod sync;
 pub mod telemetry;
 pub mod types;

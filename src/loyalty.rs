@@ -38,7 +38,8 @@ use crate::error::{
     DbContext, Error, Result, SQLSTATE_EVENT_ID_REUSED, database_message, sqlstate,
     violated_constraint,
 };
-use crate::telemetry::{Operation, Timer};
+use crate::perf::Timer;
+use crate::telemetry::Operation;
 use crate::types::{ContentType, Ident, Outcome, UserId};
 
 /// How many drifted user ids a sweep report lists at most.
@@ -121,10 +122,10 @@ pub struct SweepReport {
 
 /// Records one moderation event; returns the user's new score.
 pub async fn record_event(ctx: &Context, event: &NewEvent) -> Result<Recorded> {
-    let timer = Timer::start(Operation::RecordEvent, None);
+    let timer = Timer::start(&ctx.perf, Operation::RecordEvent, None);
     let (recorded, fresh) = insert_event(&ctx.pool, event).await?;
     ctx.cache.set_scores(&[fresh]).await;
-    timer.finish(&ctx.perf, Some(event.user));
+    timer.ok(Some(event.user));
     Ok(recorded)
 }
 
@@ -192,7 +193,7 @@ pub async fn record_events(ctx: &Context, events: &[NewEvent]) -> Result<BatchRe
             scores: Vec::new(),
         });
     }
-    let timer = Timer::start(Operation::RecordEvents, None);
+    let timer = Timer::start(&ctx.perf, Operation::RecordEvents, None);
     let mut users = Vec::with_capacity(events.len());
     let mut types = Vec::with_capacity(events.len());
     let mut contents = Vec::with_capacity(events.len());
@@ -244,7 +245,7 @@ pub async fn record_events(ctx: &Context, events: &[NewEvent]) -> Result<BatchRe
         })
         .collect();
     ctx.cache.set_scores(&fresh).await;
-    timer.finish(&ctx.perf, None);
+    timer.ok(None);
     Ok(BatchRecorded {
         events_recorded: rows.iter().map(|r| r.3 as u64).sum(),
         scores: fresh.iter().map(|s| (s.user, s.score)).collect(),
@@ -272,10 +273,10 @@ async fn first_unknown_user(pool: &PgPool, users: &[i64]) -> Error {
 /// A user's score: from the cache, else from PostgreSQL (and then cached,
 /// if this reader holds the miss's lease: see `cache`'s "Refills: leases").
 pub async fn get_score(ctx: &Context, user: UserId) -> Result<Score> {
-    let timer = Timer::start(Operation::GetScore, None);
+    let timer = Timer::start(&ctx.perf, Operation::GetScore, None);
     let lease = match ctx.cache.lookup(user).await {
         Lookup::Hit(score) => {
-            timer.finish(&ctx.perf, Some(user));
+            timer.ok(Some(user));
             return Ok(Score {
                 user_id: user,
                 loyalty_score: score,
@@ -289,7 +290,7 @@ pub async fn get_score(ctx: &Context, user: UserId) -> Result<Score> {
     if let Some(lease) = lease {
         ctx.cache.refill(&lease, &current).await;
     }
-    timer.finish(&ctx.perf, Some(user));
+    timer.ok(Some(user));
     Ok(Score {
         user_id: user,
         loyalty_score: current.score,
@@ -315,14 +316,14 @@ async fn read_score<'c>(conn: impl sqlx::PgExecutor<'c>, user: UserId) -> Result
 
 /// Recomputes one user's score from their events, repairing it (and the cache) if it drifted.
 pub async fn recalc_user(ctx: &Context, user: UserId) -> Result<Recalculated> {
-    let timer = Timer::start(Operation::RecalcUser, None);
+    let timer = Timer::start(&ctx.perf, Operation::RecalcUser, None);
     let mut tx = ctx.pool.begin().await.db("starting the recalculation")?;
     let repaired = repair(&mut tx, &[user.get()]).await?;
     let current = read_score(&mut *tx, user).await?;
     tx.commit().await.db("committing the recalculation")?;
     // Always refresh the cache: recalc is also how an operator fixes a bad cached value.
     ctx.cache.set_scores(&[current]).await;
-    timer.finish(&ctx.perf, Some(user));
+    timer.ok(Some(user));
     let previous = repaired.first().map_or(current.score, |r| r.previous);
     Ok(Recalculated {
         user_id: user,
@@ -427,7 +428,7 @@ pub async fn recalc_all(
     batch_size: u32,
     cancel: &CancellationToken,
 ) -> Result<SweepReport> {
-    let timer = Timer::start(Operation::IntegritySweep, None);
+    let timer = Timer::start(&ctx.perf, Operation::IntegritySweep, None);
     let mut report = SweepReport::default();
     // Both reads at once; the cache is only corrected after the repairs (a
     // drifted user's cache holds the right score until then; the repair sets
@@ -449,7 +450,7 @@ pub async fn recalc_all(
     report.users_checked = users_checked;
     for batch in drifted.chunks(batch_size.max(1) as usize) {
         if cancel.is_cancelled() {
-            timer.finish(&ctx.perf, None);
+            timer.ok(None);
             return Ok(report);
         }
         report.batches += 1;
@@ -466,7 +467,7 @@ pub async fn recalc_all(
     // (cache_checked), not a failed sweep; one that the time limit or a
     // cancel cut short is an incomplete sweep.
     report.completed = !cancel.is_cancelled() && !cut_short;
-    timer.finish(&ctx.perf, None);
+    timer.ok(None);
     Ok(report)
 }
 

@@ -47,7 +47,8 @@ use sqlx::PgPool;
 
 use crate::context::Context;
 use crate::error::{DbContext, Error, Result, from_sqlx, sqlstate, violated_constraint};
-use crate::telemetry::{Operation, Timer};
+use crate::perf::Timer;
+use crate::telemetry::Operation;
 use crate::types::{Ident, Priority, QueueKind, Scope};
 
 /// Largest `queue list --limit`.
@@ -207,7 +208,7 @@ pub async fn add(
     priority: Priority,
 ) -> Result<Placed> {
     check_scope(queue, scope)?;
-    let timer = Timer::start(Operation::QueueAdd, Some(queue));
+    let timer = Timer::start(&ctx.perf, Operation::QueueAdd, Some(queue));
     let (position, entered): (i64, chrono::DateTime<chrono::Utc>) =
         sqlx::query_as("SELECT * FROM queue_add($1, $2, $3, $4)")
             .bind(queue.as_str())
@@ -223,7 +224,7 @@ pub async fn add(
                 },
                 _ => from_sqlx("adding to the queue", e),
             })?;
-    timer.finish(&ctx.perf, None);
+    timer.ok(None);
     Ok(Placed {
         queue,
         content_id: item.to_string(),
@@ -236,14 +237,14 @@ pub async fn add(
 
 /// Removes an item; the items behind it move up by one.
 pub async fn remove(ctx: &Context, queue: QueueKind, item: &Ident) -> Result<Removed> {
-    let timer = Timer::start(Operation::QueueRemove, Some(queue));
+    let timer = Timer::start(&ctx.perf, Operation::QueueRemove, Some(queue));
     let scope: Option<String> = sqlx::query_scalar(sql(queue).remove)
         .bind(item.as_str())
         .fetch_optional(&ctx.pool)
         .await
         .db("removing from the queue")?;
     let scope = scope.ok_or_else(|| unknown(queue, item))?;
-    timer.finish(&ctx.perf, None);
+    timer.ok(None);
     Ok(Removed {
         queue,
         content_id: item.to_string(),
@@ -253,7 +254,7 @@ pub async fn remove(ctx: &Context, queue: QueueKind, item: &Ident) -> Result<Rem
 
 /// An item's exact position in its scope.
 pub async fn position(ctx: &Context, queue: QueueKind, item: &Ident) -> Result<Placed> {
-    let timer = Timer::start(Operation::QueuePosition, Some(queue));
+    let timer = Timer::start(&ctx.perf, Operation::QueuePosition, Some(queue));
     let row: Option<(String, i64, f64, chrono::DateTime<chrono::Utc>)> =
         sqlx::query_as("SELECT * FROM queue_position($1, $2)")
             .bind(queue.as_str())
@@ -262,7 +263,7 @@ pub async fn position(ctx: &Context, queue: QueueKind, item: &Ident) -> Result<P
             .await
             .db("reading the queue position")?;
     let (scope, position, priority, entered) = row.ok_or_else(|| unknown(queue, item))?;
-    timer.finish(&ctx.perf, None);
+    timer.ok(None);
     Ok(Placed {
         queue,
         content_id: item.to_string(),
@@ -282,7 +283,7 @@ pub async fn list(ctx: &Context, queue: QueueKind, scope: &Scope, limit: i64) ->
             format!("{limit} is outside 1 to {MAX_LIST}"),
         ));
     }
-    let timer = Timer::start(Operation::QueueList, Some(queue));
+    let timer = Timer::start(&ctx.perf, Operation::QueueList, Some(queue));
     let items: Vec<Item> = sqlx::query_as("SELECT * FROM queue_head($1, $2, $3)")
         .bind(queue.as_str())
         .bind(scope.key())
@@ -291,7 +292,7 @@ pub async fn list(ctx: &Context, queue: QueueKind, scope: &Scope, limit: i64) ->
         .await
         .db("listing the queue")?;
     let length = scope_length(&ctx.pool, queue, scope).await?;
-    timer.finish(&ctx.perf, None);
+    timer.ok(None);
     Ok(Listing {
         queue,
         length,
@@ -312,9 +313,9 @@ pub async fn scope_length(pool: &PgPool, queue: QueueKind, scope: &Scope) -> Res
 /// Sorts one scope by priority (desc), then entry time (asc).
 pub async fn reorder(ctx: &Context, queue: QueueKind, scope: &Scope) -> Result<Reordered> {
     check_scope(queue, scope)?;
-    let timer = Timer::start(Operation::QueueReorder, Some(queue));
+    let timer = Timer::start(&ctx.perf, Operation::QueueReorder, Some(queue));
     let done = rekey_locked(ctx, queue, ScopeSet::One(scope.key()), None).await?;
-    timer.finish(&ctx.perf, None);
+    timer.ok(None);
     Ok(done)
 }
 
@@ -326,9 +327,9 @@ pub async fn reorder_all(
     queue: QueueKind,
     timeout: std::time::Duration,
 ) -> Result<Reordered> {
-    let timer = Timer::start(Operation::QueueReorder, Some(queue));
+    let timer = Timer::start(&ctx.perf, Operation::QueueReorder, Some(queue));
     let done = rekey_locked(ctx, queue, ScopeSet::Changed, Some(timeout)).await?;
-    timer.finish(&ctx.perf, None);
+    timer.ok(None);
     Ok(done)
 }
 

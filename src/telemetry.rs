@@ -1,33 +1,29 @@
-//! Telemetry: Prometheus metrics, the Redis perf lists, and logging.
+//! Telemetry: the Prometheus metrics (names, HELP texts, buckets, the
+//! exporter) and logging. The Redis perf lists, and the timer every
+//! operation records through, are in [`crate::perf`].
 //!
-//! Every service operation goes through [`Timer`]: it records
-//! `loyaltyd_operation_duration_seconds` and hands a sample to [`PerfLists`].
-//! The perf lists keep the seed's shape (`perf:loyalty_updates`,
-//! `perf:queue:{operation}:{queue}`, JSON entries, newest first, trimmed) but are
-//! written off the request path: a bounded channel feeds one background writer
-//! that sends a batch of samples as one atomic pipeline (LPUSH + LTRIM per list).
-//! A full channel or an unavailable Redis drops samples and counts them in
-//! `loyaltyd_perf_samples_dropped_total`; an operation never waits for Redis.
-//!
+//! Every metric is described where it is named ([`DESCRIPTIONS`]): the
+//! exporter serves its HELP text, and `promtool check metrics` passes.
 //! Without an installed recorder (the one-shot CLI commands) the `metrics`
 //! macros are no-ops, so library calls cost nothing extra there.
 
-use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use metrics::{counter, gauge, histogram};
+use metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tokio::sync::{mpsc, oneshot};
 
-use crate::cache::Cache;
 use crate::config::{LogConfig, LogFormat};
 use crate::error::{Error, Result};
-use crate::types::{QueueKind, UserId};
+use crate::types::QueueKind;
 
-/// Histogram of every service operation, label `operation` (and `queue`).
+/// Histogram of every service operation, labels `operation`, `outcome` (and `queue`).
 pub const OPERATION_DURATION: &str = "loyaltyd_operation_duration_seconds";
+/// Counter of failed service operations, label `operation`.
+pub const OPERATION_ERRORS: &str = "loyaltyd_operation_errors_total";
 /// Counter of scheduled job runs, labels `job`, `outcome`.
 pub const JOB_RUNS: &str = "loyaltyd_job_runs_total";
 /// Histogram of job run durations, label `job`.
@@ -55,6 +51,7 @@ pub const BUILD_INFO: &str = "loyaltyd_build_info";
 /// Every metric the program exports (histograms also as `_bucket`, `_count`, `_sum`).
 pub const METRICS: &[&str] = &[
     OPERATION_DURATION,
+    OPERATION_ERRORS,
     JOB_RUNS,
     JOB_DURATION,
     JOB_LAST_SUCCESS,
@@ -67,6 +64,88 @@ pub const METRICS: &[&str] = &[
     CACHE_SYNC_FAILURES,
     BUILD_INFO,
 ];
+
+/// The HELP text of every metric, and its unit.
+pub const DESCRIPTIONS: &[(&str, Unit, &str)] = &[
+    (
+        OPERATION_DURATION,
+        Unit::Seconds,
+        "Time of one service operation (record_event, get_score, queue_add, ...) by operation, outcome (ok or error) and queue.",
+    ),
+    (
+        OPERATION_ERRORS,
+        Unit::Count,
+        "Service operations that failed (refused input, an unknown user or item, a database or Redis failure that failed the operation), by operation.",
+    ),
+    (
+        JOB_RUNS,
+        Unit::Count,
+        "Scheduled job ticks by job and outcome: success (it did work), skipped (nothing to do, the previous run still going, or another instance on it), failed.",
+    ),
+    (
+        JOB_DURATION,
+        Unit::Seconds,
+        "Time of one job run that did work or failed, by job.",
+    ),
+    (
+        JOB_LAST_SUCCESS,
+        Unit::Seconds,
+        "Unix time when each job last ran to its end anywhere in the cluster (with or without work); its age shows a stalled job.",
+    ),
+    (
+        LEADERBOARD_PENDING,
+        Unit::Count,
+        "Leaderboard changes not yet refreshed into the user_leaderboard view (PostgreSQL's counts plus the seed's Redis counter).",
+    ),
+    (
+        LEADERBOARD_AGE,
+        Unit::Seconds,
+        "Seconds since the user_leaderboard view was last refreshed.",
+    ),
+    (
+        DRIFTED_USERS,
+        Unit::Count,
+        "Users whose stored loyalty score the last integrity sweep found different from their events (and repaired).",
+    ),
+    (
+        REDIS_ERRORS,
+        Unit::Count,
+        "Redis commands that failed or timed out (the cache counted as missing).",
+    ),
+    (
+        PERF_DROPPED,
+        Unit::Count,
+        "Perf-list samples dropped because the writer's queue was full or Redis was unavailable.",
+    ),
+    (
+        CACHE_SYNC_DELAY,
+        Unit::Seconds,
+        "Time from a score change's commit to its cache entry, for changes the daemon's cache sync brought to Redis (writers that bypass loyaltyd).",
+    ),
+    (
+        CACHE_SYNC_FAILURES,
+        Unit::Count,
+        "Cache syncs that did not complete (Redis or PostgreSQL unavailable); the same changes are tried again.",
+    ),
+    (
+        BUILD_INFO,
+        Unit::Count,
+        "Always 1; the version label is the running loyaltyd's.",
+    ),
+];
+
+/// Registers every metric's HELP text and unit with the installed recorder.
+pub fn describe_metrics() {
+    for &(name, unit, help) in DESCRIPTIONS {
+        if name.ends_with("_total") {
+            describe_counter!(name, unit, help);
+        } else if name == OPERATION_DURATION || name == JOB_DURATION || name == CACHE_SYNC_DELAY {
+            describe_histogram!(name, unit, help);
+        } else {
+            describe_gauge!(name, unit, help);
+        }
+    }
+}
 
 /// Buckets for operations: 50 µs to 10 s, so sub-millisecond work resolves.
 const OPERATION_BUCKETS: &[f64] = &[
@@ -107,11 +186,13 @@ pub enum Operation {
     QueueList,
     /// `loyalty::recalc_all`
     IntegritySweep,
+    /// `stats::collect` (reads Redis: fails while Redis is away)
+    Stats,
 }
 
 impl Operation {
     /// Every operation, for exporting their series from start-up.
-    pub const ALL: [Operation; 13] = [
+    pub const ALL: [Operation; 14] = [
         Operation::RecordEvent,
         Operation::RecordEvents,
         Operation::GetScore,
@@ -125,6 +206,7 @@ impl Operation {
         Operation::QueuePosition,
         Operation::QueueList,
         Operation::IntegritySweep,
+        Operation::Stats,
     ];
 
     /// The `operation` label value.
@@ -143,11 +225,12 @@ impl Operation {
             Operation::QueuePosition => "queue_position",
             Operation::QueueList => "queue_list",
             Operation::IntegritySweep => "integrity_sweep",
+            Operation::Stats => "stats",
         }
     }
 
     /// True for the queue operations, which carry a `queue` label.
-    fn is_queue(self) -> bool {
+    pub fn is_queue(self) -> bool {
         matches!(
             self,
             Operation::QueueAdd
@@ -159,7 +242,7 @@ impl Operation {
     }
 
     /// The seed's perf list operation name, for the operations it tracks.
-    fn perf_name(self) -> Option<&'static str> {
+    pub fn perf_name(self) -> Option<&'static str> {
         match self {
             Operation::QueueAdd => Some("add"),
             Operation::QueueRemove => Some("remove"),
@@ -269,14 +352,18 @@ pub fn install_exporter(listen: SocketAddr) -> Result<PrometheusHandle> {
 /// Registers every series that can be known at start-up, at zero, so
 /// dashboards and alerts see a value instead of a gap.
 pub fn export_startup_series() {
+    describe_metrics();
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     for op in Operation::ALL {
-        if op.is_queue() {
-            for q in QueueKind::ALL {
-                let _ = histogram!(OPERATION_DURATION, "operation" => op.as_str(), "queue" => q.as_str());
+        counter!(OPERATION_ERRORS, "operation" => op.as_str()).increment(0);
+        for outcome in ["ok", "error"] {
+            if op.is_queue() {
+                for q in QueueKind::ALL {
+                    let _ = histogram!(OPERATION_DURATION, "operation" => op.as_str(), "outcome" => outcome, "queue" => q.as_str());
+                }
+            } else {
+                let _ = histogram!(OPERATION_DURATION, "operation" => op.as_str(), "outcome" => outcome);
             }
-        } else {
-            let _ = histogram!(OPERATION_DURATION, "operation" => op.as_str());
         }
     }
     for job in Job::ALL {
@@ -297,6 +384,20 @@ pub fn export_startup_series() {
 /// Counts a cache sync that did not complete.
 pub fn cache_sync_failed() {
     counter!(CACHE_SYNC_FAILURES).increment(1);
+}
+
+/// Records one operation: its time under its outcome, and a failure in the
+/// error counter.
+pub fn operation(op: Operation, queue: Option<QueueKind>, took: Duration, ok: bool) {
+    let outcome = if ok { "ok" } else { "error" };
+    let secs = took.as_secs_f64();
+    match queue {
+        Some(q) => histogram!(OPERATION_DURATION, "operation" => op.as_str(), "outcome" => outcome, "queue" => q.as_str()).record(secs),
+        None => histogram!(OPERATION_DURATION, "operation" => op.as_str(), "outcome" => outcome).record(secs),
+    }
+    if !ok {
+        counter!(OPERATION_ERRORS, "operation" => op.as_str()).increment(1);
+    }
 }
 
 /// Records how long one score change took to reach the cache through the sync.
@@ -336,179 +437,16 @@ pub fn drifted_users(n: u64) {
     gauge!(DRIFTED_USERS).set(n as f64);
 }
 
-/// Times one operation; [`Timer::finish`] records it.
-#[must_use = "a timer records nothing until finish() is called"]
-pub struct Timer {
-    op: Operation,
-    queue: Option<QueueKind>,
-    start: Instant,
-}
-
-impl Timer {
-    /// Starts timing `op` (on `queue`, for queue operations).
-    pub fn start(op: Operation, queue: Option<QueueKind>) -> Timer {
-        Timer {
-            op,
-            queue,
-            start: Instant::now(),
-        }
-    }
-
-    /// Records the histogram sample and hands a perf sample to the writer.
-    pub fn finish(self, perf: &PerfLists, user: Option<UserId>) {
-        let took = self.start.elapsed();
-        let secs = took.as_secs_f64();
-        match self.queue {
-            Some(q) => histogram!(OPERATION_DURATION, "operation" => self.op.as_str(), "queue" => q.as_str()).record(secs),
-            None => histogram!(OPERATION_DURATION, "operation" => self.op.as_str()).record(secs),
-        }
-        if !perf.enabled() {
-            return;
-        }
-        let list = match (self.op, self.op.perf_name(), self.queue) {
-            (Operation::RecordEvent, _, _) => Some("perf:loyalty_updates".to_owned()),
-            (_, Some(name), Some(q)) => Some(format!("perf:queue:{name}:{q}")),
-            _ => None,
-        };
-        if let Some(list) = list {
-            perf.push(list, PerfEntry::new(took, user));
-        }
-    }
-}
-
-/// One perf list entry, the seed's JSON shape.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct PerfEntry {
-    /// The user, for loyalty updates.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub user_id: Option<i64>,
-    /// How long the operation took, in milliseconds.
-    pub duration_ms: f64,
-    /// When it finished, in seconds since the Unix epoch.
-    pub timestamp: f64,
-}
-
-impl PerfEntry {
-    fn new(took: Duration, user: Option<UserId>) -> PerfEntry {
-        PerfEntry {
-            user_id: user.map(UserId::get),
-            duration_ms: took.as_secs_f64() * 1000.0,
-            timestamp: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0.0, |d| d.as_secs_f64()),
-        }
-    }
-}
-
-enum PerfMsg {
-    Sample(String, PerfEntry),
-    Flush(oneshot::Sender<()>),
-}
-
-/// Samples waiting for the writer at most; beyond this they are dropped.
-const PERF_CHANNEL: usize = 8192;
-/// Samples sent to Redis in one pipeline at most.
-const PERF_BATCH: usize = 512;
-
-/// The sending side of the perf lists; cheap to clone, never blocks.
-#[derive(Clone)]
-pub struct PerfLists {
-    tx: Option<mpsc::Sender<PerfMsg>>,
-}
-
-impl PerfLists {
-    /// Perf lists turned off: samples go nowhere.
-    pub fn disabled() -> PerfLists {
-        PerfLists { tx: None }
-    }
-
-    /// Starts the background writer; `len` samples are kept per list (0: off).
-    pub fn start(cache: Cache, len: u32) -> PerfLists {
-        if len == 0 {
-            return PerfLists::disabled();
-        }
-        let (tx, rx) = mpsc::channel(PERF_CHANNEL);
-        tokio::spawn(write_perf_lists(cache, len, rx));
-        PerfLists { tx: Some(tx) }
-    }
-
-    /// True when samples are kept.
-    pub fn enabled(&self) -> bool {
-        self.tx.is_some()
-    }
-
-    fn push(&self, list: String, entry: PerfEntry) {
-        if let Some(tx) = &self.tx
-            && tx.try_send(PerfMsg::Sample(list, entry)).is_err()
-        {
-            counter!(PERF_DROPPED).increment(1);
-        }
-    }
-
-    /// Waits (at most `limit`) until every sample pushed so far was written or dropped.
-    pub async fn flush(&self, limit: Duration) {
-        let Some(tx) = &self.tx else { return };
-        let (done_tx, done_rx) = oneshot::channel();
-        let flushed = async {
-            if tx.send(PerfMsg::Flush(done_tx)).await.is_ok() {
-                let _ = done_rx.await;
-            }
-        };
-        let _ = tokio::time::timeout(limit, flushed).await;
-    }
-}
-
-/// The writer: batches whatever is waiting into one pipeline per round trip.
-async fn write_perf_lists(cache: Cache, len: u32, mut rx: mpsc::Receiver<PerfMsg>) {
-    let mut flushes = Vec::new();
-    while let Some(first) = rx.recv().await {
-        let mut batch: BTreeMap<String, Vec<PerfEntry>> = BTreeMap::new();
-        let mut count = 0usize;
-        let mut next = Some(first);
-        while let Some(msg) = next {
-            match msg {
-                PerfMsg::Sample(list, entry) => {
-                    batch.entry(list).or_default().push(entry);
-                    count += 1;
-                }
-                PerfMsg::Flush(done) => flushes.push(done),
-            }
-            next = if count < PERF_BATCH {
-                rx.try_recv().ok()
-            } else {
-                None
-            };
-        }
-        if count > 0 {
-            let mut pipe = redis::pipe();
-            pipe.atomic();
-            for (list, entries) in &batch {
-                let key = cache.key(list);
-                // LPUSH of several values leaves the last one at the head:
-                // oldest first keeps the list newest first.
-                let values: Vec<String> = entries
-                    .iter()
-                    .filter_map(|e| serde_json::to_string(e).ok())
-                    .collect();
-                pipe.lpush(&key, values).ignore();
-                pipe.ltrim(&key, 0, len as isize - 1).ignore();
-            }
-            if !cache.run_pipeline("LPUSH perf", &mut pipe).await {
-                counter!(PERF_DROPPED).increment(count as u64);
-            }
-        }
-        for done in flushes.drain(..) {
-            let _ = done.send(());
-        }
-    }
-}
+/// Logging when `log.level` cannot be parsed (validation refuses that; a
+/// fallback all the same): loyaltyd's own INFO, dependencies' warnings.
+const DEFAULT_LOG_LEVEL: &str = "info,sqlx=warn,tokio_cron_scheduler=warn";
 
 /// Sets up logging to stderr: `RUST_LOG` if set, else `log.level`; text or
 /// JSON, one event per line; colour only on a terminal (journald gets none).
 pub fn init_logging(cfg: &LogConfig) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cfg.level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_LEVEL));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

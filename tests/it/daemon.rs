@@ -177,8 +177,11 @@ async fn every_series_is_exported_from_start_up(pool: PgPool) {
         "loyaltyd_redis_errors_total",
         "loyaltyd_perf_samples_dropped_total",
         "loyaltyd_build_info{version=\"0.1.0\"}",
-        "loyaltyd_operation_duration_seconds_count{operation=\"record_event\"}",
-        "loyaltyd_operation_duration_seconds_count{operation=\"queue_remove\",queue=\"message\"}",
+        "loyaltyd_operation_duration_seconds_count{operation=\"record_event\",outcome=\"ok\"}",
+        "loyaltyd_operation_duration_seconds_count{operation=\"queue_remove\",outcome=\"error\",queue=\"message\"}",
+        "loyaltyd_operation_errors_total{operation=\"record_event\"}",
+        "loyaltyd_job_last_success_timestamp_seconds{job=\"integrity_sweep\"}",
+        "loyaltyd_cache_sync_failures_total",
         "loyaltyd_job_duration_seconds_count{job=\"integrity_sweep\"}",
     ] {
         assert!(common::series(&text, s).is_some(), "{s} missing:\n{text}");
@@ -462,7 +465,7 @@ fn the_systemd_unit_verifies_and_is_hardened() {
     let path = dir.join("loyaltyd.service");
     std::fs::write(
         &path,
-        unit.replace("/usr/local/bin/loyaltyd", env!("CARGO_BIN_EXE_loyaltyd")),
+        unit.replace("/usr/bin/loyaltyd", env!("CARGO_BIN_EXE_loyaltyd")),
     )
     .unwrap_or_else(|e| panic!("{e}"));
     let out = std::process::Command::new(&analyze)

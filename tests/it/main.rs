@@ -16,6 +16,8 @@ mod faults;
 mod hostile;
 mod leaderboard;
 mod loyalty;
+mod package;
+mod prometheus;
 mod queues;
 mod reliability;
 mod schema;

@@ -1,0 +1,112 @@
+//! The Debian package (scripts/package.sh), installed for real with dpkg on
+//! this machine: its files and their modes, its system user, a working
+//! binary with the packaged configuration, and a clean removal (`dpkg -r`
+//! keeps the configuration, `dpkg -P` purges it).
+
+use std::path::Path;
+use std::process::Command;
+
+use sqlx::PgPool;
+
+use crate::common;
+
+fn sh(cmd: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn mode(path: &str) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .map(|m| m.permissions().mode() & 0o777)
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+#[sqlx::test(migrations = false)]
+async fn the_debian_package_installs_configures_migrates_and_removes_cleanly(pool: PgPool) {
+    // A leftover of an interrupted run goes first.
+    let _ = sh("dpkg", &["-P", "loyaltyd"]);
+    let (ok, out) = sh(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/package.sh"),
+        &["--fast", env!("CARGO_BIN_EXE_loyaltyd")],
+    );
+    assert!(ok, "package.sh: {out}");
+    let deb = format!("{}/{}", env!("CARGO_MANIFEST_DIR"), out.trim());
+    let (ok, out) = sh("dpkg-deb", &["--contents", &deb]);
+    assert!(ok, "{out}");
+    for file in [
+        "./usr/bin/loyaltyd",
+        "./lib/systemd/system/loyaltyd.service",
+        "./etc/loyaltyd/config.toml",
+        "./etc/loyaltyd/loyaltyd.env",
+        "./usr/share/loyaltyd/loyaltyd.json",
+        "./usr/share/loyaltyd/alerts.yml",
+    ] {
+        assert!(out.contains(file), "{file} not in the package:\n{out}");
+    }
+
+    let (ok, out) = sh("dpkg", &["-i", &deb]);
+    assert!(ok, "dpkg -i: {out}");
+    assert_eq!(mode("/etc/loyaltyd/loyaltyd.env"), 0o600);
+    assert_eq!(mode("/usr/bin/loyaltyd"), 0o755);
+    assert!(sh("getent", &["passwd", "loyaltyd"]).0, "the system user");
+    let (ok, out) = sh("dpkg-query", &["-W", "-f=${Conffiles}", "loyaltyd"]);
+    assert!(
+        ok && out.contains("/etc/loyaltyd/config.toml")
+            && out.contains("/etc/loyaltyd/loyaltyd.env"),
+        "{out}"
+    );
+
+    // The installed binary with the installed configuration.
+    let (ok, out) = sh(
+        "/usr/bin/loyaltyd",
+        &["check-config", "--config", "/etc/loyaltyd/config.toml"],
+    );
+    assert!(ok, "check-config: {out}");
+    let url = common::database_url(&pool);
+    let migrate = Command::new("/usr/bin/loyaltyd")
+        .args(["--config", "/etc/loyaltyd/config.toml", "migrate"])
+        .env("LOYALTYD_DATABASE__URL", &url)
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        migrate.status.success(),
+        "migrate: {}",
+        String::from_utf8_lossy(&migrate.stderr)
+    );
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'moderation_events'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(tables, 1, "migrated by the packaged binary");
+
+    // An operator's edit survives `dpkg -r`; `dpkg -P` removes it all.
+    std::fs::write(
+        "/etc/loyaltyd/loyaltyd.env",
+        "LOYALTYD_REDIS__URL=redis://127.0.0.1:6379/\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let (ok, out) = sh("dpkg", &["-r", "loyaltyd"]);
+    assert!(ok, "dpkg -r: {out}");
+    assert!(!Path::new("/usr/bin/loyaltyd").exists());
+    assert!(
+        Path::new("/etc/loyaltyd/config.toml").exists(),
+        "dpkg -r keeps the configuration"
+    );
+    let (ok, out) = sh("dpkg", &["-P", "loyaltyd"]);
+    assert!(ok, "dpkg -P: {out}");
+    assert!(!Path::new("/etc/loyaltyd").exists(), "dpkg -P purges it");
+    assert!(!sh("getent", &["passwd", "loyaltyd"]).0, "and the user");
+}
