@@ -202,7 +202,8 @@ CREATE TRIGGER moderation_events_no_truncate BEFORE TRUNCATE ON moderation_event
 CREATE FUNCTION record_moderation_event(
     p_user_id BIGINT, p_event_type TEXT, p_content_type TEXT, p_content_id TEXT,
     p_outcome TEXT, p_event_id TEXT DEFAULT NULL,
-    OUT loyalty_score BIGINT, OUT score_version BIGINT, OUT score_delta INTEGER, OUT duplicate BOOLEAN)
+    OUT loyalty_score BIGINT, OUT score_version BIGINT, OUT score_delta INTEGER, OUT duplicate BOOLEAN,
+    OUT created_us BIGINT)
     LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
@@ -225,7 +226,9 @@ BEGIN
         END IF;
         score_delta := 0;
     END IF;
-    SELECT u.loyalty_score, u.score_version INTO loyalty_score, score_version
+    -- created_us: the user's sign-up time, the live board's tie-break.
+    SELECT u.loyalty_score, u.score_version, (EXTRACT(EPOCH FROM u.created_at) * 1000000)::BIGINT
+    INTO loyalty_score, score_version, created_us
     FROM users u WHERE u.id = p_user_id;
 END $$;
 
@@ -235,7 +238,7 @@ END $$;
 CREATE FUNCTION record_moderation_events(
     p_user_ids BIGINT[], p_event_types TEXT[], p_content_types TEXT[], p_content_ids TEXT[],
     p_outcomes TEXT[], p_event_ids TEXT[])
-    RETURNS TABLE (user_id BIGINT, loyalty_score BIGINT, score_version BIGINT, events BIGINT)
+    RETURNS TABLE (user_id BIGINT, loyalty_score BIGINT, score_version BIGINT, events BIGINT, created_us BIGINT)
     LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
@@ -256,7 +259,7 @@ BEGIN
     FROM (SELECT inserted.user_id, count(*) AS n FROM inserted GROUP BY inserted.user_id) i;
     -- The trigger ran at the end of the INSERT: this query sees its scores.
     RETURN QUERY
-    SELECT u.id, u.loyalty_score, u.score_version, c.n
+    SELECT u.id, u.loyalty_score, u.score_version, c.n, (EXTRACT(EPOCH FROM u.created_at) * 1000000)::BIGINT
     FROM unnest(ids, counts) AS c(id, n) JOIN users u ON u.id = c.id
     ORDER BY u.id;
 END $$;

@@ -644,13 +644,18 @@ impl Adoption<'_> {
             rows: events + rows("users").await?,
             lock: format!("SHARE UPDATE EXCLUSIVE while validating (readers and writers go on); {short} to add each"),
         });
+        let last = crate::db::MIGRATOR
+            .iter()
+            .map(|m| m.version)
+            .max()
+            .unwrap_or_default();
         steps.push(Step {
             step: "build the indexes of migrations 1, 3 and 5 CONCURRENTLY (and swap the original's same-named ones whose definition differs)".into(),
             rows: events,
             lock: "SHARE UPDATE EXCLUSIVE (readers and writers go on)".into(),
         });
         steps.push(Step {
-            step: "run migrations 1 to 6 statement by statement, skipping what exists; install the SQL contract's triggers; turn on legacy_score_writes while the original code still runs".into(),
+            step: format!("run migrations 1 to {last} statement by statement, skipping what exists; install the SQL contract's triggers; turn on legacy_score_writes while the original code still runs; rebuild the leaderboard view beside the old one and swap it in"),
             rows: 0,
             lock: format!("{short}, per trigger"),
         });
@@ -677,7 +682,7 @@ impl Adoption<'_> {
             lock: "row locks of one batch of users".into(),
         });
         steps.push(Step {
-            step: "record migrations 1 to 6 in _sqlx_migrations".into(),
+            step: format!("record migrations 1 to {last} in _sqlx_migrations"),
             rows: 0,
             lock: "none on forum tables".into(),
         });

@@ -108,8 +108,94 @@ end
 return 0
 "#;
 
+/// The live board (the leaderboard answered from committed scores): a sorted
+/// set of the users with a positive score, scored by minus their score, each
+/// a [`live_member`]; beside it a hash of each user's version and member, and
+/// its `_ready` field once the daemon built the board. Sets one user unless
+/// the hash holds a newer version (an equal one overwrites: the database is
+/// the authority at that version). KEYS: the set, the hash. ARGV: user id,
+/// member, score, version.
+const LIVE_SET: &str = r#"
+local cur = redis.call('HGET', KEYS[2], ARGV[1])
+if cur then
+  local sep = string.find(cur, ' ')
+  if tonumber(string.sub(cur, 1, sep - 1)) > tonumber(ARGV[4]) then
+    return 0
+  end
+  local old = string.sub(cur, sep + 1)
+  if old ~= ARGV[2] then
+    redis.call('ZREM', KEYS[1], old)
+  end
+end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[4] .. ' ' .. ARGV[2])
+if tonumber(ARGV[3]) > 0 then
+  redis.call('ZADD', KEYS[1], -tonumber(ARGV[3]), ARGV[2])
+else
+  redis.call('ZREM', KEYS[1], ARGV[2])
+end
+return 1
+"#;
+
+/// One user's place: {0-based rank or -1, score, ranked users}, or {-2}
+/// while the board is not built. KEYS: the set, the hash. ARGV: user id.
+const LIVE_RANK: &str = r#"
+if redis.call('HGET', KEYS[2], '_ready') ~= '1' then
+  return {-2}
+end
+local card = redis.call('ZCARD', KEYS[1])
+local cur = redis.call('HGET', KEYS[2], ARGV[1])
+if not cur then
+  return {-1, '0', card}
+end
+local member = string.sub(cur, string.find(cur, ' ') + 1)
+local r = redis.call('ZRANK', KEYS[1], member)
+if not r then
+  return {-1, '0', card}
+end
+return {r, redis.call('ZSCORE', KEYS[1], member), card}
+"#;
+
+/// A page: {ranked users, member, score, member, score, ...}, or {-2} while
+/// the board is not built. KEYS: the set, the hash. ARGV: offset, limit.
+const LIVE_PAGE: &str = r#"
+if redis.call('HGET', KEYS[2], '_ready') ~= '1' then
+  return {-2}
+end
+local out = redis.call('ZRANGE', KEYS[1], ARGV[1], tonumber(ARGV[1]) + tonumber(ARGV[2]) - 1, 'WITHSCORES')
+table.insert(out, 1, redis.call('ZCARD', KEYS[1]))
+return out
+"#;
+
+/// The ids of users whose place on the live board differs from the
+/// database's: KEYS: the set, the hash. ARGV: (user id, member, score) for
+/// each user checked.
+const LIVE_CHECK: &str = r#"
+local bad = {}
+for i = 1, #ARGV, 3 do
+  local z = redis.call('ZSCORE', KEYS[1], ARGV[i + 1])
+  local score = tonumber(ARGV[i + 2])
+  if score > 0 then
+    if (not z) or tonumber(z) ~= -score then
+      table.insert(bad, ARGV[i])
+    end
+  elseif z then
+    table.insert(bad, ARGV[i])
+  end
+end
+return bad
+"#;
+
 /// Every script, for loading them after Redis forgot them.
-const SCRIPTS: [&str; 4] = [SET_IF_NEWER, GET_OR_LEASE, REFILL, REPLACE_IF_UNCHANGED];
+const SCRIPTS: [&str; 8] = [
+    SET_IF_NEWER,
+    GET_OR_LEASE,
+    REFILL,
+    REPLACE_IF_UNCHANGED,
+    LIVE_SET,
+    LIVE_RANK,
+    LIVE_PAGE,
+    LIVE_CHECK,
+];
 
 /// How long Redis counts as away after it failed to answer (see [`Cache::run`]).
 const BACK_OFF: Duration = Duration::from_secs(1);
@@ -155,7 +241,8 @@ pub struct CachedEntry {
     pub version: Option<String>,
 }
 
-/// A cached score write: the score and the version it was read or written at.
+/// A cached score write: the score and the version it was read or written
+/// at, and the user's sign-up time (the live board's tie-break).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VersionedScore {
     /// The user.
@@ -164,6 +251,42 @@ pub struct VersionedScore {
     pub score: i64,
     /// `users.score_version` of that score.
     pub version: i64,
+    /// `users.created_at`, in microseconds since the Unix epoch.
+    pub created_us: i64,
+}
+
+/// A user's place on the live board.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LiveRank {
+    /// Ranked: the 1-based rank, the score, and how many users are ranked.
+    Ranked {
+        /// 1-based rank.
+        rank: i64,
+        /// The score the rank is for.
+        score: i64,
+        /// Users with a positive score.
+        ranked: i64,
+    },
+    /// Not on the board (a score of zero or less, or not written since the
+    /// board was built); how many users are ranked.
+    Unranked {
+        /// Users with a positive score.
+        ranked: i64,
+    },
+}
+
+/// The member of a user in the live board's sorted set: sign-up time, then
+/// id, as fixed-width hex, so that Redis's order among equal scores (the
+/// member's bytes) is the seed's tie-break (earlier sign-up first, then id).
+pub fn live_member(user: UserId, created_us: i64) -> String {
+    let time = (i128::from(created_us) + (1i128 << 62)).clamp(0, i128::from(u64::MAX)) as u64;
+    format!("{time:016x}{:016x}", user.get() as u64)
+}
+
+/// The user id in a live board member.
+pub fn live_member_user(member: &str) -> Option<UserId> {
+    let id = i64::from_str_radix(member.get(16..32)?, 16).ok()?;
+    UserId::new(id).ok()
 }
 
 /// The shared Redis handle: cheap to clone.
@@ -181,6 +304,12 @@ struct Inner {
     get_or_lease: Script,
     refill: Script,
     replace_if_unchanged: Script,
+    live_set: Script,
+    live_rank: Script,
+    live_page: Script,
+    live_check: Script,
+    /// Whether writes keep the live board (`leaderboard.live`).
+    live: bool,
     last_error_log: AtomicU64,
     /// Makes lease tokens unique within the process.
     leases: AtomicU64,
@@ -189,8 +318,9 @@ struct Inner {
 }
 
 impl Cache {
-    /// Prepares the connection without connecting, so start-up never waits for Redis.
-    pub fn new(cfg: &RedisConfig) -> Result<Cache> {
+    /// Prepares the connection without connecting, so start-up never waits
+    /// for Redis. `live`: score writes keep the live board too.
+    pub fn new(cfg: &RedisConfig, live: bool) -> Result<Cache> {
         let client = redis::Client::open(cfg.url.as_str())
             .map_err(|e| Error::Config(format!("key \"redis.url\": {e}")))?;
         let manager_cfg = ConnectionManagerConfig::new()
@@ -212,6 +342,11 @@ impl Cache {
                 get_or_lease: Script::new(GET_OR_LEASE),
                 refill: Script::new(REFILL),
                 replace_if_unchanged: Script::new(REPLACE_IF_UNCHANGED),
+                live_set: Script::new(LIVE_SET),
+                live_rank: Script::new(LIVE_RANK),
+                live_page: Script::new(LIVE_PAGE),
+                live_check: Script::new(LIVE_CHECK),
+                live,
                 last_error_log: AtomicU64::new(0),
                 leases: AtomicU64::new(0),
                 down_until: AtomicU64::new(0),
@@ -365,10 +500,241 @@ impl Cache {
         let mut pipe = redis::pipe();
         for s in scores {
             self.add_set_if_newer(&mut pipe, s);
+            if self.inner.live {
+                self.add_live_set(&mut pipe, s);
+            }
         }
         self.query_pipeline::<()>("EVALSHA", &mut pipe, true)
             .await
             .is_some()
+    }
+
+    /// `leaderboard:live`: the live board's sorted set.
+    pub fn live_key(&self) -> String {
+        self.key("leaderboard:live")
+    }
+
+    /// `leaderboard:live:users`: each user's version and member, and `_ready`.
+    pub fn live_users_key(&self) -> String {
+        self.key("leaderboard:live:users")
+    }
+
+    /// Queues one [`LIVE_SET`] call on a pipeline.
+    fn add_live_set(&self, pipe: &mut Pipeline, s: &VersionedScore) {
+        pipe.cmd("EVALSHA")
+            .arg(self.inner.live_set.get_hash())
+            .arg(2)
+            .arg(self.live_key())
+            .arg(self.live_users_key())
+            .arg(s.user.get())
+            .arg(live_member(s.user, s.created_us))
+            .arg(s.score)
+            .arg(s.version)
+            .ignore();
+    }
+
+    /// Writes users onto the live board (whatever `leaderboard.live` says:
+    /// the daemon's build and the sweep's repair); false when Redis is away.
+    pub async fn live_set(&self, scores: &[VersionedScore]) -> bool {
+        if scores.is_empty() {
+            return true;
+        }
+        let mut pipe = redis::pipe();
+        for s in scores {
+            self.add_live_set(&mut pipe, s);
+        }
+        self.query_pipeline::<()>("EVALSHA", &mut pipe, true)
+            .await
+            .is_some()
+    }
+
+    /// Whether the live board is built (`None`: Redis is away).
+    pub async fn live_ready(&self) -> Option<bool> {
+        let mut conn = self.inner.conn.clone();
+        let cmd = redis::cmd("HGET")
+            .arg(self.live_users_key())
+            .arg("_ready")
+            .to_owned();
+        let v: Option<String> = self.run("HGET", cmd.query_async(&mut conn)).await?;
+        Some(v.as_deref() == Some("1"))
+    }
+
+    /// Marks the live board built (or, with `false`, to be built again).
+    pub async fn live_mark_ready(&self, ready: bool) -> bool {
+        let mut conn = self.inner.conn.clone();
+        let cmd = if ready {
+            redis::cmd("HSET")
+                .arg(self.live_users_key())
+                .arg("_ready")
+                .arg("1")
+                .to_owned()
+        } else {
+            redis::cmd("HDEL")
+                .arg(self.live_users_key())
+                .arg("_ready")
+                .to_owned()
+        };
+        self.run::<i64>("HSET", cmd.query_async(&mut conn))
+            .await
+            .is_some()
+    }
+
+    /// The users among `scores` whose place on the live board differs from
+    /// theirs (`None`: Redis is away).
+    pub async fn live_differing(&self, scores: &[VersionedScore]) -> Option<Vec<UserId>> {
+        if scores.is_empty() {
+            return Some(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        let call = pipe
+            .cmd("EVALSHA")
+            .arg(self.inner.live_check.get_hash())
+            .arg(2)
+            .arg(self.live_key())
+            .arg(self.live_users_key());
+        for s in scores {
+            call.arg(s.user.get())
+                .arg(live_member(s.user, s.created_us))
+                .arg(s.score);
+        }
+        let (ids,): (Vec<i64>,) = self.query_pipeline("EVALSHA", &mut pipe, false).await?;
+        Some(
+            ids.into_iter()
+                .filter_map(|id| UserId::new(id).ok())
+                .collect(),
+        )
+    }
+
+    /// Takes a lock in Redis for `ttl` (one daemon builds the live board at a
+    /// time); false when another holds it or Redis is away.
+    pub async fn try_lock(&self, name: &str, ttl: Duration) -> bool {
+        let mut conn = self.inner.conn.clone();
+        let cmd = redis::cmd("SET")
+            .arg(self.key(name))
+            .arg(std::process::id())
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl.as_millis() as u64)
+            .to_owned();
+        matches!(
+            self.run::<Option<String>>("SET", cmd.query_async(&mut conn))
+                .await,
+            Some(Some(_))
+        )
+    }
+
+    /// Up to about `count` members of the live board from `cursor` on (a
+    /// ZSCAN step): the next cursor (0 at the end) and (user, member) pairs.
+    pub async fn live_scan(&self, cursor: u64, count: u32) -> Option<(u64, Vec<(UserId, String)>)> {
+        let mut conn = self.inner.conn.clone();
+        let cmd = redis::cmd("ZSCAN")
+            .arg(self.live_key())
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(count)
+            .to_owned();
+        let (next, items): (u64, Vec<String>) =
+            self.run("ZSCAN", cmd.query_async(&mut conn)).await?;
+        // Members and scores alternate.
+        let users = items
+            .into_iter()
+            .step_by(2)
+            .filter_map(|m| Some((live_member_user(&m)?, m)))
+            .collect();
+        Some((next, users))
+    }
+
+    /// Takes users the database no longer has off the live board (no write
+    /// can bring them back: a write needs the user's row); false when Redis
+    /// is away.
+    pub async fn live_remove(&self, users: &[(UserId, String)]) -> bool {
+        if users.is_empty() {
+            return true;
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        let members: Vec<&str> = users.iter().map(|(_, m)| m.as_str()).collect();
+        let ids: Vec<i64> = users.iter().map(|(u, _)| u.get()).collect();
+        pipe.zrem(self.live_key(), members).ignore();
+        pipe.hdel(self.live_users_key(), ids).ignore();
+        self.run_pipeline("ZREM", &mut pipe).await
+    }
+
+    /// How many users the live board ranks (`None`: Redis is away).
+    pub async fn live_count(&self) -> Option<i64> {
+        let mut conn = self.inner.conn.clone();
+        let cmd = redis::cmd("ZCARD").arg(self.live_key()).to_owned();
+        self.run("ZCARD", cmd.query_async(&mut conn)).await
+    }
+
+    /// A user's place on the live board; `None` when the board is not built
+    /// or Redis is away (the caller reads the view instead).
+    pub async fn live_rank(&self, user: UserId) -> Option<LiveRank> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("EVALSHA")
+            .arg(self.inner.live_rank.get_hash())
+            .arg(2)
+            .arg(self.live_key())
+            .arg(self.live_users_key())
+            .arg(user.get());
+        let (reply,): (Vec<redis::Value>,) =
+            self.query_pipeline("EVALSHA", &mut pipe, false).await?;
+        let int = |v: Option<&redis::Value>| -> Option<i64> {
+            match v? {
+                redis::Value::Int(i) => Some(*i),
+                redis::Value::BulkString(b) => std::str::from_utf8(b)
+                    .ok()?
+                    .parse::<f64>()
+                    .ok()
+                    .map(|f| f as i64),
+                _ => None,
+            }
+        };
+        let rank = int(reply.first())?;
+        if rank == -2 {
+            return None;
+        }
+        let ranked = int(reply.get(2))?;
+        if rank < 0 {
+            return Some(LiveRank::Unranked { ranked });
+        }
+        Some(LiveRank::Ranked {
+            rank: rank + 1,
+            score: -int(reply.get(1))?,
+            ranked,
+        })
+    }
+
+    /// A page of the live board: how many users it ranks, and (user, score)
+    /// from rank `offset + 1` on; `None` when the board is not built or Redis
+    /// is away.
+    pub async fn live_page(&self, offset: i64, limit: i64) -> Option<(i64, Vec<(UserId, i64)>)> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("EVALSHA")
+            .arg(self.inner.live_page.get_hash())
+            .arg(2)
+            .arg(self.live_key())
+            .arg(self.live_users_key())
+            .arg(offset)
+            .arg(limit);
+        let (reply,): (Vec<redis::Value>,) =
+            self.query_pipeline("EVALSHA", &mut pipe, false).await?;
+        let mut items = reply.into_iter();
+        let ranked = match items.next()? {
+            redis::Value::Int(-2) => return None,
+            redis::Value::Int(n) => n,
+            _ => return None,
+        };
+        let mut page = Vec::new();
+        while let (Some(member), Some(score)) = (items.next(), items.next()) {
+            let (redis::Value::BulkString(m), redis::Value::BulkString(s)) = (member, score) else {
+                return None;
+            };
+            let user = live_member_user(std::str::from_utf8(&m).ok()?)?;
+            let score = std::str::from_utf8(&s).ok()?.parse::<f64>().ok()?;
+            page.push((user, -score as i64));
+        }
+        Some((ranked, page))
     }
 
     /// Queues one [`SET_IF_NEWER`] call (by its SHA) on a pipeline.

@@ -262,7 +262,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Adopt(args) => {
             let pool = db::connect(&config.database).await?;
-            let cache = crate::cache::Cache::new(&config.redis)?;
+            let cache = crate::cache::Cache::new(&config.redis, config.leaderboard.live)?;
             let opts = adopt::Options {
                 dry_run: args.dry_run,
                 batch_size: args.batch_size,
@@ -272,7 +272,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             emit(json, &adopt::adopt(&pool, &cache, &opts).await?)
         }
         Command::Stats => {
-            let cache = crate::cache::Cache::new(&config.redis)?;
+            let cache = crate::cache::Cache::new(&config.redis, config.leaderboard.live)?;
             emit(
                 json,
                 &perf::collect(&cache, &perf::PerfLists::disabled()).await?,
@@ -475,10 +475,11 @@ impl Render for loyalty::SweepReport {
             _ => format!(" (users {})", ids.join(", ")),
         };
         format!(
-            "checked {} users: {} drifted and were repaired{listed}; {} cached scores corrected{}",
+            "checked {} users: {} drifted and were repaired{listed}; {} cached scores and {} live leaderboard places corrected{}",
             self.users_checked,
             self.drifted_users,
             self.cache_repaired,
+            self.board_repaired,
             if self.completed {
                 ""
             } else {
@@ -521,10 +522,16 @@ impl Render for leaderboard::Standing {
                     "may not create topics"
                 }
             ),
-            None => format!(
-                "user {}: not ranked (score {}; only users with a positive score at the last refresh are ranked)",
-                self.user_id, self.loyalty_score
-            ),
+            None => match self.source {
+                leaderboard::Source::Live => format!(
+                    "user {}: not ranked (score {}; only users with a positive score are ranked)",
+                    self.user_id, self.loyalty_score
+                ),
+                leaderboard::Source::View => format!(
+                    "user {}: not ranked (score {}; only users with a positive score at the last refresh are ranked)",
+                    self.user_id, self.loyalty_score
+                ),
+            },
         }
     }
 }

@@ -134,6 +134,26 @@ pub struct LeaderboardConfig {
     /// Time limit of one refresh. Default `10m`.
     #[serde(with = "humantime_serde")]
     pub refresh_timeout: Duration,
+    /// Answer `leaderboard rank` and `show` from committed scores (a sorted
+    /// set in Redis that every score write keeps), not the view as last
+    /// refreshed. Default `true`.
+    pub live: bool,
+    /// How the view is refreshed: `swap` (build a new view beside it, then
+    /// swap the two by renames; readers wait only for the rename) or
+    /// `concurrently` (`REFRESH ... CONCURRENTLY`; readers never wait, but it
+    /// rewrites every row whose rank moved). Default `swap` (measured: see
+    /// the README).
+    pub refresh_mode: RefreshMode,
+}
+
+/// How the leaderboard view is refreshed.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RefreshMode {
+    /// Build a shadow view, then swap it in by renames.
+    Swap,
+    /// `REFRESH MATERIALIZED VIEW CONCURRENTLY`.
+    Concurrently,
 }
 
 impl Default for LeaderboardConfig {
@@ -143,6 +163,8 @@ impl Default for LeaderboardConfig {
             max_staleness: Duration::from_secs(300),
             check_interval: Duration::from_secs(30),
             refresh_timeout: Duration::from_secs(600),
+            live: true,
+            refresh_mode: RefreshMode::Swap,
         }
     }
 }

@@ -33,7 +33,7 @@ impl Context {
 
     /// Builds the context around an existing pool (tests, benchmarks, the daemon).
     pub fn with_pool(config: Config, pool: PgPool, perf: bool) -> Result<Context> {
-        let cache = Cache::new(&config.redis)?;
+        let cache = Cache::new(&config.redis, config.leaderboard.live)?;
         let perf = if perf {
             PerfLists::start(cache.clone(), config.metrics.perf_list_len)
         } else {

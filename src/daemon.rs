@@ -104,6 +104,9 @@ pub async fn run(config: Config) -> Result<()> {
     ));
 
     tracker.spawn(sync_loop(ctx.clone(), shutdown.clone()));
+    if ctx.config.leaderboard.live {
+        tracker.spawn(board_upkeep(ctx.clone(), shutdown.clone()));
+    }
 
     let _ = sd_notify::notify(&[NotifyState::Ready]);
     if let Some(every) = sd_notify::watchdog_enabled() {
@@ -214,6 +217,52 @@ async fn sync_loop(ctx: Context, shutdown: CancellationToken) {
         }
     }
 }
+
+/// Builds the live board whenever Redis does not have it (first start, a
+/// Redis that restarted empty, a sweep that found it wrong): checked every
+/// few seconds, built by one daemon at a time (a lock in Redis).
+async fn board_upkeep(ctx: Context, shutdown: CancellationToken) {
+    let mut ticks = tokio::time::interval(BOARD_CHECK);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        if ctx.cache.live_ready().await != Some(false)
+            || !ctx
+                .cache
+                .try_lock("leaderboard:live:building", BOARD_BUILD_LOCK)
+                .await
+        {
+            continue;
+        }
+        let started = std::time::Instant::now();
+        let built = tokio::select! {
+            r = crate::leaderboard::build_live_board(&ctx) => r,
+            () = shutdown.cancelled() => return,
+        };
+        let _ = ctx
+            .cache
+            .delete(&[ctx.cache.key("leaderboard:live:building")])
+            .await;
+        match built {
+            Ok(users) => tracing::info!(
+                users,
+                seconds = started.elapsed().as_secs_f64(),
+                "built the live leaderboard"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e.one_line(), "could not build the live leaderboard; retrying")
+            }
+        }
+    }
+}
+
+/// How often the daemon checks that the live board is there.
+const BOARD_CHECK: Duration = Duration::from_secs(5);
+/// How long one daemon may hold the build (longer than a build at 10 M users).
+const BOARD_BUILD_LOCK: Duration = Duration::from_secs(600);
 
 /// Pings the systemd watchdog; that this task runs at all shows the runtime is alive.
 async fn watchdog(every: Duration, shutdown: CancellationToken) {

@@ -93,6 +93,9 @@ pub async fn seed(
     if users > 0 {
         leaderboard::refresh(ctx, true, &tokio_util::sync::CancellationToken::new()).await?;
         say("leaderboard refreshed".into());
+        // Bulk scores went past Redis: the daemon builds the live board anew
+        // (a no-op when Redis is away; readers use the view meanwhile).
+        ctx.cache.live_mark_ready(false).await;
     }
     Ok(SeedReport {
         users,

@@ -77,10 +77,11 @@ pub async fn integrity_sweep(ctx: &Context, cancel: &CancellationToken) -> Resul
         );
     }
     Ok(Done::Worked(format!(
-        "checked {} users: {} drifted, {} cache entries corrected{}",
+        "checked {} users: {} drifted, {} cache entries and {} live leaderboard places corrected{}",
         report.users_checked,
         report.drifted_users,
         report.cache_repaired,
+        report.board_repaired,
         if report.cache_checked {
             ""
         } else {

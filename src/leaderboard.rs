@@ -1,7 +1,17 @@
-//! The leaderboard: the seed's materialized view, refreshed only when it is worth it.
+//! The leaderboard: exact live ranks from Redis, and the seed's materialized
+//! view for SQL consumers, refreshed only when it is worth it.
 //!
-//! Reads ([`page`], [`rank`]) are index lookups on the view and never wait for
-//! a refresh (`REFRESH ... CONCURRENTLY` leaves the old rows readable).
+//! Reads ([`page`], [`rank`]) answer from the **live board** when it is
+//! built: a Redis sorted set of every user with a positive score, kept by
+//! the same pipeline that writes a score to the cache (each write guarded by
+//! the score's version, so a late write cannot put an older score back),
+//! built by the daemon from PostgreSQL on start and after Redis lost it, and
+//! checked by the nightly sweep. Its order is the seed's (score descending,
+//! sign-up ascending, then id: the member is the sign-up time and the id in
+//! fixed-width hex, so Redis's order among equal scores is the tie-break);
+//! rank and page are O(log n). Until it is built, or while Redis is away,
+//! reads fall back to the view (`source` says which answered). README
+//! "The live leaderboard" has the study behind the choice.
 //!
 //! [`refresh`] runs in one transaction on one connection:
 //! 1. `pg_try_advisory_xact_lock`: if another process or host is refreshing,
@@ -11,7 +21,12 @@
 //!    connection and released on another does (the seed's bug).
 //! 2. Read the pending changes per shard and the view's age, and apply the
 //!    debounce policy ([`should_refresh`]) unless forced.
-//! 3. `REFRESH MATERIALIZED VIEW CONCURRENTLY`, under the refresh time limit.
+//! 3. Refresh, under the refresh time limit: by default (`refresh_mode =
+//!    "swap"`) build a shadow view from the view's own definition while
+//!    readers go on reading the old one, then rename it into place (readers
+//!    wait only for the renames); or `REFRESH MATERIALIZED VIEW CONCURRENTLY`,
+//!    which rewrites every row whose rank moved (most of them, after a few
+//!    changes) and costs several times as much.
 //! 4. Subtract from each shard what step 2 saw, not reset it: changes that
 //!    committed during the refresh stay pending (the seed's DELETE lost them),
 //!    and record the refresh time durably, so a restarted daemon knows the age.
@@ -22,6 +37,8 @@ use serde::Serialize;
 use sqlx::PgConnection;
 use tokio_util::sync::CancellationToken;
 
+use crate::cache::{LiveRank, VersionedScore};
+use crate::config::RefreshMode;
 use crate::context::Context;
 use crate::db;
 use crate::error::{DbContext, Error, Result};
@@ -65,6 +82,8 @@ pub struct Entry {
 pub struct Page {
     /// The entries, by rank.
     pub entries: Vec<Entry>,
+    /// Where they came from.
+    pub source: Source,
 }
 
 /// One user's standing.
@@ -79,6 +98,8 @@ pub struct Standing {
     pub loyalty_score: i64,
     /// True for the top 10 % of ranked users.
     pub can_create_topics: bool,
+    /// Where the answer came from.
+    pub source: Source,
 }
 
 /// Why a refresh did or did not run.
@@ -122,7 +143,25 @@ pub struct Status {
 /// `rank`'s row: the live score, and the board's rank, score and topic right.
 type RankRow = (i64, Option<i64>, Option<i64>, Option<bool>);
 
-/// A page of the leaderboard: `limit` entries (1 to 1000) after `offset` ranks.
+/// Where an answer came from.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// The live board: committed scores.
+    Live,
+    /// The view as last refreshed (the live board is off, not built yet, or
+    /// Redis is away).
+    View,
+}
+
+/// Whether a rank is within the topic right: rank <= 10 % of the ranked
+/// users (the seed's `rank <= COUNT(*) * 0.1`).
+fn may_create_topics(rank: i64, ranked: i64) -> bool {
+    rank as f64 <= ranked as f64 * 0.1
+}
+
+/// A page of the leaderboard: `limit` entries (1 to 1000) after `offset`
+/// ranks, from the live board if it is there, else the view.
 pub async fn page(ctx: &Context, limit: i64, offset: i64) -> Result<Page> {
     if !(1..=MAX_PAGE).contains(&limit) {
         return Err(Error::invalid(
@@ -134,6 +173,38 @@ pub async fn page(ctx: &Context, limit: i64, offset: i64) -> Result<Page> {
         return Err(Error::invalid("--offset", format!("{offset} is negative")));
     }
     let timer = Timer::start(&ctx.perf, Operation::LeaderboardPage, None);
+    if ctx.config.leaderboard.live
+        && let Some((ranked, board)) = ctx.cache.live_page(offset, limit).await
+    {
+        // Ranks and scores from the board; names from PostgreSQL, one query.
+        let ids: Vec<i64> = board.iter().map(|(u, _)| u.get()).collect();
+        let names: Vec<(i64, String)> =
+            sqlx::query_as("SELECT id, username FROM users WHERE id = ANY($1)")
+                .bind(&ids)
+                .fetch_all(&ctx.pool)
+                .await
+                .db("reading user names")?;
+        let names: std::collections::HashMap<i64, String> = names.into_iter().collect();
+        let entries = board
+            .into_iter()
+            .enumerate()
+            .map(|(i, (user, score))| {
+                let rank = offset + i as i64 + 1;
+                Entry {
+                    user_id: user.get(),
+                    username: names.get(&user.get()).cloned().unwrap_or_default(),
+                    loyalty_score: score,
+                    rank,
+                    can_create_topics: may_create_topics(rank, ranked),
+                }
+            })
+            .collect();
+        timer.ok(None);
+        return Ok(Page {
+            entries,
+            source: Source::Live,
+        });
+    }
     // Ranks are dense 1..n, so "rank > offset" is OFFSET without reading the
     // skipped rows: an index range scan on idx_leaderboard_rank at any depth.
     let entries: Vec<Entry> = sqlx::query_as(
@@ -146,12 +217,51 @@ pub async fn page(ctx: &Context, limit: i64, offset: i64) -> Result<Page> {
     .await
     .db("reading the leaderboard")?;
     timer.ok(None);
-    Ok(Page { entries })
+    Ok(Page {
+        entries,
+        source: Source::View,
+    })
 }
 
-/// A user's rank on the board, or a clear "not ranked".
+/// A user's rank, or a clear "not ranked": from the live board if it is
+/// there (committed scores), else the view as last refreshed.
 pub async fn rank(ctx: &Context, user: UserId) -> Result<Standing> {
     let timer = Timer::start(&ctx.perf, Operation::LeaderboardRank, None);
+    if ctx.config.leaderboard.live
+        && let Some(place) = ctx.cache.live_rank(user).await
+    {
+        let standing = match place {
+            LiveRank::Ranked {
+                rank,
+                score,
+                ranked,
+            } => Standing {
+                user_id: user,
+                rank: Some(rank),
+                loyalty_score: score,
+                can_create_topics: may_create_topics(rank, ranked),
+                source: Source::Live,
+            },
+            LiveRank::Unranked { .. } => {
+                // Not on the board: an unknown user, or a score of 0 or less.
+                let score: Option<i64> =
+                    sqlx::query_scalar("SELECT loyalty_score FROM users WHERE id = $1")
+                        .bind(user.get())
+                        .fetch_optional(&ctx.pool)
+                        .await
+                        .db("reading the score")?;
+                Standing {
+                    user_id: user,
+                    rank: None,
+                    loyalty_score: score.ok_or(Error::UnknownUser(user.get()))?,
+                    can_create_topics: false,
+                    source: Source::Live,
+                }
+            }
+        };
+        timer.ok(Some(user));
+        return Ok(standing);
+    }
     // One round trip tells both "is the user known" and "are they on the board".
     let row: Option<RankRow> = sqlx::query_as(
         "SELECT u.loyalty_score, l.rank, l.loyalty_score, l.can_create_topics \
@@ -168,8 +278,78 @@ pub async fn rank(ctx: &Context, user: UserId) -> Result<Standing> {
         rank,
         loyalty_score: ranked_score.unwrap_or(current),
         can_create_topics: can.unwrap_or(false),
+        source: Source::View,
     })
 }
+
+/// Builds the live board from PostgreSQL: clears it, writes every user with
+/// a positive score in batches (each write guarded by its version, so a
+/// score written meanwhile is never overwritten by the older one read here),
+/// then marks it built. Until then readers use the view. Returns the users
+/// written.
+pub async fn build_live_board(ctx: &Context) -> Result<u64> {
+    use futures_util::TryStreamExt;
+    if !ctx
+        .cache
+        .delete(&[ctx.cache.live_key(), ctx.cache.live_users_key()])
+        .await
+    {
+        return Err(Error::Runtime(
+            "Redis unavailable: the live board is not built".into(),
+        ));
+    }
+    let mut tx = ctx
+        .pool
+        .begin()
+        .await
+        .db("starting the live board's build")?;
+    db::set_local_timeout(&mut tx, ctx.config.sweep.timeout).await?;
+    let mut rows = sqlx::query_as::<_, (i64, i64, i64, i64)>(
+        "SELECT id, loyalty_score, score_version, (EXTRACT(EPOCH FROM created_at) * 1000000)::BIGINT
+         FROM users WHERE loyalty_score > 0",
+    )
+    .fetch(&mut *tx);
+    let (mut batch, mut written) = (Vec::with_capacity(BOARD_BATCH), 0u64);
+    loop {
+        let row = rows
+            .try_next()
+            .await
+            .db("reading scores for the live board")?;
+        if let Some((id, score, version, created_us)) = row
+            && let Ok(user) = UserId::new(id)
+        {
+            batch.push(VersionedScore {
+                user,
+                score,
+                version,
+                created_us,
+            });
+        }
+        if batch.len() >= BOARD_BATCH || (row.is_none() && !batch.is_empty()) {
+            if !ctx.cache.live_set(&batch).await {
+                return Err(Error::Runtime(
+                    "Redis unavailable: the live board is not built".into(),
+                ));
+            }
+            written += batch.len() as u64;
+            batch.clear();
+        }
+        if row.is_none() {
+            break;
+        }
+    }
+    drop(rows);
+    let _ = tx.rollback().await;
+    if !ctx.cache.live_mark_ready(true).await {
+        return Err(Error::Runtime(
+            "Redis unavailable: the live board is not built".into(),
+        ));
+    }
+    Ok(written)
+}
+
+/// Users written to the live board per pipeline.
+const BOARD_BATCH: usize = 5_000;
 
 /// Pending changes (PostgreSQL's and the seed's Redis counter) and view
 /// age, and publishes them as gauges.
@@ -273,11 +453,15 @@ async fn refresh_in(
         return Ok(Step::Skipped(report(false, RefreshReason::NotDue)));
     };
     db::set_local_timeout(&mut *tx, cfg.refresh_timeout).await?;
-    let run =
-        sqlx::query("REFRESH MATERIALIZED VIEW CONCURRENTLY user_leaderboard").execute(&mut *tx);
-    db::cancellable(&ctx.pool, pid, cancel, run)
-        .await
-        .db("refreshing the leaderboard view")?;
+    if cfg.refresh_mode == RefreshMode::Swap && !has_dependents(&mut *tx).await? {
+        swap_in_new_view(ctx, &mut *tx, pid, cancel).await?;
+    } else {
+        let run = sqlx::query("REFRESH MATERIALIZED VIEW CONCURRENTLY user_leaderboard")
+            .execute(&mut *tx);
+        db::cancellable(&ctx.pool, pid, cancel, run)
+            .await
+            .db("refreshing the leaderboard view")?;
+    }
     // Consume exactly what was seen before the refresh began (PostgreSQL's
     // shards here; the seed's counter after the commit).
     sqlx::query(
@@ -296,6 +480,139 @@ async fn refresh_in(
     .db("consuming pending changes")?;
     Ok(Step::Refreshed(report(true, reason), seed_pending))
 }
+
+/// Whether anything else is built on the leaderboard view: another view, or
+/// a function with a SQL-standard body (they would have to go with it, so
+/// the refresh is CONCURRENTLY instead of a swap). Only normal dependencies
+/// count; the view's own rule, type and indexes are internal or automatic.
+async fn has_dependents(conn: &mut PgConnection) -> Result<bool> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_depend d
+                        WHERE d.refclassid = 'pg_class'::REGCLASS
+                          AND d.refobjid = 'user_leaderboard'::REGCLASS
+                          AND d.deptype = 'n'
+                          AND NOT (d.classid = 'pg_rewrite'::REGCLASS
+                                   AND d.objid IN (SELECT oid FROM pg_rewrite
+                                                   WHERE ev_class = 'user_leaderboard'::REGCLASS)))",
+    )
+    .fetch_one(conn)
+    .await
+    .db("reading the view's dependents")
+}
+
+/// The swap refresh: builds `user_leaderboard_next` from the view's own
+/// definition (`pg_get_viewdef`: the definition lives in the migration
+/// only) with copies of its indexes, while readers go on reading the old
+/// view; then renames the new one into place and drops the old one, with
+/// the old one's grants. The renames need the old view's ACCESS EXCLUSIVE
+/// lock: they wait at most SWAP_LOCK_WAIT for readers to finish, then let
+/// them through and try again (a savepoint keeps the built view), so a
+/// reader waits at most about that long plus the renames.
+async fn swap_in_new_view(
+    ctx: &Context,
+    tx: &mut PgConnection,
+    pid: i32,
+    cancel: &CancellationToken,
+) -> Result<()> {
+    let definition: String =
+        sqlx::query_scalar("SELECT pg_get_viewdef('user_leaderboard'::REGCLASS)")
+            .fetch_one(&mut *tx)
+            .await
+            .db("reading the view's definition")?;
+    let indexes: Vec<(String, String)> = sqlx::query_as(
+        "SELECT i.relname::TEXT, pg_get_indexdef(x.indexrelid) FROM pg_index x
+         JOIN pg_class i ON i.oid = x.indexrelid WHERE x.indrelid = 'user_leaderboard'::REGCLASS",
+    )
+    .fetch_all(&mut *tx)
+    .await
+    .db("reading the view's indexes")?;
+    let grants: Vec<String> = sqlx::query_scalar(
+        "SELECT format('GRANT %s ON user_leaderboard TO %s', a.privilege_type,
+                       CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(r.rolname) END)
+         FROM pg_class c, aclexplode(c.relacl) a LEFT JOIN pg_roles r ON r.oid = a.grantee
+         WHERE c.oid = 'user_leaderboard'::REGCLASS AND a.grantee <> c.relowner",
+    )
+    .fetch_all(&mut *tx)
+    .await
+    .db("reading the view's grants")?;
+    let mut build = vec!["DROP MATERIALIZED VIEW IF EXISTS user_leaderboard_next".to_owned()];
+    build.push(format!(
+        "CREATE MATERIALIZED VIEW user_leaderboard_next AS {}",
+        definition.trim_end_matches(';')
+    ));
+    for (name, def) in &indexes {
+        build.push(
+            def.replacen(
+                &format!("INDEX {name} ON"),
+                &format!("INDEX {name}_next ON"),
+                1,
+            )
+            .replacen("user_leaderboard USING", "user_leaderboard_next USING", 1),
+        );
+    }
+    for sql in &build {
+        let run = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone())).execute(&mut *tx);
+        db::cancellable(&ctx.pool, pid, cancel, run)
+            .await
+            .db("building the new leaderboard view")?;
+    }
+    let mut swap = vec![
+        format!(
+            "SET LOCAL lock_timeout = '{}ms'",
+            SWAP_LOCK_WAIT.as_millis()
+        ),
+        "ALTER MATERIALIZED VIEW user_leaderboard RENAME TO user_leaderboard_old".to_owned(),
+        "ALTER MATERIALIZED VIEW user_leaderboard_next RENAME TO user_leaderboard".to_owned(),
+        "DROP MATERIALIZED VIEW user_leaderboard_old".to_owned(),
+    ];
+    for (name, _) in &indexes {
+        swap.push(format!("ALTER INDEX {name}_next RENAME TO {name}"));
+    }
+    swap.extend(grants);
+    swap.push("SET LOCAL lock_timeout = 0".to_owned());
+    for attempt in 1..=SWAP_ATTEMPTS {
+        if cancel.is_cancelled() {
+            return Err(Error::Cancelled {
+                context: "the leaderboard refresh",
+            });
+        }
+        sqlx::query("SAVEPOINT swap")
+            .execute(&mut *tx)
+            .await
+            .db("swapping the view")?;
+        let mut failed = None;
+        for sql in &swap {
+            if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone()))
+                .execute(&mut *tx)
+                .await
+            {
+                failed = Some(e);
+                break;
+            }
+        }
+        match failed {
+            None => return Ok(()),
+            Some(e)
+                if crate::error::sqlstate(&e).as_deref() == Some("55P03")
+                    && attempt < SWAP_ATTEMPTS =>
+            {
+                sqlx::query("ROLLBACK TO SAVEPOINT swap")
+                    .execute(&mut *tx)
+                    .await
+                    .db("swapping the view")?;
+                tokio::time::sleep(SWAP_LOCK_WAIT).await;
+            }
+            Some(e) => return Err(crate::error::from_sqlx("swapping the view", e)),
+        }
+    }
+    Ok(())
+}
+
+/// How long the swap's renames wait for readers of the old view at a time.
+const SWAP_LOCK_WAIT: Duration = Duration::from_millis(50);
+/// How often the swap tries before the refresh fails (and is retried on the
+/// next check): 10 s of readers holding the view without a gap.
+const SWAP_ATTEMPTS: u32 = 200;
 
 /// The pending count of each non-empty shard, and the view's age in seconds.
 async fn observe_pending(conn: &mut PgConnection) -> Result<(Vec<i16>, Vec<i64>, f64)> {

@@ -118,6 +118,9 @@ pub struct SweepReport {
     /// False when Redis could not be read for every user (the cache check
     /// was skipped for the rest; the database part is unaffected).
     pub cache_checked: bool,
+    /// Users whose place on the live board differed from the database (now
+    /// corrected).
+    pub board_repaired: u64,
 }
 
 /// Records one moderation event; returns the user's new score.
@@ -133,7 +136,7 @@ async fn insert_event(pool: &PgPool, e: &NewEvent) -> Result<(Recorded, Versione
     // The INSERT's trigger changes the score and counts the pending change
     // (migration 5): the same path as any other client's INSERT. The function
     // answers with the score after it, in the same round trip.
-    let (score, version, delta, duplicate): (i64, i64, i32, bool) =
+    let (score, version, delta, duplicate, created_us): (i64, i64, i32, bool, i64) =
         sqlx::query_as("SELECT * FROM record_moderation_event($1, $2, $3, $4, $5, $6)")
             .bind(e.user.get())
             .bind(e.event_type.as_str())
@@ -156,6 +159,7 @@ async fn insert_event(pool: &PgPool, e: &NewEvent) -> Result<(Recorded, Versione
         user: e.user,
         score,
         version,
+        created_us,
     };
     Ok((recorded, fresh))
 }
@@ -211,7 +215,7 @@ pub async fn record_events(ctx: &Context, events: &[NewEvent]) -> Result<BatchRe
     // One INSERT of every event (UNNEST turns the columns into rows); its
     // trigger updates each user once, locking them in id order, so
     // concurrent batches cannot deadlock on each other.
-    let result = sqlx::query_as::<_, (i64, i64, i64, i64)>(
+    let result = sqlx::query_as::<_, (i64, i64, i64, i64, i64)>(
         "SELECT * FROM record_moderation_events($1, $2, $3, $4, $5, $6)",
     )
     .bind(&users)
@@ -236,11 +240,12 @@ pub async fn record_events(ctx: &Context, events: &[NewEvent]) -> Result<BatchRe
     };
     let fresh: Vec<VersionedScore> = rows
         .iter()
-        .filter_map(|&(id, score, version, _)| {
+        .filter_map(|&(id, score, version, _, created_us)| {
             UserId::new(id).ok().map(|user| VersionedScore {
                 user,
                 score,
                 version,
+                created_us,
             })
         })
         .collect();
@@ -300,17 +305,20 @@ pub async fn get_score(ctx: &Context, user: UserId) -> Result<Score> {
 
 /// A user's score and its version; unknown users are an error.
 async fn read_score<'c>(conn: impl sqlx::PgExecutor<'c>, user: UserId) -> Result<VersionedScore> {
-    let row: Option<(i64, i64)> =
-        sqlx::query_as("SELECT loyalty_score, score_version FROM users WHERE id = $1")
-            .bind(user.get())
-            .fetch_optional(conn)
-            .await
-            .db("reading the score")?;
-    let (score, version) = row.ok_or(Error::UnknownUser(user.get()))?;
+    let row: Option<(i64, i64, i64)> = sqlx::query_as(
+        "SELECT loyalty_score, score_version, (EXTRACT(EPOCH FROM created_at) * 1000000)::BIGINT
+         FROM users WHERE id = $1",
+    )
+    .bind(user.get())
+    .fetch_optional(conn)
+    .await
+    .db("reading the score")?;
+    let (score, version, created_us) = row.ok_or(Error::UnknownUser(user.get()))?;
     Ok(VersionedScore {
         user,
         score,
         version,
+        created_us,
     })
 }
 
@@ -373,15 +381,16 @@ async fn repair(tx: &mut Transaction<'_, Postgres>, ids: &[i64]) -> Result<Vec<R
                 score_xid = pg_current_xact_id(), updated_at = now()
             FROM truth t
             WHERE u.id = t.id AND u.loyalty_score <> t.score
-            RETURNING u.id, u.loyalty_score, u.score_version, t.previous
+            RETURNING u.id, u.loyalty_score, u.score_version, t.previous,
+                      (EXTRACT(EPOCH FROM u.created_at) * 1000000)::BIGINT AS created_us
         ), counted AS (
             -- A repaired score moves the leaderboard like any other change.
             UPDATE leaderboard_pending SET changes = changes + (SELECT count(*) FROM fixed)
             WHERE shard = leaderboard_shard() AND EXISTS (SELECT 1 FROM fixed)
         )
-        SELECT id, loyalty_score, score_version, previous FROM fixed ORDER BY id
+        SELECT id, loyalty_score, score_version, previous, created_us FROM fixed ORDER BY id
     "#;
-    let rows: Vec<(i64, i64, i64, i64)> = sqlx::query_as(SQL)
+    let rows: Vec<(i64, i64, i64, i64, i64)> = sqlx::query_as(SQL)
         .bind(ids)
         .bind(LEGACY_CREDIT_GRACE.as_secs_f64())
         .fetch_all(&mut **tx)
@@ -389,12 +398,13 @@ async fn repair(tx: &mut Transaction<'_, Postgres>, ids: &[i64]) -> Result<Vec<R
         .db("repairing scores")?;
     Ok(rows
         .into_iter()
-        .filter_map(|(id, score, version, previous)| {
+        .filter_map(|(id, score, version, previous, created_us)| {
             Some(Repaired {
                 fresh: VersionedScore {
                     user: UserId::new(id).ok()?,
                     score,
                     version,
+                    created_us,
                 },
                 previous,
             })
@@ -462,6 +472,14 @@ pub async fn recalc_all(
         .collect();
     for batch in differing.chunks(batch_size.max(1) as usize) {
         report.cache_repaired += repair_cache_entries(ctx, batch).await;
+    }
+    if ctx.config.leaderboard.live && cache_checked && !cancel.is_cancelled() {
+        match verify_live_board(ctx, batch_size, cancel).await {
+            Ok(repaired) => report.board_repaired = repaired,
+            Err(e) => {
+                tracing::warn!(error = %e.one_line(), "the sweep's live board check stopped early");
+            }
+        }
     }
     // A cache check that Redis could not answer is reported
     // (cache_checked), not a failed sweep; one that the time limit or a
@@ -590,6 +608,136 @@ async fn cached_scores_differing(
     Ok((differing, checked))
 }
 
+/// Checks the live board (the leaderboard in Redis) against every user's
+/// score, `batch` users at a time, and corrects the places that differ
+/// (each write guarded by its version). When the board then holds more
+/// users than the database ranks (users deleted behind its back), a second
+/// pass walks the board and takes off the users the database does not rank.
+/// Returns the users corrected.
+async fn verify_live_board(ctx: &Context, batch: u32, cancel: &CancellationToken) -> Result<u64> {
+    use futures_util::TryStreamExt;
+    if ctx.cache.live_ready().await != Some(true) {
+        return Ok(0); // being built, or Redis away: nothing to check
+    }
+    let mut tx = ctx.pool.begin().await.db("starting the live board check")?;
+    db::set_local_timeout(&mut tx, ctx.config.sweep.timeout).await?;
+    let (mut repaired, mut ranked) = (0u64, 0i64);
+    {
+        let mut rows = sqlx::query_as::<_, (i64, i64, i64, i64)>(
+            "SELECT id, loyalty_score, score_version, (EXTRACT(EPOCH FROM created_at) * 1000000)::BIGINT FROM users",
+        )
+        .fetch(&mut *tx);
+        let mut chunk: Vec<VersionedScore> = Vec::with_capacity(batch as usize);
+        loop {
+            if cancel.is_cancelled() {
+                return Err(Error::Cancelled {
+                    context: "the live board check",
+                });
+            }
+            let row = rows
+                .try_next()
+                .await
+                .db("reading scores for the live board check")?;
+            if let Some((id, score, version, created_us)) = row
+                && let Ok(user) = UserId::new(id)
+            {
+                ranked += i64::from(score > 0);
+                chunk.push(VersionedScore {
+                    user,
+                    score,
+                    version,
+                    created_us,
+                });
+            }
+            if chunk.len() >= batch as usize || (row.is_none() && !chunk.is_empty()) {
+                let Some(differing) = ctx.cache.live_differing(&chunk).await else {
+                    return Ok(repaired);
+                };
+                let fixes: Vec<VersionedScore> = chunk
+                    .iter()
+                    .filter(|s| differing.contains(&s.user))
+                    .copied()
+                    .collect();
+                if !fixes.is_empty() {
+                    // Read again: a writer may have moved them since the stream's snapshot.
+                    let ids: Vec<UserId> = fixes.iter().map(|s| s.user).collect();
+                    let fresh = read_scores(&ctx.pool, &ids).await?;
+                    ctx.cache.live_set(&fresh).await;
+                    repaired += fixes.len() as u64;
+                }
+                chunk.clear();
+            }
+            if row.is_none() {
+                break;
+            }
+        }
+    }
+    let _ = tx.rollback().await;
+    if ctx.cache.live_count().await.is_some_and(|n| n > ranked) {
+        repaired += remove_unranked_from_board(ctx, batch, cancel).await?;
+    }
+    Ok(repaired)
+}
+
+/// The board's second pass: every user on it whose score the database does
+/// not have as positive is corrected (read again, written with its version)
+/// or, when the user is gone, taken off.
+async fn remove_unranked_from_board(
+    ctx: &Context,
+    batch: u32,
+    cancel: &CancellationToken,
+) -> Result<u64> {
+    let (mut cursor, mut repaired) = (0u64, 0u64);
+    loop {
+        if cancel.is_cancelled() {
+            return Err(Error::Cancelled {
+                context: "the live board check",
+            });
+        }
+        let Some((next, members)) = ctx.cache.live_scan(cursor, batch).await else {
+            return Ok(repaired);
+        };
+        let ids: Vec<UserId> = members.iter().map(|(u, _)| *u).collect();
+        let fresh = read_scores(&ctx.pool, &ids).await?;
+        let wrong: Vec<VersionedScore> = fresh.iter().filter(|s| s.score <= 0).copied().collect();
+        let gone: Vec<(UserId, String)> = members
+            .into_iter()
+            .filter(|(u, _)| !fresh.iter().any(|s| s.user == *u))
+            .collect();
+        ctx.cache.live_set(&wrong).await;
+        ctx.cache.live_remove(&gone).await;
+        repaired += (wrong.len() + gone.len()) as u64;
+        if next == 0 {
+            return Ok(repaired);
+        }
+        cursor = next;
+    }
+}
+
+/// Several users' scores and versions (unknown ids are left out).
+async fn read_scores(pool: &PgPool, users: &[UserId]) -> Result<Vec<VersionedScore>> {
+    let ids: Vec<i64> = users.iter().map(|u| u.get()).collect();
+    let rows: Vec<(i64, i64, i64, i64)> = sqlx::query_as(
+        "SELECT id, loyalty_score, score_version, (EXTRACT(EPOCH FROM created_at) * 1000000)::BIGINT
+         FROM users WHERE id = ANY($1)",
+    )
+    .bind(&ids)
+    .fetch_all(pool)
+    .await
+    .db("reading scores")?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(id, score, version, created_us)| {
+            Some(VersionedScore {
+                user: UserId::new(id).ok()?,
+                score,
+                version,
+                created_us,
+            })
+        })
+        .collect())
+}
+
 /// Corrects the cached scores of `users` that differ from the database.
 ///
 /// The database is read after the cache, so it is at least as new. An entry
@@ -603,8 +751,9 @@ async fn repair_cache_entries(ctx: &Context, users: &[UserId]) -> u64 {
         return 0;
     };
     let ids: Vec<i64> = users.iter().map(|u| u.get()).collect();
-    let Ok(rows) = sqlx::query_as::<_, (i64, i64, i64)>(
-        "SELECT id, loyalty_score, score_version FROM users WHERE id = ANY($1)",
+    let Ok(rows) = sqlx::query_as::<_, (i64, i64, i64, i64)>(
+        "SELECT id, loyalty_score, score_version, (EXTRACT(EPOCH FROM created_at) * 1000000)::BIGINT
+         FROM users WHERE id = ANY($1)",
     )
     .bind(&ids)
     .fetch_all(&ctx.pool)
@@ -612,14 +761,14 @@ async fn repair_cache_entries(ctx: &Context, users: &[UserId]) -> u64 {
     else {
         return 0;
     };
-    let current: std::collections::HashMap<i64, (i64, i64)> = rows
+    let current: std::collections::HashMap<i64, (i64, i64, i64)> = rows
         .into_iter()
-        .map(|(id, score, version)| (id, (score, version)))
+        .map(|(id, score, version, created_us)| (id, (score, version, created_us)))
         .collect();
     let (mut newer, mut replace) = (Vec::new(), Vec::new());
     for (&user, entry) in users.iter().zip(entries) {
         let Some(entry) = entry else { continue };
-        let Some(&(score, version)) = current.get(&user.get()) else {
+        let Some(&(score, version, created_us)) = current.get(&user.get()) else {
             continue;
         };
         if entry.value.parse() == Ok(score) {
@@ -629,6 +778,7 @@ async fn repair_cache_entries(ctx: &Context, users: &[UserId]) -> u64 {
             user,
             score,
             version,
+            created_us,
         };
         match entry.version.as_deref().and_then(|v| v.parse::<i64>().ok()) {
             Some(cached) if cached > version => replace.push((entry, fresh)),

@@ -89,20 +89,22 @@ async fn sync_in(ctx: &Context, tx: &mut sqlx::PgConnection) -> Result<Synced> {
         WITH snap AS (
             SELECT pg_current_snapshot() AS s
         ), changed AS (
-            SELECT id, loyalty_score, score_version FROM users
+            SELECT id, loyalty_score, score_version, created_at FROM users
             WHERE score_xid >= $1::xid8
             UNION
-            SELECT id, loyalty_score, score_version FROM users
+            SELECT id, loyalty_score, score_version, created_at FROM users
             WHERE score_xid = ANY($2::xid8[])
         )
         SELECT (SELECT pg_snapshot_xmax(s)::TEXT FROM snap),
                (SELECT COALESCE(array_agg(x::TEXT), '{}') FROM snap, pg_snapshot_xip(s) AS x),
                (SELECT COALESCE(array_agg(id ORDER BY id), '{}') FROM changed),
                (SELECT COALESCE(array_agg(loyalty_score ORDER BY id), '{}') FROM changed),
-               (SELECT COALESCE(array_agg(score_version ORDER BY id), '{}') FROM changed)
+               (SELECT COALESCE(array_agg(score_version ORDER BY id), '{}') FROM changed),
+               (SELECT COALESCE(array_agg((EXTRACT(EPOCH FROM created_at) * 1000000)::BIGINT ORDER BY id), '{}')
+                FROM changed)
     "#;
-    type Changed = (String, Vec<String>, Vec<i64>, Vec<i64>, Vec<i64>);
-    let (next_xmax, next_xip, ids, scores, versions): Changed = sqlx::query_as(CHANGED)
+    type Changed = (String, Vec<String>, Vec<i64>, Vec<i64>, Vec<i64>, Vec<i64>);
+    let (next_xmax, next_xip, ids, scores, versions, created): Changed = sqlx::query_as(CHANGED)
         .bind(&xmax)
         .bind(&xip)
         .fetch_one(&mut *tx)
@@ -112,11 +114,13 @@ async fn sync_in(ctx: &Context, tx: &mut sqlx::PgConnection) -> Result<Synced> {
         .iter()
         .zip(&scores)
         .zip(&versions)
-        .filter_map(|((&id, &score), &version)| {
+        .zip(&created)
+        .filter_map(|(((&id, &score), &version), &created_us)| {
             UserId::new(id).ok().map(|user| VersionedScore {
                 user,
                 score,
                 version,
+                created_us,
             })
         })
         .collect();

@@ -5,8 +5,8 @@
 use std::time::{Duration, Instant};
 
 use loyaltyd::loyalty::{self, NewEvent};
+use loyaltyd::queues;
 use loyaltyd::types::{ContentType, Ident, Outcome, Priority, QueueKind, Scope, UserId};
-use loyaltyd::{leaderboard, queues};
 use tokio_util::sync::CancellationToken;
 
 use super::{Bench, Report, Side, seed, timed};
@@ -14,10 +14,10 @@ use super::{Bench, Report, Side, seed, timed};
 type R<T> = Result<T, String>;
 
 /// A small deterministic random generator (xorshift), so runs are comparable.
-struct Rng(u64);
+pub(super) struct Rng(pub(super) u64);
 
 impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
+    pub(super) fn below(&mut self, n: u64) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
@@ -29,7 +29,7 @@ fn ident(s: &str) -> R<Ident> {
     Ident::parse("bench", s).map_err(|e| e.to_string())
 }
 
-fn uid(id: i64) -> R<UserId> {
+pub(super) fn uid(id: i64) -> R<UserId> {
     UserId::new(id).map_err(|e| e.to_string())
 }
 
@@ -44,7 +44,7 @@ const OUTCOMES: [(Outcome, &str); 3] = [
     (Outcome::Calibrated, "calibrated"),
 ];
 
-fn event(user: i64, n: usize) -> R<NewEvent> {
+pub(super) fn event(user: i64, n: usize) -> R<NewEvent> {
     Ok(NewEvent {
         user: uid(user)?,
         event_type: ident("moderation_decision")?,
@@ -75,12 +75,9 @@ pub async fn all(b: &Bench, report: &mut Report) -> R<()> {
     if b.wants("integrity sweep") {
         sweep(b, report, users, events).await?;
     }
-    if b.wants("leaderboard reads") {
-        leaderboard_reads(b, report).await?;
-    }
-    if b.wants("leaderboard refresh") {
-        for &n in &s.refresh_users {
-            refresh(b, report, n).await?;
+    if b.wants("leaderboard") {
+        for &n in &s.board {
+            super::board::board(b, report, n).await?;
         }
     }
     if b.wants("queues") {
@@ -488,168 +485,6 @@ async fn sweep(b: &Bench, report: &mut Report, users: i64, events: i64) -> R<()>
             Side::new("floor: one plain aggregate over the events", &plain),
         ],
     );
-    Ok(())
-}
-
-/// Leaderboard pages and ranks: the view against ranking on the fly.
-async fn leaderboard_reads(b: &Bench, report: &mut Report) -> R<()> {
-    let s = &b.sizes;
-    leaderboard::refresh(&b.ctx, true, &CancellationToken::new())
-        .await
-        .map_err(|e| e.to_string())?;
-    let ranked: i64 = sqlx::query_scalar("SELECT count(*) FROM user_leaderboard")
-        .fetch_one(&b.pool)
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut rng = Rng(0x2468_ace0_1357_9bdf);
-    let (mut page, mut page_plain, mut rank, mut rank_plain) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    // Ranking on the fly costs ~100 ms a call at full size: sample it less often.
-    let every = (s.iterations / 20).max(1);
-    for i in 0..s.iterations {
-        let offset = rng.below((ranked - 100).max(1) as u64) as i64;
-        let user = 1 + rng.below(s.users as u64) as i64;
-        page.push(timed(leaderboard::page(&b.ctx, 100, offset)).await?.1);
-        rank.push(timed(leaderboard::rank(&b.ctx, uid(user)?)).await?.1);
-        if i % every == 0 {
-            page_plain.push(
-                timed(seed::page_without_view(&b.pool, 100, offset))
-                    .await?
-                    .1,
-            );
-            rank_plain.push(timed(seed::rank_without_view(&b.pool, user)).await?.1);
-        }
-    }
-    let group = format!("Leaderboard reads ({ranked} ranked users)");
-    report.case(
-        &group,
-        "a page of 100 at a random offset",
-        vec![
-            Side::new("loyaltyd", &page).note("the view, keyset on rank"),
-            Side::new("plain: rank on the fly, no view", &page_plain),
-        ],
-    );
-    report.case(
-        &group,
-        "one user's rank",
-        vec![
-            Side::new("loyaltyd", &rank).note("the view, by user_id"),
-            Side::new("plain: rank on the fly, no view", &rank_plain),
-        ],
-    );
-    Ok(())
-}
-
-/// Refresh with `target` ranked users: loyaltyd's against plain and concurrent refreshes.
-async fn refresh(b: &Bench, report: &mut Report, target: i64) -> R<()> {
-    let s = &b.sizes;
-    // Top up with ranked users (scores not from events: the sweep case is done).
-    sqlx::query(
-        "INSERT INTO users (id, username, loyalty_score, created_at)
-         SELECT m.id + g, 'filler_' || (m.id + g), 1 + (g * 7919) % 20000, now() - (g % 100000) * INTERVAL '1 minute'
-         FROM (SELECT max(id) AS id FROM users) m,
-              generate_series(1, GREATEST(0, $1 - (SELECT count(*) FROM users WHERE loyalty_score > 0))) g",
-    )
-    .bind(target)
-    .execute(&b.pool)
-    .await
-    .map_err(|e| e.to_string())?;
-    sqlx::query("VACUUM ANALYZE users")
-        .execute(&b.pool)
-        .await
-        .map_err(|e| e.to_string())?;
-    let ranked: i64 = sqlx::query_scalar("SELECT count(*) FROM users WHERE loyalty_score > 0")
-        .fetch_one(&b.pool)
-        .await
-        .map_err(|e| e.to_string())?;
-    let never = CancellationToken::new();
-    leaderboard::refresh(&b.ctx, true, &never)
-        .await
-        .map_err(|e| e.to_string())?;
-    let definition: String =
-        sqlx::query_scalar("SELECT pg_get_viewdef('user_leaderboard'::regclass)")
-            .fetch_one(&b.pool)
-            .await
-            .map_err(|e| e.to_string())?;
-    let mut rng = Rng(0x1111_2222_3333_4444);
-    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); 4];
-    for round in 0..s.rounds.max(2) {
-        for k in 0..4 {
-            // Ten changes since the last refresh: the default threshold.
-            for _ in 0..10 {
-                let user = 1 + rng.below(ranked as u64) as i64;
-                loyalty::record_event(&b.quiet, &event(user, 0)?).await.ok();
-            }
-            let side = (round + k) % 4;
-            let plain = "REFRESH MATERIALIZED VIEW user_leaderboard";
-            let concurrent = "REFRESH MATERIALIZED VIEW CONCURRENTLY user_leaderboard";
-            let took = match side {
-                0 => timed(leaderboard::refresh(&b.ctx, true, &never)).await?.1,
-                1 => timed(sqlx::query(plain).execute(&b.pool)).await?.1,
-                2 => timed(sqlx::query(concurrent).execute(&b.pool)).await?.1,
-                _ => timed(swap_refresh(&b.pool, &definition)).await?.1,
-            };
-            samples[side].push(took);
-        }
-    }
-    report.case(
-        &format!("Leaderboard refresh ({ranked} ranked users)"),
-        "refresh after 10 changes",
-        vec![
-            Side::new("loyaltyd", &samples[0])
-                .note("lock + CONCURRENTLY + bookkeeping; readers unblocked"),
-            Side::new("plain REFRESH (blocks readers)", &samples[1]),
-            Side::new("REFRESH CONCURRENTLY, the seed's", &samples[2]),
-            Side::new("study: build a shadow view, swap by rename", &samples[3])
-                .note("readers wait only for the rename"),
-        ],
-    );
-    Ok(())
-}
-
-/// The study: a new view built beside the old one (no reader waits for it),
-/// then swapped in by renames in one short transaction.
-async fn swap_refresh(pool: &sqlx::PgPool, definition: &str) -> R<()> {
-    let indexes = [
-        (
-            "idx_leaderboard_user_id",
-            "CREATE UNIQUE INDEX {} ON user_leaderboard_next (user_id)",
-        ),
-        (
-            "idx_leaderboard_rank",
-            "CREATE INDEX {} ON user_leaderboard_next (rank)",
-        ),
-        (
-            "idx_leaderboard_score",
-            "CREATE INDEX {} ON user_leaderboard_next (loyalty_score DESC)",
-        ),
-        (
-            "idx_leaderboard_topic_creators",
-            "CREATE INDEX {} ON user_leaderboard_next (can_create_topics) WHERE can_create_topics = true",
-        ),
-    ];
-    let mut build = format!(
-        "DROP MATERIALIZED VIEW IF EXISTS user_leaderboard_next; CREATE MATERIALIZED VIEW user_leaderboard_next AS {};",
-        definition.trim_end_matches(';')
-    );
-    let mut swap = String::from(
-        "BEGIN; SET LOCAL lock_timeout = '5s'; DROP MATERIALIZED VIEW user_leaderboard; \
-         ALTER MATERIALIZED VIEW user_leaderboard_next RENAME TO user_leaderboard;",
-    );
-    for (name, create) in indexes {
-        build.push_str(&create.replace("{}", &format!("{name}_next")));
-        build.push(';');
-        swap.push_str(&format!("ALTER INDEX {name}_next RENAME TO {name};"));
-    }
-    swap.push_str("COMMIT;");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(build))
-        .execute(pool)
-        .await
-        .map_err(|e| e.to_string())?;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(swap))
-        .execute(pool)
-        .await
-        .map_err(|e| e.to_string())?;
     Ok(())
 }
 

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 mod adoption;
+mod board;
 mod cases;
 mod daemon;
 mod seed;
@@ -67,7 +68,7 @@ impl Opts {
                 batches: 3,
                 queue_sizes: vec![500, 2_000],
                 queue_iterations: |_| 20,
-                refresh_users: vec![2_000, 5_000],
+                board: vec![5_000],
                 sweep: vec![(2_000, 40_000)],
                 adoption: vec![(2_000, 40_000)],
                 seed_loop_sample: 100,
@@ -76,7 +77,9 @@ impl Opts {
         } else {
             let mut sweep = vec![(200_000, 4_000_000)];
             let mut adoption = vec![(200_000, 4_000_000)];
+            let mut board = vec![1_000_000];
             if self.large {
+                board.push(10_000_000);
                 sweep.push((1_000_000, 20_000_000));
                 adoption.push((1_000_000, 20_000_000));
             }
@@ -97,7 +100,7 @@ impl Opts {
                         300
                     }
                 },
-                refresh_users: vec![200_000, 1_000_000],
+                board,
                 sweep,
                 adoption,
                 seed_loop_sample: 2_000,
@@ -127,7 +130,8 @@ pub struct Sizes {
     pub queue_sizes: Vec<i64>,
     /// Remove + add + position rounds per queue size (the seed's remove is O(n)).
     pub queue_iterations: fn(i64) -> usize,
-    pub refresh_users: Vec<i64>,
+    /// Ranked users of the leaderboard cases.
+    pub board: Vec<i64>,
     pub sweep: Vec<(i64, i64)>,
     /// Sizes of the adopted databases (users, events).
     pub adoption: Vec<(i64, i64)>,

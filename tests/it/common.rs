@@ -11,11 +11,44 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use loyaltyd::config::Config;
 use loyaltyd::context::Context;
+use loyaltyd::loyalty::NewEvent;
+use loyaltyd::types::{ContentType, Ident, Outcome, UserId};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
+
+/// A user id known to be valid.
+pub fn uid(id: i64) -> UserId {
+    UserId::new(id).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// An identifier known to be valid.
+pub fn ident(s: &str) -> Ident {
+    Ident::parse("test", s).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A moderation event of `user` on content `c-1`.
+pub fn event(user: i64, content: ContentType, outcome: Outcome) -> NewEvent {
+    NewEvent {
+        user: uid(user),
+        event_type: ident("moderation_decision"),
+        content_type: content,
+        content_id: ident("c-1"),
+        outcome,
+        event_id: None,
+    }
+}
+
+/// The `n`th of a varied stream of events of `user`: every content type
+/// and outcome in turn (scores go up and down).
+pub fn varied_event(user: i64, n: usize) -> NewEvent {
+    NewEvent {
+        content_id: ident(&format!("c{n}")),
+        ..event(user, ContentType::ALL[n % 3], Outcome::ALL[(n / 3) % 3])
+    }
+}
 
 /// The Redis URL of the test run.
 pub fn redis_url() -> String {
@@ -572,12 +605,14 @@ pub async fn big_board(pool: &PgPool, n: i64) {
     .unwrap_or_else(|e| panic!("{e}"));
 }
 
-/// True while the server runs a REFRESH of the view in this test's database.
+/// True while the server refreshes the view in this test's database (a
+/// REFRESH, or the swap refresh building its shadow view).
 pub async fn refreshing(pool: &PgPool) -> bool {
     sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
                         WHERE datname = current_database() AND state = 'active'
-                          AND query LIKE 'REFRESH MATERIALIZED VIEW%')",
+                          AND (query LIKE 'REFRESH MATERIALIZED VIEW%'
+                               OR query LIKE 'CREATE MATERIALIZED VIEW user_leaderboard_next%'))",
     )
     .fetch_one(pool)
     .await

@@ -229,6 +229,7 @@ async fn a_refill_cannot_land_over_a_newer_score_when_redis_loses_keys(pool: PgP
             user,
             score,
             version,
+            created_us: 0,
         }
     };
     let redis_url = redis.url();
@@ -461,7 +462,7 @@ async fn an_unreachable_redis_is_asked_once_per_back_off_not_once_per_command() 
         url: format!("redis://127.0.0.1:{port}/"),
         ..Default::default()
     };
-    let cache = loyaltyd::cache::Cache::new(&cfg).unwrap_or_else(|e| panic!("{e}"));
+    let cache = loyaltyd::cache::Cache::new(&cfg, true).unwrap_or_else(|e| panic!("{e}"));
     let started = std::time::Instant::now();
     for id in 1..=20 {
         assert_eq!(cache.lookup(uid(id)).await, Lookup::Miss);

@@ -227,6 +227,7 @@ async fn a_reader_refilling_the_cache_from_an_old_snapshot_cannot_overwrite_a_ne
         user: uid(1),
         score: 0,
         version: 0,
+        created_us: 0,
     };
     assert!(ctx.cache.set_scores(&[stale]).await);
     assert_eq!(

@@ -15,6 +15,7 @@ mod daemon;
 mod faults;
 mod hostile;
 mod leaderboard;
+mod live;
 mod loyalty;
 mod package;
 mod prometheus;

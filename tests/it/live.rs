@@ -1,0 +1,456 @@
+//! The live leaderboard: ranks and pages from committed scores, exact against
+//! the seed's ROW_NUMBER definition (score descending, sign-up ascending,
+//! then id) through ties, the 10 % boundary, concurrent writers, plain SQL
+//! writers, a lost Redis and a corrupted board; and the swap refresh of the
+//! view that keeps its grants and readers.
+
+use std::time::{Duration, Instant};
+
+use loyaltyd::context::Context;
+use loyaltyd::leaderboard::{self, Source};
+use loyaltyd::loyalty;
+use loyaltyd::types::{ContentType, Outcome};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::common::{self, Daemon, uid};
+
+/// The seed's definition, computed by PostgreSQL from the committed scores:
+/// (user, score, rank, can_create_topics) in rank order.
+async fn truth(pool: &PgPool) -> Vec<(i64, i64, i64, bool)> {
+    sqlx::query_as(
+        "SELECT id, loyalty_score, rank, rank <= n * 0.1 FROM (
+             SELECT id, loyalty_score,
+                    ROW_NUMBER() OVER (ORDER BY loyalty_score DESC, created_at ASC, id ASC) AS rank,
+                    count(*) OVER () AS n
+             FROM users WHERE loyalty_score > 0) r
+         ORDER BY rank",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The whole board as `leaderboard show` pages it, asserting it came from
+/// the live board.
+async fn live_board(ctx: &Context) -> Vec<(i64, i64, i64, bool)> {
+    let mut all = Vec::new();
+    loop {
+        let page = leaderboard::page(ctx, 7, all.len() as i64)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(page.source, Source::Live);
+        if page.entries.is_empty() {
+            return all;
+        }
+        all.extend(
+            page.entries
+                .iter()
+                .map(|e| (e.user_id, e.loyalty_score, e.rank, e.can_create_topics)),
+        );
+    }
+}
+
+/// Asserts that pages and every user's rank equal the truth.
+async fn assert_exact(ctx: &Context, pool: &PgPool, what: &str) {
+    let expected = truth(pool).await;
+    assert_eq!(live_board(ctx).await, expected, "{what}: pages");
+    let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM users ORDER BY id")
+        .fetch_all(pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    for id in ids {
+        let s = leaderboard::rank(ctx, uid(id))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(s.source, Source::Live, "{what}: user {id}");
+        let want = expected.iter().find(|e| e.0 == id);
+        assert_eq!(
+            (s.rank, s.can_create_topics),
+            (want.map(|e| e.2), want.is_some_and(|e| e.3)),
+            "{what}: user {id}"
+        );
+        if let Some(w) = want {
+            assert_eq!(s.loyalty_score, w.1, "{what}: user {id}");
+        }
+    }
+}
+
+async fn build(ctx: &Context) -> u64 {
+    leaderboard::build_live_board(ctx)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A small deterministic generator (splitmix64): the same run every time.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        (z ^ (z >> 31)) % n
+    }
+}
+
+#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+async fn ties_and_the_ten_percent_boundary_are_exact_and_follow_each_write(pool: PgPool) {
+    let ctx = common::ctx(&pool, "live-ties");
+    for positive in [9i64, 10, 11, 19, 20, 21] {
+        sqlx::raw_sql("DELETE FROM moderation_events; DELETE FROM users")
+            .execute(&pool)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        // Scores with many ties (id % 4), sign-ups tied in threes (the id
+        // decides), and three users at zero or below who stay unranked.
+        sqlx::query(
+            "INSERT INTO users (id, username, loyalty_score, created_at)
+             SELECT g, 'u' || g, CASE WHEN g <= $1 THEN 1 + g % 4 ELSE -(g % 2) END,
+                    TIMESTAMPTZ '2024-01-01' - (g / 3) * INTERVAL '1 hour'
+             FROM generate_series(1, $1 + 3) g",
+        )
+        .bind(positive)
+        .execute(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(build(&ctx).await, positive as u64);
+        let what = format!("{positive} ranked");
+        assert_exact(&ctx, &pool, &what).await;
+        let creators = truth(&pool).await.iter().filter(|e| e.3).count() as i64;
+        assert_eq!(creators, positive / 10, "{what}");
+        // A write moves the board at once, with no refresh: an unranked
+        // user enters (+5), and a ranked one drops out (three rejections
+        // of a topic cost 15).
+        loyalty::record_event(
+            &ctx,
+            &common::event(positive + 1, ContentType::Topic, Outcome::Approved),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        for _ in 0..3 {
+            loyalty::record_event(
+                &ctx,
+                &common::event(1, ContentType::Topic, Outcome::Rejected),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        }
+        assert_exact(&ctx, &pool, &format!("{what}, after writes")).await;
+    }
+}
+
+#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+async fn a_random_differential_against_row_number_through_both_write_paths(pool: PgPool) {
+    let ctx = common::ctx(&pool, "live-diff");
+    // 300 users, sign-ups in 40 distinct minutes: many exact ties.
+    sqlx::query(
+        "INSERT INTO users (id, username, created_at)
+         SELECT g, 'u' || g, TIMESTAMPTZ '2024-01-01' + ((g * 7919) % 40) * INTERVAL '1 minute'
+         FROM generate_series(1, 300) g",
+    )
+    .execute(&pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    build(&ctx).await;
+    let mut rng = Rng(18);
+    let mut n = 0usize;
+    for round in 0..12 {
+        // Through loyaltyd: a batch of random events, scores up and down.
+        let batch: Vec<_> = (0..60)
+            .map(|_| {
+                n += 1;
+                common::varied_event(1 + rng.below(300) as i64, n + rng.below(9) as usize)
+            })
+            .collect();
+        loyalty::record_events(&ctx, &batch)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        // Through plain SQL, as a forum writes: the daemon's cache sync
+        // carries these to the board.
+        sqlx::query(
+            "INSERT INTO moderation_events (user_id, event_type, content_type, content_id, outcome)
+             SELECT 1 + (g * $1) % 300, 'moderation_decision',
+                    (ARRAY['topic','post','private_message'])[1 + g % 3], 'sql-' || g,
+                    (ARRAY['approved','rejected','approved'])[1 + (g / 3) % 3]
+             FROM generate_series(1, 25) g",
+        )
+        .bind(rng.below(1000) as i64 + 1)
+        .execute(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        loyaltyd::sync::sync_once(&ctx)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_exact(&ctx, &pool, &format!("round {round}")).await;
+    }
+    let ranked = truth(&pool).await.len();
+    assert!(
+        ranked > 100 && ranked < 300,
+        "{ranked} ranked: not a varied board"
+    );
+}
+
+#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+async fn sixteen_concurrent_writers_leave_the_board_exact(pool: PgPool) {
+    common::users(&pool, 40).await;
+    let wide = common::wide_pool(pool.connect_options().as_ref().clone(), 20).await;
+    let ctx = common::ctx(&wide, "live-conc");
+    build(&ctx).await;
+    let mut writers = Vec::new();
+    for w in 0..16u64 {
+        let ctx = ctx.clone();
+        writers.push(tokio::spawn(async move {
+            let mut rng = Rng(w);
+            for i in 0..40 {
+                // Overlapping users: writes to one user race each other,
+                // and their Redis writes may land out of commit order.
+                let user = 1 + rng.below(12) as i64;
+                let e = common::varied_event(user, (w as usize) * 1000 + i);
+                if i % 5 == 0 {
+                    let other = common::varied_event(
+                        1 + rng.below(40) as i64,
+                        (w as usize) * 1000 + i + 500,
+                    );
+                    loyalty::record_events(&ctx, &[e, other]).await.map(|_| ())
+                } else {
+                    loyalty::record_event(&ctx, &e).await.map(|_| ())
+                }
+                .unwrap_or_else(|e| panic!("{e}"));
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    assert_exact(&ctx, &wide, "after 16 writers").await;
+}
+
+#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+async fn the_sweep_finds_a_corrupted_board_and_repairs_it(pool: PgPool) {
+    // Scores g % 7, from as many approved posts.
+    sqlx::raw_sql(
+        "INSERT INTO users (id, username, created_at)
+         SELECT g, 'u' || g, TIMESTAMPTZ '2024-01-01' + g * INTERVAL '1 minute'
+         FROM generate_series(1, 30) g;
+         INSERT INTO moderation_events (user_id, event_type, content_type, content_id, outcome)
+         SELECT g, 'moderation_decision', 'post', 'c' || g || '-' || k, 'approved'
+         FROM generate_series(1, 30) g, generate_series(1, g % 7) k",
+    )
+    .execute(&pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let ctx = common::ctx(&pool, "live-sweep");
+    build(&ctx).await;
+    let (set, hash) = (ctx.cache.live_key(), ctx.cache.live_users_key());
+    let member = |id: i64| {
+        let minutes = id * 60_000_000;
+        let epoch_2024 = 1_704_067_200_000_000i64;
+        loyaltyd::cache::live_member(uid(id), epoch_2024 + minutes)
+    };
+    let mut redis = common::redis().await;
+    // A wrong score, a user missing, a user who is not ranked (score 0)
+    // and one the database never had.
+    let corrupt: [(&str, Vec<String>); 4] = [
+        ("ZADD", vec![set.clone(), "-100".into(), member(3)]),
+        ("ZREM", vec![set.clone(), member(5)]),
+        ("ZADD", vec![set.clone(), "-2".into(), member(14)]),
+        ("ZADD", vec![set.clone(), "-9".into(), member(9999)]),
+    ];
+    for (cmd, args) in corrupt {
+        let _: i64 = redis::cmd(cmd)
+            .arg(&args)
+            .query_async(&mut redis)
+            .await
+            .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    }
+    let _: i64 = redis::cmd("HSET")
+        .arg(&hash)
+        .arg(9999)
+        .arg(format!("1 {}", member(9999)))
+        .query_async(&mut redis)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let wrong = leaderboard::rank(&ctx, uid(3))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        wrong.rank,
+        Some(1),
+        "the corruption is visible before the sweep"
+    );
+    let report = loyalty::recalc_all(&ctx, 8, &CancellationToken::new())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (report.drifted_users, report.board_repaired),
+        (0, 4),
+        "{report:?}"
+    );
+    assert_exact(&ctx, &pool, "after the sweep").await;
+    let again = loyalty::recalc_all(&ctx, 8, &CancellationToken::new())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(again.board_repaired, 0, "a second sweep finds nothing");
+}
+
+#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+async fn a_board_lost_with_redis_is_rebuilt_by_the_daemon_while_readers_use_the_view(pool: PgPool) {
+    common::users(&pool, 20).await;
+    let mut config = common::config(&pool, "live-daemon");
+    config.metrics.listen = std::net::SocketAddr::from(([127, 0, 0, 1], common::free_port()));
+    let ctx = common::ctx_with(&pool, config.clone(), false);
+    for id in 1..=20 {
+        loyalty::record_event(
+            &ctx,
+            &common::event(id, ContentType::Post, Outcome::Approved),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let daemon = Daemon::start(&config);
+    daemon
+        .wait_for_log("built the live leaderboard", Duration::from_secs(30))
+        .await;
+    let source = |config: &loyaltyd::config::Config| {
+        common::run_json(config, &["leaderboard", "rank", "--user", "7"])["source"].clone()
+    };
+    assert_eq!(source(&config), "live");
+    // Redis restarts empty: the board is gone.
+    assert!(
+        ctx.cache
+            .delete(&[ctx.cache.live_key(), ctx.cache.live_users_key()])
+            .await
+    );
+    assert_eq!(source(&config), "view", "readers fall back to the view");
+    common::eventually(
+        "the daemon builds the board again",
+        Duration::from_secs(30),
+        || {
+            let text = daemon.log_text();
+            async move { text.matches("built the live leaderboard").count() >= 2 }
+        },
+    )
+    .await;
+    assert_eq!(source(&config), "live");
+    assert_exact(&ctx, &pool, "rebuilt").await;
+}
+
+#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+async fn the_swap_refresh_keeps_grants_indexes_and_never_fails_a_reader(pool: PgPool) {
+    common::users(&pool, 500).await;
+    let ctx = common::ctx(&pool, "swap");
+    assert_eq!(
+        ctx.config.leaderboard.refresh_mode,
+        loyaltyd::config::RefreshMode::Swap
+    );
+    let role = format!("forum_swap_{}", std::process::id());
+    for sql in [
+        format!("DROP ROLE IF EXISTS {role}"),
+        format!("CREATE ROLE {role}"),
+        format!("SELECT grant_forum_access('{role}')"),
+        // The seed's readers query the view itself: an operator's grant.
+        format!("GRANT SELECT ON user_leaderboard TO {role}"),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&pool)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let indexes = || async {
+        let v: Vec<String> = sqlx::query_scalar(
+            "SELECT indexname::TEXT FROM pg_indexes WHERE tablename = 'user_leaderboard' ORDER BY 1",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        v
+    };
+    let before = indexes().await;
+    // Readers as the forum's role, reading the view the whole time.
+    let stop = CancellationToken::new();
+    let reader = {
+        let (pool, stop, role) = (pool.clone(), stop.clone(), role.clone());
+        tokio::spawn(async move {
+            let (mut reads, mut worst) = (0u32, Duration::ZERO);
+            while !stop.is_cancelled() {
+                let mut tx = pool.begin().await.unwrap_or_else(|e| panic!("{e}"));
+                sqlx::query(sqlx::AssertSqlSafe(format!("SET LOCAL ROLE {role}")))
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"));
+                let started = Instant::now();
+                let _: Option<i64> =
+                    sqlx::query_scalar("SELECT rank FROM user_leaderboard WHERE user_id = 7")
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .unwrap_or_else(|e| panic!("a reader failed during a swap: {e}"));
+                worst = worst.max(started.elapsed());
+                tx.rollback().await.unwrap_or_else(|e| panic!("{e}"));
+                reads += 1;
+            }
+            (reads, worst)
+        })
+    };
+    for round in 0..5i64 {
+        loyalty::record_event(
+            &ctx,
+            &common::event(7 + round, ContentType::Topic, Outcome::Approved),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        let report = leaderboard::refresh(&ctx, true, &CancellationToken::new())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(report.refreshed);
+    }
+    stop.cancel();
+    let (reads, worst) = reader.await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(reads > 5, "the reader ran ({reads} reads)");
+    eprintln!("swap: {reads} reads, worst wait {worst:?}");
+    assert_eq!(indexes().await, before, "the same indexes");
+    // The view has the refreshed ranks, in the seed's order.
+    let view: Vec<(i64, i64, bool)> = sqlx::query_as(
+        "SELECT user_id, rank, can_create_topics FROM user_leaderboard ORDER BY rank",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let expected: Vec<(i64, i64, bool)> = truth(&pool)
+        .await
+        .into_iter()
+        .map(|e| (e.0, e.2, e.3))
+        .collect();
+    assert_eq!(view, expected);
+    // A view built on it cannot go with a swap: the refresh falls back to
+    // CONCURRENTLY and still refreshes.
+    sqlx::query("CREATE VIEW top_ten AS SELECT * FROM user_leaderboard WHERE rank <= 10")
+        .execute(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    loyalty::record_event(
+        &ctx,
+        &common::event(40, ContentType::Topic, Outcome::Approved),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let report = leaderboard::refresh(&ctx, true, &CancellationToken::new())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(report.refreshed);
+    let in_view: Option<i64> = sqlx::query_scalar("SELECT rank FROM top_ten WHERE user_id = 40")
+        .fetch_optional(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(in_view.is_some(), "the dependent view sees the refresh");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP VIEW top_ten; REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {role}; \
+         REVOKE ALL ON ALL FUNCTIONS IN SCHEMA public FROM {role}; \
+         REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM {role}; \
+         REVOKE ALL ON SCHEMA public FROM {role}; DROP ROLE {role}"
+    )))
+    .execute(&pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+}
