@@ -53,6 +53,18 @@ if ! su postgres -c "psql -h /var/run/postgresql -tAc \"SELECT 1 FROM pg_roles W
     su postgres -c "createuser -h /var/run/postgresql --superuser root"
 fi
 
+# The tests copy the server into a streaming replica (pg_basebackup as the
+# postgres user over the local socket): that needs a replication entry in
+# pg_hba.conf, which Debian's default has and a trimmed one may not.
+if $test_tools; then
+    hba=$(psql -h /var/run/postgresql -U root -d postgres -tAc "SHOW hba_file")
+    if ! grep -Eq '^[[:space:]]*local[[:space:]]+replication' "$hba"; then
+        log "allowing local replication connections (for the replica tests)"
+        printf 'local replication postgres peer\n' >> "$hba"
+        psql -h /var/run/postgresql -U root -d postgres -tAc "SELECT pg_reload_conf()" >/dev/null
+    fi
+fi
+
 # Redis: nothing on disk; it is a cache.
 if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
     log "starting Redis"

@@ -37,11 +37,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Pipeline, RedisResult, Script};
 
 use crate::config::RedisConfig;
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::redis_conn::{Handle, RedisConn};
 use crate::telemetry;
 use crate::types::UserId;
 
@@ -296,7 +296,7 @@ pub struct Cache {
 }
 
 struct Inner {
-    conn: ConnectionManager,
+    conn: RedisConn,
     prefix: String,
     ttl_secs: u64,
     timeout: Duration,
@@ -321,17 +321,7 @@ impl Cache {
     /// Prepares the connection without connecting, so start-up never waits
     /// for Redis. `live`: score writes keep the live board too.
     pub fn new(cfg: &RedisConfig, live: bool) -> Result<Cache> {
-        let client = redis::Client::open(cfg.url.as_str())
-            .map_err(|e| Error::Config(format!("key \"redis.url\": {e}")))?;
-        let manager_cfg = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(cfg.timeout))
-            .set_response_timeout(Some(cfg.timeout))
-            // No retries inside a command: an unreachable Redis is a miss at
-            // once, and the manager reconnects on a later command.
-            .set_number_of_retries(0)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, manager_cfg)
-            .map_err(|e| Error::Config(format!("key \"redis.url\": {e}")))?;
+        let conn = RedisConn::new(cfg)?;
         Ok(Cache {
             inner: Arc::new(Inner {
                 conn,
@@ -364,19 +354,39 @@ impl Cache {
         &self.inner.prefix
     }
 
-    /// `loyalty:{user_id}`: the cached score.
+    /// `loyalty:{user_id}`: the cached score (the seed's name); in a
+    /// cluster the id is a hash tag, `loyalty:{42}`, so that a user's keys
+    /// share a slot (their scripts touch them together).
     pub fn score_key(&self, user: UserId) -> String {
-        format!("{}loyalty:{user}", self.inner.prefix)
+        format!("{}loyalty:{}", self.inner.prefix, self.user_tag(user))
     }
 
     /// `loyalty:{user_id}:version`: the score's `users.score_version`.
     pub fn version_key(&self, user: UserId) -> String {
-        format!("{}loyalty:{user}:version", self.inner.prefix)
+        format!(
+            "{}loyalty:{}:version",
+            self.inner.prefix,
+            self.user_tag(user)
+        )
     }
 
     /// `loyalty:{user_id}:lease`: a reader's right to refill (see "Refills: leases").
     pub fn lease_key(&self, user: UserId) -> String {
-        format!("{}loyalty:{user}:lease", self.inner.prefix)
+        format!("{}loyalty:{}:lease", self.inner.prefix, self.user_tag(user))
+    }
+
+    /// The user id as it appears in key names: `42`, or `{42}` in a cluster.
+    fn user_tag(&self, user: UserId) -> String {
+        if self.inner.conn.is_cluster() {
+            format!("{{{user}}}")
+        } else {
+            user.to_string()
+        }
+    }
+
+    /// True when Redis is a cluster (keys carry hash tags).
+    pub fn is_cluster(&self) -> bool {
+        self.inner.conn.is_cluster()
     }
 
     /// The cached score; on a miss, a lease to refill it if no other reader
@@ -468,9 +478,8 @@ impl Cache {
         if keys.is_empty() {
             return Some(Vec::new());
         }
-        let mut conn = self.inner.conn.clone();
         let cmd = redis::cmd("MGET").arg(keys).to_owned();
-        self.run("MGET", cmd.query_async(&mut conn)).await
+        self.query("MGET", cmd).await
     }
 
     /// Replaces entries that are still exactly as seen (see [`REPLACE_IF_UNCHANGED`]).
@@ -488,7 +497,7 @@ impl Cache {
                 .arg(self.inner.ttl_secs)
                 .ignore();
         }
-        self.run_pipeline("EVALSHA", &mut pipe).await
+        self.exec_pipeline("EVALSHA", &pipe, false).await
     }
 
     /// Stores scores unless the cache holds newer versions; one round trip for
@@ -504,19 +513,25 @@ impl Cache {
                 self.add_live_set(&mut pipe, s);
             }
         }
-        self.query_pipeline::<()>("EVALSHA", &mut pipe, true)
-            .await
-            .is_some()
+        self.exec_pipeline("EVALSHA", &pipe, true).await
     }
 
     /// `leaderboard:live`: the live board's sorted set.
     pub fn live_key(&self) -> String {
-        self.key("leaderboard:live")
+        if self.is_cluster() {
+            self.key("{leaderboard:live}")
+        } else {
+            self.key("leaderboard:live")
+        }
     }
 
     /// `leaderboard:live:users`: each user's version and member, and `_ready`.
     pub fn live_users_key(&self) -> String {
-        self.key("leaderboard:live:users")
+        if self.is_cluster() {
+            self.key("{leaderboard:live}:users")
+        } else {
+            self.key("leaderboard:live:users")
+        }
     }
 
     /// Queues one [`LIVE_SET`] call on a pipeline.
@@ -543,25 +558,21 @@ impl Cache {
         for s in scores {
             self.add_live_set(&mut pipe, s);
         }
-        self.query_pipeline::<()>("EVALSHA", &mut pipe, true)
-            .await
-            .is_some()
+        self.exec_pipeline("EVALSHA", &pipe, true).await
     }
 
     /// Whether the live board is built (`None`: Redis is away).
     pub async fn live_ready(&self) -> Option<bool> {
-        let mut conn = self.inner.conn.clone();
         let cmd = redis::cmd("HGET")
             .arg(self.live_users_key())
             .arg("_ready")
             .to_owned();
-        let v: Option<String> = self.run("HGET", cmd.query_async(&mut conn)).await?;
+        let v: Option<String> = self.query("HGET", cmd).await?;
         Some(v.as_deref() == Some("1"))
     }
 
     /// Marks the live board built (or, with `false`, to be built again).
     pub async fn live_mark_ready(&self, ready: bool) -> bool {
-        let mut conn = self.inner.conn.clone();
         let cmd = if ready {
             redis::cmd("HSET")
                 .arg(self.live_users_key())
@@ -574,9 +585,7 @@ impl Cache {
                 .arg("_ready")
                 .to_owned()
         };
-        self.run::<i64>("HSET", cmd.query_async(&mut conn))
-            .await
-            .is_some()
+        self.query::<i64>("HSET", cmd).await.is_some()
     }
 
     /// The users among `scores` whose place on the live board differs from
@@ -608,7 +617,6 @@ impl Cache {
     /// Takes a lock in Redis for `ttl` (one daemon builds the live board at a
     /// time); false when another holds it or Redis is away.
     pub async fn try_lock(&self, name: &str, ttl: Duration) -> bool {
-        let mut conn = self.inner.conn.clone();
         let cmd = redis::cmd("SET")
             .arg(self.key(name))
             .arg(std::process::id())
@@ -617,8 +625,7 @@ impl Cache {
             .arg(ttl.as_millis() as u64)
             .to_owned();
         matches!(
-            self.run::<Option<String>>("SET", cmd.query_async(&mut conn))
-                .await,
+            self.query::<Option<String>>("SET", cmd).await,
             Some(Some(_))
         )
     }
@@ -626,15 +633,13 @@ impl Cache {
     /// Up to about `count` members of the live board from `cursor` on (a
     /// ZSCAN step): the next cursor (0 at the end) and (user, member) pairs.
     pub async fn live_scan(&self, cursor: u64, count: u32) -> Option<(u64, Vec<(UserId, String)>)> {
-        let mut conn = self.inner.conn.clone();
         let cmd = redis::cmd("ZSCAN")
             .arg(self.live_key())
             .arg(cursor)
             .arg("COUNT")
             .arg(count)
             .to_owned();
-        let (next, items): (u64, Vec<String>) =
-            self.run("ZSCAN", cmd.query_async(&mut conn)).await?;
+        let (next, items): (u64, Vec<String>) = self.query("ZSCAN", cmd).await?;
         // Members and scores alternate.
         let users = items
             .into_iter()
@@ -657,14 +662,47 @@ impl Cache {
         let ids: Vec<i64> = users.iter().map(|(u, _)| u.get()).collect();
         pipe.zrem(self.live_key(), members).ignore();
         pipe.hdel(self.live_users_key(), ids).ignore();
-        self.run_pipeline("ZREM", &mut pipe).await
+        self.exec_pipeline("ZREM", &pipe, false).await
+    }
+
+    /// A cluster's masters, sorted (`None`: not a cluster, or it did not
+    /// answer); the daemon watches them for failovers.
+    pub async fn masters(&self) -> Option<Vec<(String, u16)>> {
+        // Not held back by the back-off (it is how a failover is noticed),
+        // and each node asked has its own time limit.
+        let mut masters = match self.inner.conn.masters().await {
+            Ok(m) => m?,
+            Err(e) => {
+                self.record_error("CLUSTER SLOTS", &e.to_string());
+                return None;
+            }
+        };
+        masters.sort();
+        Some(masters)
+    }
+
+    /// Starts over with a new cluster connection (see [`RedisConn::reset`]).
+    pub async fn reconnect(&self) {
+        self.inner.conn.reset().await;
+    }
+
+    /// A cluster's `cluster-node-timeout` (how long a dead master goes
+    /// unnoticed); `None` when it cannot be read (managed services hide
+    /// CONFIG).
+    pub async fn cluster_node_timeout(&self) -> Option<Duration> {
+        let cmd = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("cluster-node-timeout")
+            .to_owned();
+        let reply: Vec<String> = self.query("CONFIG", cmd).await?;
+        let ms: u64 = reply.get(1)?.parse().ok()?;
+        Some(Duration::from_millis(ms))
     }
 
     /// How many users the live board ranks (`None`: Redis is away).
     pub async fn live_count(&self) -> Option<i64> {
-        let mut conn = self.inner.conn.clone();
         let cmd = redis::cmd("ZCARD").arg(self.live_key()).to_owned();
-        self.run("ZCARD", cmd.query_async(&mut conn)).await
+        self.query("ZCARD", cmd).await
     }
 
     /// A user's place on the live board; `None` when the board is not built
@@ -762,34 +800,45 @@ impl Cache {
             .arg(self.lease_key(user))
     }
 
-    /// Runs a pipeline under the timeout; loads the scripts and retries once if
-    /// Redis does not know them yet (after a restart or `SCRIPT FLUSH`).
-    async fn run_pipeline(&self, what: &'static str, pipe: &mut Pipeline) -> bool {
-        self.query_pipeline::<()>(what, pipe, false).await.is_some()
+    /// Runs a pipeline whose replies are ignored, under the timeout; loads
+    /// the scripts and retries once if Redis does not know them yet (after a
+    /// restart or `SCRIPT FLUSH`). In a cluster its commands go out one by
+    /// one (see [`Handle::exec`]). `write` skips the back-off (see
+    /// [`Cache::attempt`]). False when Redis could not be reached.
+    async fn exec_pipeline(&self, what: &'static str, pipe: &Pipeline, write: bool) -> bool {
+        let conn = &self.inner.conn;
+        let attempt = async {
+            let mut c = conn.handle().await?;
+            match c.exec(pipe).await {
+                Err(e) if is_no_script(&e) => {
+                    load_scripts(&mut c).await?;
+                    c.exec(pipe).await
+                }
+                other => other,
+            }
+        };
+        if write {
+            self.attempt(what, attempt).await.is_some()
+        } else {
+            self.run(what, attempt).await.is_some()
+        }
     }
 
-    /// [`Cache::run_pipeline`], returning the replies; `write` skips the
-    /// back-off (see [`Cache::attempt`]).
+    /// Runs a one-command pipeline (a script call) and returns its reply;
+    /// see [`Cache::exec_pipeline`].
     async fn query_pipeline<T: redis::FromRedisValue>(
         &self,
         what: &'static str,
         pipe: &mut Pipeline,
         write: bool,
     ) -> Option<T> {
-        let mut conn = self.inner.conn.clone();
+        let conn = &self.inner.conn;
         let attempt = async {
-            match pipe.query_async::<T>(&mut conn).await {
-                Err(e)
-                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-                {
-                    for script in SCRIPTS {
-                        let _: String = redis::cmd("SCRIPT")
-                            .arg("LOAD")
-                            .arg(script)
-                            .query_async(&mut conn)
-                            .await?;
-                    }
-                    pipe.query_async::<T>(&mut conn).await
+            let mut c = conn.handle().await?;
+            match pipe.query_async::<T>(&mut c).await {
+                Err(e) if is_no_script(&e) => {
+                    load_scripts(&mut c).await?;
+                    pipe.query_async::<T>(&mut c).await
                 }
                 other => other,
             }
@@ -801,13 +850,25 @@ impl Cache {
         }
     }
 
+    /// Runs one command under the timeout (see [`Cache::run`]).
+    async fn query<T: redis::FromRedisValue>(
+        &self,
+        what: &'static str,
+        cmd: redis::Cmd,
+    ) -> Option<T> {
+        let conn = &self.inner.conn;
+        self.run(what, async move {
+            cmd.query_async(&mut conn.handle().await?).await
+        })
+        .await
+    }
+
     /// The seed's own pending-refresh counter (`leaderboard:refresh_pending`),
     /// which an application still running the seed's code increments; 0 when
     /// absent, not a number, or Redis is away.
     pub async fn seed_pending(&self) -> i64 {
-        let mut conn = self.inner.conn.clone();
         let cmd = redis::cmd("GET").arg(self.key(SEED_PENDING)).to_owned();
-        self.run::<Option<String>>("GET", cmd.query_async(&mut conn))
+        self.query::<Option<String>>("GET", cmd)
             .await
             .flatten()
             .and_then(|v| v.parse::<i64>().ok())
@@ -821,37 +882,52 @@ impl Cache {
         if n <= 0 {
             return;
         }
-        let mut conn = self.inner.conn.clone();
         let cmd = redis::cmd("DECRBY")
             .arg(self.key(SEED_PENDING))
             .arg(n)
             .to_owned();
-        let _ = self.run::<i64>("DECRBY", cmd.query_async(&mut conn)).await;
+        let _ = self.query::<i64>("DECRBY", cmd).await;
     }
 
-    /// Every key matching `pattern` under the prefix (a SCAN; with the
-    /// prefix); `None` when Redis is away.
+    /// Every key matching `pattern` under the prefix (a SCAN of every
+    /// master in a cluster; with the prefix); `None` when Redis is away.
     pub async fn keys(&self, pattern: &str) -> Option<Vec<String>> {
         let pattern = format!("{}{pattern}", escape_glob(&self.inner.prefix));
-        let mut conn = self.inner.conn.clone();
-        let (mut cursor, mut keys) = (0u64, Vec::new());
-        loop {
-            let scan = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .to_owned();
-            let (next, batch) = self
-                .run::<(u64, Vec<String>)>("SCAN", scan.query_async(&mut conn))
-                .await?;
-            keys.extend(batch);
-            cursor = next;
-            if cursor == 0 {
-                return Some(keys);
+        let conn = &self.inner.conn;
+        let nodes = match self.run("CLUSTER SLOTS", conn.masters()).await? {
+            Some(masters) => masters.into_iter().map(Some).collect(),
+            None => vec![None],
+        };
+        let mut keys = Vec::new();
+        for node in nodes {
+            let mut cursor = 0u64;
+            loop {
+                let scan = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .to_owned();
+                let step = async {
+                    let mut c = conn.handle().await?;
+                    let reply = match &node {
+                        Some((host, port)) => c.on_node(scan, host, *port).await?,
+                        None => scan.query_async(&mut c).await?,
+                    };
+                    Ok::<_, redis::RedisError>(redis::from_redis_value::<(u64, Vec<String>)>(
+                        reply,
+                    )?)
+                };
+                let (next, batch) = self.run("SCAN", step).await?;
+                keys.extend(batch);
+                cursor = next;
+                if cursor == 0 {
+                    break;
+                }
             }
         }
+        Some(keys)
     }
 
     /// How many keys match `pattern` under the prefix, with up to five of
@@ -865,9 +941,8 @@ impl Cache {
 
     /// A whole list (LRANGE 0 -1); `None` when Redis is away.
     pub async fn list(&self, key: &str) -> Option<Vec<String>> {
-        let mut conn = self.inner.conn.clone();
         let cmd = redis::cmd("LRANGE").arg(key).arg(0).arg(-1).to_owned();
-        self.run("LRANGE", cmd.query_async(&mut conn)).await
+        self.query("LRANGE", cmd).await
     }
 
     /// Pushes values onto lists (their names without the prefix), each
@@ -880,7 +955,7 @@ impl Cache {
             pipe.lpush(&key, values).ignore();
             pipe.ltrim(&key, 0, len as isize - 1).ignore();
         }
-        self.run_pipeline("LPUSH perf", &mut pipe).await
+        self.exec_pipeline("LPUSH perf", &pipe, false).await
     }
 
     /// Deletes keys (tests and repairs); false when Redis could not be reached.
@@ -888,11 +963,8 @@ impl Cache {
         if keys.is_empty() {
             return true;
         }
-        let mut conn = self.inner.conn.clone();
         let cmd = redis::cmd("DEL").arg(keys).to_owned();
-        self.run::<i64>("DEL", cmd.query_async(&mut conn))
-            .await
-            .is_some()
+        self.query::<i64>("DEL", cmd).await.is_some()
     }
 
     /// Runs one Redis future under the timeout; an error or timeout is logged,
@@ -927,12 +999,21 @@ impl Cache {
                 e.to_string()
             }
             Ok(Err(e)) => {
-                // Redis answered (a script error, a wrong type): it is up.
+                // Redis answered (a script error, a wrong type, a cluster
+                // in the middle of a failover): it is up.
+                if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ClusterDown)
+                    || e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::Moved)
+                {
+                    self.inner.conn.reset_soon().await;
+                }
                 self.record_error(what, &e.to_string());
                 return None;
             }
             Err(_) => "timed out".to_owned(),
         };
+        // A cluster client can stay stuck on a dead node after a failover:
+        // start over with a fresh slot map (at most once a second).
+        self.inner.conn.reset_soon().await;
         self.inner.down_until.store(
             millis_now() + BACK_OFF.as_millis() as u64,
             Ordering::Relaxed,
@@ -974,4 +1055,21 @@ pub fn escape_glob(s: &str) -> String {
         out.push(c);
     }
     out
+}
+
+/// Whether Redis answered that it does not know a script.
+fn is_no_script(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+}
+
+/// Loads every script (on every node of a cluster).
+async fn load_scripts(c: &mut Handle) -> RedisResult<()> {
+    for script in SCRIPTS {
+        let _: String = redis::cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(script)
+            .query_async(c)
+            .await?;
+    }
+    Ok(())
 }

@@ -54,6 +54,13 @@ pub struct DatabaseConfig {
     /// Server-side limit for request statements. Default `30s`. Jobs use their own timeouts.
     #[serde(with = "humantime_serde")]
     pub statement_timeout: Duration,
+    /// Streaming replicas for reads that may lag (leaderboard pages and
+    /// ranks; see src/replicas.rs). Default none: every read goes to `url`.
+    pub replicas: Vec<String>,
+    /// A replica further behind than this is not read; the primary is.
+    /// Default `5s`.
+    #[serde(with = "humantime_serde")]
+    pub replica_max_lag: Duration,
 }
 
 impl Default for DatabaseConfig {
@@ -63,6 +70,8 @@ impl Default for DatabaseConfig {
             max_connections: 10,
             connect_timeout: Duration::from_secs(5),
             statement_timeout: Duration::from_secs(30),
+            replicas: Vec::new(),
+            replica_max_lag: Duration::from_secs(5),
         }
     }
 }
@@ -73,6 +82,10 @@ impl Default for DatabaseConfig {
 pub struct RedisConfig {
     /// Redis URL. Default `redis://127.0.0.1:6379/`; `REDIS_URL` is honoured.
     pub url: String,
+    /// A Redis Cluster's nodes (`redis://host:port`, a few are enough: the
+    /// rest are discovered). Default none; when set, `url` is not used and
+    /// keys carry hash tags (`loyalty:{42}`; see src/redis_conn.rs).
+    pub cluster_nodes: Vec<String>,
     /// Prepended to every Redis key. Default empty, so the seed's key names hold.
     pub key_prefix: String,
     /// Lifetime of a cached loyalty score. Default `1h`.
@@ -92,6 +105,7 @@ impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
             url: "redis://127.0.0.1:6379/".into(),
+            cluster_nodes: Vec::new(),
             key_prefix: String::new(),
             cache_ttl: Duration::from_secs(3600),
             timeout: Duration::from_millis(250),
@@ -218,7 +232,7 @@ impl Default for QueuesConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
     /// A tracing filter (`info`, `loyaltyd=debug,sqlx=warn`). Default
-    /// `info,sqlx=warn,tokio_cron_scheduler=warn` (loyaltyd's own INFO lines;
+    /// `info,sqlx=warn,tokio_cron_scheduler=warn,redis=error` (loyaltyd's own INFO lines;
     /// dependencies only when something is wrong); `RUST_LOG` overrides it.
     pub level: String,
     /// `text` or `json`, one event per line. Default `text`.
@@ -228,7 +242,7 @@ pub struct LogConfig {
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
-            level: "info,sqlx=warn,tokio_cron_scheduler=warn".into(),
+            level: "info,sqlx=warn,tokio_cron_scheduler=warn,redis=error".into(),
             format: LogFormat::Text,
         }
     }
@@ -357,6 +371,34 @@ impl Config {
                 ),
             )
         })?;
+        for node in &self.redis.cluster_nodes {
+            redis::Client::open(node.as_str()).map_err(|e| {
+                (
+                    "redis.cluster_nodes",
+                    format!("not a Redis URL: {}", redact_in(&e.to_string(), node)),
+                )
+            })?;
+        }
+        if !self.redis.cluster_nodes.is_empty() && self.redis.key_prefix.contains(['{', '}']) {
+            return Err((
+                "redis.key_prefix",
+                "must not contain { or } with a cluster (they would become the hash tag)".into(),
+            ));
+        }
+        for replica in &self.database.replicas {
+            replica
+                .parse::<sqlx::postgres::PgConnectOptions>()
+                .map_err(|e| {
+                    (
+                        "database.replicas",
+                        format!(
+                            "not a PostgreSQL URL: {}",
+                            redact_in(&e.to_string(), replica)
+                        ),
+                    )
+                })?;
+        }
+        positive("database.replica_max_lag", self.database.replica_max_lag)?;
         positive("redis.cache_ttl", self.redis.cache_ttl)?;
         positive("redis.timeout", self.redis.timeout)?;
         positive("redis.sync_interval", self.redis.sync_interval)?;
@@ -409,6 +451,13 @@ impl Config {
         let mut c = self.clone();
         c.database.url = redact_url(&c.database.url);
         c.redis.url = redact_url(&c.redis.url);
+        c.redis.cluster_nodes = c
+            .redis
+            .cluster_nodes
+            .iter()
+            .map(|u| redact_url(u))
+            .collect();
+        c.database.replicas = c.database.replicas.iter().map(|u| redact_url(u)).collect();
         c
     }
 }

@@ -9,6 +9,7 @@ use crate::config::Config;
 use crate::db;
 use crate::error::Result;
 use crate::perf::PerfLists;
+use crate::replicas::Replicas;
 
 /// PostgreSQL pool, Redis cache, perf lists and configuration; cheap to clone.
 #[derive(Clone)]
@@ -19,6 +20,8 @@ pub struct Context {
     pub cache: Cache,
     /// Where operation timings go (off the request path).
     pub perf: PerfLists,
+    /// Streaming replicas for reads that may lag (none configured: the pool).
+    pub replicas: Replicas,
     /// The configuration it was built from.
     pub config: Arc<Config>,
 }
@@ -43,6 +46,7 @@ impl Context {
             pool,
             cache,
             perf,
+            replicas: Replicas::new(&config.database)?,
             config: Arc::new(config),
         })
     }

@@ -107,6 +107,12 @@ pub async fn run(config: Config) -> Result<()> {
     if ctx.config.leaderboard.live {
         tracker.spawn(board_upkeep(ctx.clone(), shutdown.clone()));
     }
+    if ctx.cache.is_cluster() {
+        tracker.spawn(failover_watch(ctx.clone(), shutdown.clone()));
+    }
+    if ctx.replicas.any() {
+        tracker.spawn(replica_watch(ctx.clone(), shutdown.clone()));
+    }
 
     let _ = sd_notify::notify(&[NotifyState::Ready]);
     if let Some(every) = sd_notify::watchdog_enabled() {
@@ -217,6 +223,84 @@ async fn sync_loop(ctx: Context, shutdown: CancellationToken) {
         }
     }
 }
+
+/// Watches a Redis Cluster's masters; when they change (a failover), writes
+/// the scores changed since shortly before the old master could have died
+/// again (see [`crate::sync::resync_recent`]), until Redis takes them.
+async fn failover_watch(ctx: Context, shutdown: CancellationToken) {
+    let mut ticks = tokio::time::interval(FAILOVER_CHECK);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The masters last seen, and when they were last seen unchanged.
+    let mut known: Option<(Vec<(String, u16)>, std::time::Instant)> = None;
+    // A resync still owed: of the scores changed since this instant.
+    let mut owed: Option<std::time::Instant> = None;
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        if let Some(masters) = ctx.cache.masters().await {
+            match &known {
+                Some((old, seen)) if *old != masters => {
+                    // Writes the dead master took before anyone noticed: up
+                    // to its node timeout before the failover began.
+                    let node_timeout = ctx
+                        .cache
+                        .cluster_node_timeout()
+                        .await
+                        .unwrap_or(Duration::from_secs(30));
+                    let window = seen.elapsed() + node_timeout * 2 + Duration::from_secs(10);
+                    let since = std::time::Instant::now()
+                        .checked_sub(window)
+                        .unwrap_or_else(std::time::Instant::now);
+                    owed = Some(owed.map_or(since, |s| s.min(since)));
+                    // The client may still be stuck on the dead node.
+                    ctx.cache.reconnect().await;
+                    tracing::warn!(?old, new = ?masters, "Redis Cluster masters changed; rewriting recent scores");
+                }
+                _ => {}
+            }
+            known = Some((masters, std::time::Instant::now()));
+        }
+        if let Some(since) = owed {
+            let window = since.elapsed();
+            match crate::sync::resync_recent(&ctx, window).await {
+                Ok(Some(n)) => {
+                    tracing::info!(
+                        scores = n,
+                        window_seconds = window.as_secs(),
+                        "rewrote recent scores after a failover"
+                    );
+                    owed = None;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e.one_line(), "could not rewrite recent scores; retrying")
+                }
+            }
+        }
+    }
+}
+
+/// Checks the read replicas' lag every few seconds: the gauge stays
+/// current (for alerts) whether or not reads come.
+async fn replica_watch(ctx: Context, shutdown: CancellationToken) {
+    let mut ticks = tokio::time::interval(REPLICA_CHECK);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        ctx.replicas.check_all().await;
+    }
+}
+
+/// How often the daemon checks the replicas' lag.
+const REPLICA_CHECK: Duration = Duration::from_secs(5);
+
+/// How often the daemon checks a cluster's masters.
+const FAILOVER_CHECK: Duration = Duration::from_secs(1);
 
 /// Builds the live board whenever Redis does not have it (first start, a
 /// Redis that restarted empty, a sweep that found it wrong): checked every

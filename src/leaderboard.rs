@@ -178,12 +178,19 @@ pub async fn page(ctx: &Context, limit: i64, offset: i64) -> Result<Page> {
     {
         // Ranks and scores from the board; names from PostgreSQL, one query.
         let ids: Vec<i64> = board.iter().map(|(u, _)| u.get()).collect();
-        let names: Vec<(i64, String)> =
-            sqlx::query_as("SELECT id, username FROM users WHERE id = ANY($1)")
-                .bind(&ids)
-                .fetch_all(&ctx.pool)
-                .await
-                .db("reading user names")?;
+        let names: Vec<(i64, String)> = ctx
+            .replicas
+            .read(&ctx.pool, |pool| {
+                let ids = &ids;
+                async move {
+                    sqlx::query_as("SELECT id, username FROM users WHERE id = ANY($1)")
+                        .bind(ids)
+                        .fetch_all(&pool)
+                        .await
+                        .db("reading user names")
+                }
+            })
+            .await?;
         let names: std::collections::HashMap<i64, String> = names.into_iter().collect();
         let entries = board
             .into_iter()
@@ -207,15 +214,20 @@ pub async fn page(ctx: &Context, limit: i64, offset: i64) -> Result<Page> {
     }
     // Ranks are dense 1..n, so "rank > offset" is OFFSET without reading the
     // skipped rows: an index range scan on idx_leaderboard_rank at any depth.
-    let entries: Vec<Entry> = sqlx::query_as(
-        "SELECT user_id, username, loyalty_score, rank, can_create_topics \
-         FROM user_leaderboard WHERE rank > $1 ORDER BY rank LIMIT $2",
-    )
-    .bind(offset)
-    .bind(limit)
-    .fetch_all(&ctx.pool)
-    .await
-    .db("reading the leaderboard")?;
+    let entries: Vec<Entry> = ctx
+        .replicas
+        .read(&ctx.pool, |pool| async move {
+            sqlx::query_as(
+                "SELECT user_id, username, loyalty_score, rank, can_create_topics \
+                 FROM user_leaderboard WHERE rank > $1 ORDER BY rank LIMIT $2",
+            )
+            .bind(offset)
+            .bind(limit)
+            .fetch_all(&pool)
+            .await
+            .db("reading the leaderboard")
+        })
+        .await?;
     timer.ok(None);
     Ok(Page {
         entries,
@@ -263,14 +275,19 @@ pub async fn rank(ctx: &Context, user: UserId) -> Result<Standing> {
         return Ok(standing);
     }
     // One round trip tells both "is the user known" and "are they on the board".
-    let row: Option<RankRow> = sqlx::query_as(
-        "SELECT u.loyalty_score, l.rank, l.loyalty_score, l.can_create_topics \
-         FROM users u LEFT JOIN user_leaderboard l ON l.user_id = u.id WHERE u.id = $1",
-    )
-    .bind(user.get())
-    .fetch_optional(&ctx.pool)
-    .await
-    .db("reading the rank")?;
+    let row: Option<RankRow> = ctx
+        .replicas
+        .read(&ctx.pool, |pool| async move {
+            sqlx::query_as(
+                "SELECT u.loyalty_score, l.rank, l.loyalty_score, l.can_create_topics \
+                 FROM users u LEFT JOIN user_leaderboard l ON l.user_id = u.id WHERE u.id = $1",
+            )
+            .bind(user.get())
+            .fetch_optional(&pool)
+            .await
+            .db("reading the rank")
+        })
+        .await?;
     let (current, rank, ranked_score, can) = row.ok_or(Error::UnknownUser(user.get()))?;
     timer.ok(Some(user));
     Ok(Standing {

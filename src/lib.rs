@@ -32,6 +32,8 @@ pub mod leaderboard;
 pub mod loyalty;
 pub mod perf;
 pub mod queues;
+pub mod redis_conn;
+pub mod replicas;
 pub mod sync;
 pub mod telemetry;
 pub mod types;

@@ -150,3 +150,43 @@ async fn sync_in(ctx: &Context, tx: &mut sqlx::PgConnection) -> Result<Synced> {
     .db("moving the cache sync position")?;
     Ok(Synced::Wrote(fresh.len()))
 }
+
+/// After a Redis Cluster failover: the replica promoted in place of a dead
+/// master may have missed that master's last writes (replication is
+/// asynchronous), so a cached score, or a place on the live board, may be
+/// older than the database's. Writes every score whose version (its commit
+/// time in microseconds) falls within `window` again, with the same
+/// newer-version-wins script: nothing newer is overwritten. Returns how many
+/// scores were written, or `None` when Redis did not take them.
+pub async fn resync_recent(ctx: &Context, window: Duration) -> Result<Option<usize>> {
+    let since_us = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+        - window.as_micros() as i64;
+    // A sequential scan: it runs once per failover, not per write.
+    let rows: Vec<(i64, i64, i64, i64)> = sqlx::query_as(
+        "SELECT id, loyalty_score, score_version, (EXTRACT(EPOCH FROM created_at) * 1000000)::BIGINT
+         FROM users WHERE score_version >= $1",
+    )
+    .bind(since_us)
+    .fetch_all(&ctx.pool)
+    .await
+    .db("reading recent score changes")?;
+    let fresh: Vec<VersionedScore> = rows
+        .into_iter()
+        .filter_map(|(id, score, version, created_us)| {
+            Some(VersionedScore {
+                user: UserId::new(id).ok()?,
+                score,
+                version,
+                created_us,
+            })
+        })
+        .collect();
+    for chunk in fresh.chunks(CHUNK) {
+        if !ctx.cache.set_scores(chunk).await {
+            return Ok(None);
+        }
+    }
+    Ok(Some(fresh.len()))
+}

@@ -45,6 +45,12 @@ pub const PERF_DROPPED: &str = "loyaltyd_perf_samples_dropped_total";
 pub const CACHE_SYNC_DELAY: &str = "loyaltyd_cache_sync_delay_seconds";
 /// Counter: cache syncs that did not complete (Redis or PostgreSQL away).
 pub const CACHE_SYNC_FAILURES: &str = "loyaltyd_cache_sync_failures_total";
+/// Counter: reads that may lag, by `target` (`replica` or `primary`) and
+/// `reason` (`ok` on a replica; for the primary `no_replica`, `lag`,
+/// `down`, `error`).
+pub const LAGGING_READS: &str = "loyaltyd_lagging_reads_total";
+/// Gauge: each replica's replay lag as last checked, label `replica`.
+pub const REPLICA_LAG: &str = "loyaltyd_replica_lag_seconds";
 /// Gauge: always 1, label `version`.
 pub const BUILD_INFO: &str = "loyaltyd_build_info";
 
@@ -62,6 +68,8 @@ pub const METRICS: &[&str] = &[
     PERF_DROPPED,
     CACHE_SYNC_DELAY,
     CACHE_SYNC_FAILURES,
+    LAGGING_READS,
+    REPLICA_LAG,
     BUILD_INFO,
 ];
 
@@ -126,6 +134,16 @@ pub const DESCRIPTIONS: &[(&str, Unit, &str)] = &[
         CACHE_SYNC_FAILURES,
         Unit::Count,
         "Cache syncs that did not complete (Redis or PostgreSQL unavailable); the same changes are tried again.",
+    ),
+    (
+        LAGGING_READS,
+        Unit::Count,
+        "Reads that may lag (leaderboard pages and ranks) by target: replica, or primary with the reason (no_replica configured, lag over database.replica_max_lag, replica down, error on the replica).",
+    ),
+    (
+        REPLICA_LAG,
+        Unit::Seconds,
+        "Each read replica's replay lag when last checked (0 when it has replayed all it received).",
     ),
     (
         BUILD_INFO,
@@ -379,6 +397,10 @@ pub fn export_startup_series() {
     counter!(PERF_DROPPED).increment(0);
     let _ = histogram!(CACHE_SYNC_DELAY);
     counter!(CACHE_SYNC_FAILURES).increment(0);
+    counter!(LAGGING_READS, "target" => "replica", "reason" => "ok").increment(0);
+    for reason in ["no_replica", "lag", "down", "error"] {
+        counter!(LAGGING_READS, "target" => "primary", "reason" => reason).increment(0);
+    }
 }
 
 /// Counts a cache sync that did not complete.
@@ -403,6 +425,16 @@ pub fn operation(op: Operation, queue: Option<QueueKind>, took: Duration, ok: bo
 /// Records how long one score change took to reach the cache through the sync.
 pub fn cache_synced(delay: Duration) {
     histogram!(CACHE_SYNC_DELAY).record(delay.as_secs_f64());
+}
+
+/// Counts one read that may lag, served by a replica or (with why) the primary.
+pub fn lagging_read(target: &'static str, reason: &'static str) {
+    counter!(LAGGING_READS, "target" => target, "reason" => reason).increment(1);
+}
+
+/// Publishes a replica's replay lag.
+pub fn replica_lag(replica: &str, lag: Duration) {
+    gauge!(REPLICA_LAG, "replica" => replica.to_owned()).set(lag.as_secs_f64());
 }
 
 /// Counts one failed Redis command.
@@ -439,7 +471,7 @@ pub fn drifted_users(n: u64) {
 
 /// Logging when `log.level` cannot be parsed (validation refuses that; a
 /// fallback all the same): loyaltyd's own INFO, dependencies' warnings.
-const DEFAULT_LOG_LEVEL: &str = "info,sqlx=warn,tokio_cron_scheduler=warn";
+const DEFAULT_LOG_LEVEL: &str = "info,sqlx=warn,tokio_cron_scheduler=warn,redis=error";
 
 /// Sets up logging to stderr: `RUST_LOG` if set, else `log.level`; text or
 /// JSON, one event per line; colour only on a terminal (journald gets none).

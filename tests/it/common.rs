@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
@@ -48,6 +49,43 @@ pub fn varied_event(user: i64, n: usize) -> NewEvent {
         content_id: ident(&format!("c{n}")),
         ..event(user, ContentType::ALL[n % 3], Outcome::ALL[(n / 3) % 3])
     }
+}
+
+/// The in-process Prometheus exporter (one for the whole test binary: the
+/// recorder is global); where it listens.
+pub async fn exporter() -> SocketAddr {
+    static ADDR: tokio::sync::OnceCell<SocketAddr> = tokio::sync::OnceCell::const_new();
+    *ADDR
+        .get_or_init(|| async {
+            let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+            // The exporter's tasks must outlive any one test's runtime: give them their own.
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                if let Ok(rt) = rt {
+                    rt.block_on(async move {
+                        loyaltyd::telemetry::install_exporter(addr)
+                            .unwrap_or_else(|e| panic!("{e}"));
+                        std::future::pending::<()>().await;
+                    });
+                }
+            });
+            for _ in 0..100 {
+                if scrape(addr).await.is_some() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            addr
+        })
+        .await
+}
+
+/// One series' value in a scrape of the in-process exporter (0 when absent).
+pub async fn metric(addr: SocketAddr, name: &str) -> f64 {
+    let text = scrape(addr).await.unwrap_or_else(|| panic!("no scrape"));
+    series(&text, name).unwrap_or(0.0)
 }
 
 /// The Redis URL of the test run.

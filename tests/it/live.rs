@@ -52,7 +52,7 @@ async fn live_board(ctx: &Context) -> Vec<(i64, i64, i64, bool)> {
 }
 
 /// Asserts that pages and every user's rank equal the truth.
-async fn assert_exact(ctx: &Context, pool: &PgPool, what: &str) {
+pub async fn assert_exact(ctx: &Context, pool: &PgPool, what: &str) {
     let expected = truth(pool).await;
     assert_eq!(live_board(ctx).await, expected, "{what}: pages");
     let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM users ORDER BY id")

@@ -1,6 +1,5 @@
 //! Telemetry: histograms in a real scrape, perf lists off the hot path, stats.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use loyaltyd::loyalty::{self, NewEvent};
@@ -11,42 +10,6 @@ use sqlx::PgPool;
 use crate::common;
 
 /// The process-wide exporter, installed once for this test binary.
-async fn exporter() -> SocketAddr {
-    static ADDR: tokio::sync::OnceCell<SocketAddr> = tokio::sync::OnceCell::const_new();
-    *ADDR
-        .get_or_init(|| async {
-            let addr: SocketAddr = ([127, 0, 0, 1], common::free_port()).into();
-            // The exporter's tasks must outlive any one test's runtime: give them their own.
-            std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build();
-                if let Ok(rt) = rt {
-                    rt.block_on(async move {
-                        loyaltyd::telemetry::install_exporter(addr)
-                            .unwrap_or_else(|e| panic!("{e}"));
-                        std::future::pending::<()>().await;
-                    });
-                }
-            });
-            for _ in 0..100 {
-                if common::scrape(addr).await.is_some() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            addr
-        })
-        .await
-}
-
-async fn metric(addr: SocketAddr, series: &str) -> f64 {
-    let text = common::scrape(addr)
-        .await
-        .unwrap_or_else(|| panic!("no scrape"));
-    common::series(&text, series).unwrap_or(0.0)
-}
-
 fn event(user: i64) -> NewEvent {
     NewEvent {
         user: UserId::new(user).unwrap_or_else(|e| panic!("{e}")),
@@ -60,13 +23,16 @@ fn event(user: i64) -> NewEvent {
 
 #[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
 async fn operations_show_up_as_labelled_histograms_in_a_scrape(pool: PgPool) {
-    let addr = exporter().await;
+    let addr = common::exporter().await;
     common::users(&pool, 1).await;
     let ctx = common::ctx(&pool, "histo");
     let add_count = r#"loyaltyd_operation_duration_seconds_count{operation="queue_add",outcome="ok",queue="post"}"#;
     let rec_count =
         r#"loyaltyd_operation_duration_seconds_count{operation="record_event",outcome="ok"}"#;
-    let (adds, recs) = (metric(addr, add_count).await, metric(addr, rec_count).await);
+    let (adds, recs) = (
+        common::metric(addr, add_count).await,
+        common::metric(addr, rec_count).await,
+    );
     for i in 0..3 {
         let item = Ident::parse("t", &format!("h{i}")).unwrap_or_else(|e| panic!("{e}"));
         let scope = Scope::Topic(Ident::parse("t", "x").unwrap_or_else(|e| panic!("{e}")));
@@ -78,8 +44,11 @@ async fn operations_show_up_as_labelled_histograms_in_a_scrape(pool: PgPool) {
             .unwrap_or_else(|e| panic!("{e}"));
     }
     let text = common::scrape(addr).await.unwrap_or_default();
-    assert!(metric(addr, add_count).await >= adds + 3.0, "{text}");
-    assert!(metric(addr, rec_count).await >= recs + 3.0);
+    assert!(
+        common::metric(addr, add_count).await >= adds + 3.0,
+        "{text}"
+    );
+    assert!(common::metric(addr, rec_count).await >= recs + 3.0);
     assert!(
         text.contains(r#"loyaltyd_operation_duration_seconds_bucket{operation="queue_add",outcome="ok",queue="post",le="0.00005"}"#),
         "sub-millisecond buckets: {text}"
@@ -142,21 +111,21 @@ async fn perf_lists_keep_the_newest_samples_first_trimmed_to_length(pool: PgPool
 
 #[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
 async fn with_redis_down_operations_succeed_and_samples_are_counted_as_dropped(pool: PgPool) {
-    let addr = exporter().await;
+    let addr = common::exporter().await;
     common::users(&pool, 1).await;
     let mut config = common::config(&pool, "dropped");
     config.redis.url = common::dead_redis_url();
     let ctx = common::ctx_with(&pool, config, true);
-    let dropped = metric(addr, "loyaltyd_perf_samples_dropped_total").await;
-    let errors = metric(addr, "loyaltyd_redis_errors_total").await;
+    let dropped = common::metric(addr, "loyaltyd_perf_samples_dropped_total").await;
+    let errors = common::metric(addr, "loyaltyd_redis_errors_total").await;
     for _ in 0..4 {
         loyalty::record_event(&ctx, &event(1))
             .await
             .unwrap_or_else(|e| panic!("{e}"));
     }
     ctx.perf.flush(Duration::from_secs(5)).await;
-    assert!(metric(addr, "loyaltyd_perf_samples_dropped_total").await >= dropped + 4.0);
-    assert!(metric(addr, "loyaltyd_redis_errors_total").await >= errors + 4.0);
+    assert!(common::metric(addr, "loyaltyd_perf_samples_dropped_total").await >= dropped + 4.0);
+    assert!(common::metric(addr, "loyaltyd_redis_errors_total").await >= errors + 4.0);
 }
 
 #[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
@@ -217,28 +186,31 @@ async fn stats_summarizes_each_perf_list(pool: PgPool) {
 
 #[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
 async fn failed_operations_are_timed_and_counted_as_errors(pool: PgPool) {
-    let addr = exporter().await;
+    let addr = common::exporter().await;
     let ctx = common::ctx(&pool, "errors");
     let errors = r#"loyaltyd_operation_errors_total{operation="record_event"}"#;
     let failed =
         r#"loyaltyd_operation_duration_seconds_count{operation="record_event",outcome="error"}"#;
-    let (e0, f0) = (metric(addr, errors).await, metric(addr, failed).await);
+    let (e0, f0) = (
+        common::metric(addr, errors).await,
+        common::metric(addr, failed).await,
+    );
     // A refused event: user 77 does not exist.
     assert!(loyalty::record_event(&ctx, &event(77)).await.is_err());
-    assert!(metric(addr, errors).await >= e0 + 1.0);
-    assert!(metric(addr, failed).await >= f0 + 1.0);
+    assert!(common::metric(addr, errors).await >= e0 + 1.0);
+    assert!(common::metric(addr, failed).await >= f0 + 1.0);
     // A Redis outage: `stats` cannot read the perf lists.
     let mut config = common::config(&pool, "errors-redis");
     config.redis.url = common::dead_redis_url();
     let away = common::ctx_with(&pool, config, false);
     let stats_errors = r#"loyaltyd_operation_errors_total{operation="stats"}"#;
-    let s0 = metric(addr, stats_errors).await;
+    let s0 = common::metric(addr, stats_errors).await;
     assert!(
         loyaltyd::perf::collect(&away.cache, &away.perf)
             .await
             .is_err()
     );
-    assert!(metric(addr, stats_errors).await >= s0 + 1.0);
+    assert!(common::metric(addr, stats_errors).await >= s0 + 1.0);
 }
 
 /// The `loyaltyd_*` metric names an expression uses.

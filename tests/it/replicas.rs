@@ -1,0 +1,172 @@
+//! Reads that may lag, on a real streaming replica (`pg_basebackup -R`,
+//! started per test): leaderboard reads are served by it within the lag
+//! bound, by the primary beyond it, and by the primary without an error
+//! when the replica stops in the middle of the reads.
+
+use std::time::Duration;
+
+use loyaltyd::context::Context;
+use loyaltyd::leaderboard;
+use loyaltyd::types::{ContentType, Outcome};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::common::{self, uid};
+use crate::engines::PgReplica;
+
+const ON_REPLICA: &str = r#"loyaltyd_lagging_reads_total{target="replica",reason="ok"}"#;
+const LAGGED: &str = r#"loyaltyd_lagging_reads_total{target="primary",reason="lag"}"#;
+
+/// Waits until the replica has replayed everything the primary wrote so far.
+async fn caught_up(pool: &PgPool, replica: &PgPool) {
+    let lsn: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::TEXT")
+        .fetch_one(pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    common::eventually("the replica catching up", Duration::from_secs(30), || {
+        let (replica, lsn) = (replica.clone(), lsn.clone());
+        async move {
+            sqlx::query_scalar::<_, bool>("SELECT pg_last_wal_replay_lsn() >= $1::pg_lsn")
+                .bind(lsn)
+                .fetch_one(&replica)
+                .await
+                .unwrap_or(false)
+        }
+    })
+    .await;
+}
+
+/// Users with scores and a refreshed view, and a context reading the replica.
+async fn setup(pool: &PgPool, replica: &PgReplica, name: &str) -> (Context, PgPool) {
+    common::users(pool, 40).await;
+    let mut cfg = common::config(pool, name);
+    cfg.leaderboard.live = false; // the view: what replicas serve
+    let db: String = sqlx::query_scalar("SELECT current_database()::TEXT")
+        .fetch_one(pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    cfg.database.replicas = vec![replica.url(&db)];
+    cfg.database.replica_max_lag = Duration::from_secs(1);
+    let ctx = common::ctx_with(pool, cfg, false);
+    for u in 1..=40 {
+        loyaltyd::loyalty::record_event(&ctx, &common::varied_event(u, u as usize))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    leaderboard::refresh(&ctx, true, &CancellationToken::new())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let direct = sqlx::PgPool::connect(&replica.url(&db))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    caught_up(pool, &direct).await;
+    (ctx, direct)
+}
+
+#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+async fn leaderboard_reads_are_served_by_a_replica_within_the_lag_bound(pool: PgPool) {
+    let addr = common::exporter().await;
+    let replica = PgReplica::start().await;
+    let (ctx, direct) = setup(&pool, &replica, "replica-reads").await;
+    let before = common::metric(addr, ON_REPLICA).await;
+    for u in 1..=20 {
+        let on_replica = leaderboard::rank(&ctx, uid(u))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let want: Option<i64> =
+            sqlx::query_scalar("SELECT rank FROM user_leaderboard WHERE user_id = $1")
+                .bind(u)
+                .fetch_optional(&pool)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(on_replica.rank, want, "user {u}");
+    }
+    let page = leaderboard::page(&ctx, 10, 0)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(page.entries.len(), 10);
+    let served = common::metric(addr, ON_REPLICA).await - before;
+    assert!(served >= 21.0, "{served} reads counted on the replica");
+    // Replay paused while the primary moves on: past the bound, the
+    // primary answers.
+    sqlx::query("SELECT pg_wal_replay_pause()")
+        .execute(&direct)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    loyaltyd::loyalty::record_event(
+        &ctx,
+        &common::event(1, ContentType::Topic, Outcome::Approved),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let lagged_before = common::metric(addr, LAGGED).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for u in 1..=5 {
+        leaderboard::rank(&ctx, uid(u))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    assert!(
+        common::metric(addr, LAGGED).await - lagged_before >= 5.0,
+        "reads past the lag bound went to the primary"
+    );
+    sqlx::query("SELECT pg_wal_replay_resume()")
+        .execute(&direct)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    direct.close().await;
+}
+
+#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+async fn a_replica_stopped_mid_reads_sends_them_to_the_primary_without_an_error(pool: PgPool) {
+    let addr = common::exporter().await;
+    let mut replica = PgReplica::start().await;
+    let (ctx, direct) = setup(&pool, &replica, "replica-stop").await;
+    direct.close().await;
+    let fell_back = || async {
+        common::metric(
+            addr,
+            r#"loyaltyd_lagging_reads_total{target="primary",reason="error"}"#,
+        )
+        .await
+            + common::metric(
+                addr,
+                r#"loyaltyd_lagging_reads_total{target="primary",reason="down"}"#,
+            )
+            .await
+    };
+    let (served_before, fell_back_before) =
+        (common::metric(addr, ON_REPLICA).await, fell_back().await);
+    let reads = {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let mut ranks = Vec::new();
+            for i in 0..300 {
+                let s = leaderboard::rank(&ctx, uid(1 + i % 40))
+                    .await
+                    .unwrap_or_else(|e| panic!("a read failed when the replica stopped: {e}"));
+                ranks.push((1 + i % 40, s.rank));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            ranks
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    replica.stop();
+    let ranks = reads.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(ranks.len(), 300);
+    assert!(
+        common::metric(addr, ON_REPLICA).await > served_before,
+        "the replica served reads first"
+    );
+    assert!(fell_back().await > fell_back_before, "then the primary did");
+    for (user, rank) in ranks {
+        let want: Option<i64> =
+            sqlx::query_scalar("SELECT rank FROM user_leaderboard WHERE user_id = $1")
+                .bind(user)
+                .fetch_optional(&pool)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(rank, want, "user {user}");
+    }
+}
