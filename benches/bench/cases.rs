@@ -71,6 +71,9 @@ pub async fn all(b: &Bench, report: &mut Report) -> R<()> {
     if b.wants("telemetry") {
         telemetry_overhead(b, report).await?;
     }
+    if b.wants("past one host") {
+        super::scale::scale(b, report).await?;
+    }
     let (users, events) = s.sweep[0];
     if b.wants("integrity sweep") {
         sweep(b, report, users, events).await?;

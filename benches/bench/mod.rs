@@ -8,6 +8,12 @@ mod adoption;
 mod board;
 mod cases;
 mod daemon;
+// The engines the tests start; the test crate, which also loads this
+// harness, has its own copy (two statics, no shared state).
+#[allow(clippy::duplicate_mod)]
+#[path = "../../tests/it/engines.rs"]
+mod engines;
+mod scale;
 mod seed;
 
 use std::sync::Arc;

@@ -42,6 +42,21 @@ async fn the_benchmark_runs_in_small_mode_and_reports_every_row() {
             "a reader's worst wait during one refresh",
             3,
         ),
+        (
+            "Past one host",
+            "record_event (one Redis vs a 3-master cluster)",
+            2,
+        ),
+        (
+            "Past one host",
+            "score get, cache hit (one Redis vs a 3-master cluster)",
+            2,
+        ),
+        (
+            "Past one host",
+            "one user's rank from the view (primary vs a streaming replica)",
+            2,
+        ),
         ("Queues at 500 items", "remove (from a random place)", 3),
         ("Queues at 500 items", "add (at the tail)", 3),
         ("Queues at 2000 items", "reorder the whole queue", 2),

@@ -7,12 +7,22 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+/// A free loopback port. (This file is shared with the benchmarks, so it
+/// leans on nothing else of the test crate.)
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("free port: {e}"))
+}
 
 /// A port that is free, and whose cluster bus port (+10000) is free too.
 fn free_cluster_port() -> u16 {
     for _ in 0..1000 {
-        let port = crate::common::free_port();
+        let port = free_port();
         let Some(bus) = port.checked_add(10_000) else {
             // Ephemeral ports sit high: take one below and check it.
             let low = 20_000 + port % 20_000;
@@ -31,11 +41,12 @@ fn free_cluster_port() -> u16 {
 }
 
 fn temp_dir(what: &str) -> PathBuf {
-    let unique: String = crate::common::unique_prefix(what)
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-        .collect();
-    let dir = std::env::temp_dir().join(format!("loyaltyd-{unique}"));
+    static N: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "loyaltyd-{what}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
     dir
@@ -310,7 +321,7 @@ impl PgReplica {
         }
         // Debian keeps the server's configuration outside the data directory:
         // the copy gets a minimal one of its own.
-        let port = crate::common::free_port();
+        let port = free_port();
         // A hot standby needs these at least as high as on its primary.
         let out = Command::new("psql")
             .args(["-h", primary_socket, "-d", "postgres", "-Atc"])
