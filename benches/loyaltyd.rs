@@ -7,6 +7,10 @@
 //! and `REDIS_URL`; `scripts/bench.sh` sets both up.
 
 mod bench;
+// The engines the tests start (a Redis Cluster, a streaming replica), for
+// the "Past one host" cases; the test crate has its own `crate::engines`.
+#[path = "../tests/it/engines.rs"]
+mod engines;
 
 fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();

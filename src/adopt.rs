@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
 
-use crate::error::{DbContext, Error, Result, describe, sqlstate};
+use crate::error::{DbContext, Error, Refusal, Result, describe};
 
 /// The forum's tables the original design defines.
 pub const FORUM_TABLES: [&str; 5] = [
@@ -1568,7 +1568,7 @@ impl Adoption<'_> {
                 .await
             {
                 Ok(_) => return Ok(()),
-                Err(e) if sqlstate(&e).as_deref() == Some("55P03") && attempt < 600 => {
+                Err(e) if Refusal::of(&e) == Some(Refusal::LockBusy) && attempt < 600 => {
                     tokio::time::sleep(Duration::from_millis(50 + 10 * u64::from(attempt.min(20))))
                         .await;
                 }
@@ -1606,7 +1606,7 @@ impl Adoption<'_> {
             }
             match failed {
                 None => return tx.commit().await.db("committing a step"),
-                Some((_, e)) if sqlstate(&e).as_deref() == Some("55P03") && attempt < 600 => {
+                Some((_, e)) if Refusal::of(&e) == Some(Refusal::LockBusy) && attempt < 600 => {
                     let _ = tx.rollback().await;
                     tokio::time::sleep(Duration::from_millis(50 + 10 * u64::from(attempt.min(20))))
                         .await;

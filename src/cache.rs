@@ -255,6 +255,19 @@ pub struct VersionedScore {
     pub created_us: i64,
 }
 
+impl VersionedScore {
+    /// From a row `(id, loyalty_score, score_version, created_us)`, the
+    /// shape every score read selects; `None` for an id that is not a user id.
+    pub fn from_row((id, score, version, created_us): (i64, i64, i64, i64)) -> Option<Self> {
+        Some(VersionedScore {
+            user: UserId::new(id).ok()?,
+            score,
+            version,
+            created_us,
+        })
+    }
+}
+
 /// A user's place on the live board.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LiveRank {

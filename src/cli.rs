@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::types::{ContentType, Ident, Outcome, Priority, QueueKind, Scope, UserId};
-use crate::{adopt, daemon, db, demo, leaderboard, loyalty, perf, queues, telemetry};
+use crate::{adopt, daemon, db, demo, leaderboard, loyalty, perf, queues, sweep, telemetry};
 
 /// loyaltyd: incremental loyalty scores, a debounced leaderboard and exact
 /// moderation-queue positions on PostgreSQL and Redis.
@@ -254,7 +254,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     let json = cli.json;
     match cli.command {
         Command::Run => daemon::run(config).await,
-        Command::CheckConfig => emit(json, &CheckedConfig(config.redacted())),
+        Command::CheckConfig => emit(json, &CheckedConfig(config.clone())),
         Command::Migrate => {
             let pool = db::connect(&config.database).await?;
             db::migrate(&pool).await?;
@@ -318,7 +318,7 @@ async fn data_command(ctx: &Context, json: bool, command: Command) -> Result<()>
             let never = tokio_util::sync::CancellationToken::new();
             emit(
                 json,
-                &loyalty::recalc_all(ctx, ctx.config.sweep.batch_size, &never).await?,
+                &sweep::run(ctx, ctx.config.sweep.batch_size, &never).await?,
             )
         }
         Command::Leaderboard(LeaderboardCommand::Show { limit, offset }) => {
@@ -359,10 +359,7 @@ async fn data_command(ctx: &Context, json: bool, command: Command) -> Result<()>
         }
         Command::Queue(QueueCommand::Reorder { queue, scope, all }) => {
             if all {
-                emit(
-                    json,
-                    &queues::reorder_all(ctx, queue, ctx.config.queues.reorder_timeout).await?,
-                )
+                emit(json, &queues::reorder_all(ctx, queue).await?)
             } else {
                 let scope = Scope::for_queue(queue, scope.topic, scope.conversation)?;
                 emit(json, &queues::reorder(ctx, queue, &scope).await?)
@@ -461,7 +458,7 @@ impl Render for loyalty::Recalculated {
     }
 }
 
-impl Render for loyalty::SweepReport {
+impl Render for sweep::SweepReport {
     fn text(&self) -> String {
         let ids: Vec<String> = self
             .drifted_user_ids

@@ -45,7 +45,7 @@ pub struct Config {
 #[serde(default, deny_unknown_fields)]
 pub struct DatabaseConfig {
     /// PostgreSQL URL. Default `postgres://127.0.0.1:5432/loyaltyd`; `DATABASE_URL` is honoured.
-    pub url: String,
+    pub url: SecretUrl,
     /// Pool size. Default 10. The refresh and the sweep each hold one connection while they run.
     pub max_connections: u32,
     /// How long to wait for a connection (new or from the pool). Default `5s`.
@@ -56,7 +56,7 @@ pub struct DatabaseConfig {
     pub statement_timeout: Duration,
     /// Streaming replicas for reads that may lag (leaderboard pages and
     /// ranks; see src/replicas.rs). Default none: every read goes to `url`.
-    pub replicas: Vec<String>,
+    pub replicas: Vec<SecretUrl>,
     /// A replica further behind than this is not read; the primary is.
     /// Default `5s`.
     #[serde(with = "humantime_serde")]
@@ -81,11 +81,11 @@ impl Default for DatabaseConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
     /// Redis URL. Default `redis://127.0.0.1:6379/`; `REDIS_URL` is honoured.
-    pub url: String,
+    pub url: SecretUrl,
     /// A Redis Cluster's nodes (`redis://host:port`, a few are enough: the
     /// rest are discovered). Default none; when set, `url` is not used and
     /// keys carry hash tags (`loyalty:{42}`; see src/redis_conn.rs).
-    pub cluster_nodes: Vec<String>,
+    pub cluster_nodes: Vec<SecretUrl>,
     /// Prepended to every Redis key. Default empty, so the seed's key names hold.
     pub key_prefix: String,
     /// Lifetime of a cached loyalty score. Default `1h`.
@@ -331,26 +331,23 @@ impl Config {
                 Ok(())
             }
         }
-        if !(self.database.url.starts_with("postgres://")
-            || self.database.url.starts_with("postgresql://"))
-        {
+        let url = self.database.url.expose();
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             return Err((
                 "database.url",
                 format!(
                     "{:?} is not a postgres:// or postgresql:// URL",
-                    redact_url(&self.database.url)
+                    self.database.url.to_string()
                 ),
             ));
         }
-        self.database
-            .url
-            .parse::<sqlx::postgres::PgConnectOptions>()
+        url.parse::<sqlx::postgres::PgConnectOptions>()
             .map_err(|e| {
                 (
                     "database.url",
                     format!(
                         "not a PostgreSQL URL: {}",
-                        redact_in(&e.to_string(), &self.database.url)
+                        self.database.url.redact_in(&e.to_string())
                     ),
                 )
             })?;
@@ -362,20 +359,20 @@ impl Config {
             "database.statement_timeout",
             self.database.statement_timeout,
         )?;
-        redis::Client::open(self.redis.url.as_str()).map_err(|e| {
+        redis::Client::open(self.redis.url.expose()).map_err(|e| {
             (
                 "redis.url",
                 format!(
                     "not a Redis URL: {}",
-                    redact_in(&e.to_string(), &self.redis.url)
+                    self.redis.url.redact_in(&e.to_string())
                 ),
             )
         })?;
         for node in &self.redis.cluster_nodes {
-            redis::Client::open(node.as_str()).map_err(|e| {
+            redis::Client::open(node.expose()).map_err(|e| {
                 (
                     "redis.cluster_nodes",
-                    format!("not a Redis URL: {}", redact_in(&e.to_string(), node)),
+                    format!("not a Redis URL: {}", node.redact_in(&e.to_string())),
                 )
             })?;
         }
@@ -387,13 +384,14 @@ impl Config {
         }
         for replica in &self.database.replicas {
             replica
+                .expose()
                 .parse::<sqlx::postgres::PgConnectOptions>()
                 .map_err(|e| {
                     (
                         "database.replicas",
                         format!(
                             "not a PostgreSQL URL: {}",
-                            redact_in(&e.to_string(), replica)
+                            replica.redact_in(&e.to_string())
                         ),
                     )
                 })?;
@@ -445,20 +443,55 @@ impl Config {
         }
         out
     }
+}
 
-    /// The configuration with every password replaced by `***`, for display and logs.
-    pub fn redacted(&self) -> Config {
-        let mut c = self.clone();
-        c.database.url = redact_url(&c.database.url);
-        c.redis.url = redact_url(&c.redis.url);
-        c.redis.cluster_nodes = c
-            .redis
-            .cluster_nodes
-            .iter()
-            .map(|u| redact_url(u))
-            .collect();
-        c.database.replicas = c.database.replicas.iter().map(|u| redact_url(u)).collect();
-        c
+/// A connection URL, which may carry a password. Its `Debug`, `Display` and
+/// `Serialize` all show it with the password replaced by `***`, so no log
+/// line, `check-config` output or error message can leak it; only
+/// [`SecretUrl::expose`] gives the real text, for the code that connects.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    /// The URL as written, password included: for connecting, nothing else.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// `message` with this URL's password taken out, wherever it quotes the URL.
+    pub fn redact_in(&self, message: &str) -> String {
+        redact_in(message, &self.0)
+    }
+}
+
+impl From<String> for SecretUrl {
+    fn from(url: String) -> SecretUrl {
+        SecretUrl(url)
+    }
+}
+
+impl From<&str> for SecretUrl {
+    fn from(url: &str) -> SecretUrl {
+        SecretUrl(url.to_owned())
+    }
+}
+
+impl std::fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&redact_url(&self.0), f)
+    }
+}
+
+impl std::fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&redact_url(&self.0))
+    }
+}
+
+impl Serialize for SecretUrl {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&redact_url(&self.0))
     }
 }
 

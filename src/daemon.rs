@@ -39,7 +39,7 @@ pub async fn run(config: Config) -> Result<()> {
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone())?;
     telemetry::install_exporter(config.metrics.listen)?;
-    tracing::info!(config = ?config.redacted(), "loyaltyd {} starting", env!("CARGO_PKG_VERSION"));
+    tracing::info!(config = ?config, "loyaltyd {} starting", env!("CARGO_PKG_VERSION"));
 
     let pool = db::connect_lazy(&config.database)?;
     if !wait_for_database(&pool, &shutdown).await? {
@@ -64,10 +64,7 @@ pub async fn run(config: Config) -> Result<()> {
         .map_err(|e| Error::Runtime(format!("starting the scheduler: {e}")))?;
     for job in [Job::IntegritySweep, Job::QueueReorder] {
         let runner = JobRunner::new(job, ctx.clone(), instance.clone())?;
-        let schedule = match job {
-            Job::IntegritySweep => ctx.config.sweep.schedule.clone(),
-            _ => ctx.config.queues.reorder_schedule.clone(),
-        };
+        let schedule = runner.schedule().unwrap_or_default().to_owned();
         let (token, tasks) = (shutdown.clone(), tracker.clone());
         let cron = CronJob::new_async(schedule.as_str(), move |_, _| {
             let (runner, token, tasks) = (runner.clone(), token.clone(), tasks.clone());

@@ -26,11 +26,14 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
 /// (about 40 ms each; upstream transact-rs/sqlx #4335, fixed after 0.9.0).
 /// Any other host, or an explicit `sslmode`, is as libpq would do it.
 pub fn connect_options(cfg: &DatabaseConfig) -> Result<PgConnectOptions> {
-    let mut opts: PgConnectOptions = cfg
-        .url
-        .parse()
-        .map_err(|e| Error::Config(format!("key \"database.url\": {e}")))?;
-    let explicit_tls = cfg.url.contains("sslmode=") || std::env::var_os("PGSSLMODE").is_some();
+    let mut opts: PgConnectOptions = cfg.url.expose().parse().map_err(|e: sqlx::Error| {
+        Error::Config(format!(
+            "key \"database.url\": {}",
+            cfg.url.redact_in(&e.to_string())
+        ))
+    })?;
+    let explicit_tls =
+        cfg.url.expose().contains("sslmode=") || std::env::var_os("PGSSLMODE").is_some();
     if !explicit_tls && is_loopback(opts.get_host()) {
         opts = opts.ssl_mode(sqlx::postgres::PgSslMode::Disable);
     }

@@ -192,6 +192,49 @@ pub fn is_cancelled(e: &sqlx::Error) -> bool {
 /// with another payload (migration 5).
 pub const SQLSTATE_EVENT_ID_REUSED: &str = "LY001";
 
+/// What a refused statement means, named from the constraint or SQLSTATE
+/// the database reported: the one table of the schema's refusals (in the
+/// manner of realworld-axum-sqlx's `on_constraint`). A service turns a
+/// [`Refusal`] into its domain [`Error`] with the ids it knows; a renamed
+/// constraint is fixed here, once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `moderation_events_user_id_fkey`: the event's user does not exist.
+    UnknownUser,
+    /// `LY001` (migration 5): an event id reused with another payload.
+    EventIdReused,
+    /// `22003` numeric value out of range: a score would leave `BIGINT`.
+    OutOfRange,
+    /// A queue table's primary key: the item is already queued.
+    DuplicateItem,
+    /// `55P03` lock not available: `lock_timeout` or `NOWAIT` gave up; retry.
+    LockBusy,
+}
+
+impl Refusal {
+    /// The refusal a driver error is, if it is one of the schema's.
+    pub fn of(e: &sqlx::Error) -> Option<Refusal> {
+        let sqlx::Error::Database(db) = e else {
+            return None;
+        };
+        match db.constraint() {
+            Some("moderation_events_user_id_fkey") => return Some(Refusal::UnknownUser),
+            Some(
+                "topic_creation_queue_pkey"
+                | "post_moderation_queue_pkey"
+                | "private_message_queue_pkey",
+            ) => return Some(Refusal::DuplicateItem),
+            _ => {}
+        }
+        match db.code().as_deref() {
+            Some(SQLSTATE_EVENT_ID_REUSED) => Some(Refusal::EventIdReused),
+            Some("22003") => Some(Refusal::OutOfRange),
+            Some("55P03") => Some(Refusal::LockBusy),
+            _ => None,
+        }
+    }
+}
+
 /// The SQLSTATE of a database error, if it is one.
 pub fn sqlstate(e: &sqlx::Error) -> Option<String> {
     match e {
@@ -226,14 +269,6 @@ pub fn database_message(e: &sqlx::Error) -> String {
     match e {
         sqlx::Error::Database(db) => db.message().to_owned(),
         other => other.to_string(),
-    }
-}
-
-/// The name of the constraint a database error violated, if any.
-pub fn violated_constraint(e: &sqlx::Error) -> Option<&str> {
-    match e {
-        sqlx::Error::Database(db) => db.constraint(),
-        _ => None,
     }
 }
 

@@ -27,12 +27,13 @@ use chrono::{DateTime, Timelike, Utc};
 use sqlx::pool::PoolConnection;
 use sqlx::{PgPool, Postgres};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::context::Context;
 use crate::error::{DbContext, Error, Result};
 use crate::leaderboard::{self, RefreshReason};
-use crate::loyalty;
 use crate::queues;
+use crate::sweep;
 use crate::telemetry::{self, Job, JobOutcome};
 use crate::types::QueueKind;
 
@@ -62,7 +63,7 @@ pub async fn refresh_leaderboard(ctx: &Context, cancel: &CancellationToken) -> R
 
 /// The integrity sweep; fails when cancelled before the last batch.
 pub async fn integrity_sweep(ctx: &Context, cancel: &CancellationToken) -> Result<Done> {
-    let report = loyalty::recalc_all(ctx, ctx.config.sweep.batch_size, cancel).await?;
+    let report = sweep::run(ctx, ctx.config.sweep.batch_size, cancel).await?;
     if !report.completed {
         return Err(Error::Cancelled {
             context: "the integrity sweep",
@@ -93,7 +94,6 @@ pub async fn integrity_sweep(ctx: &Context, cancel: &CancellationToken) -> Resul
 /// Reorders every queue scope that changed; queue by queue, stopping between
 /// them when cancelled.
 pub async fn reorder_queues(ctx: &Context, cancel: &CancellationToken) -> Result<Done> {
-    let limit = ctx.config.queues.reorder_timeout;
     let (mut scopes, mut items) = (0, 0);
     for queue in QueueKind::ALL {
         if cancel.is_cancelled() {
@@ -101,7 +101,7 @@ pub async fn reorder_queues(ctx: &Context, cancel: &CancellationToken) -> Result
                 context: "the queue reorder",
             });
         }
-        let r = queues::reorder_all(ctx, queue, limit).await?;
+        let r = queues::reorder_all(ctx, queue).await?;
         scopes += r.scopes;
         items += r.items;
     }
@@ -139,14 +139,26 @@ struct Inner {
     timeout: Duration,
     running: tokio::sync::Mutex<()>,
     /// Set for cron jobs: ticks are claimed cluster-wide by scheduled instant.
-    schedule: Option<croner::Cron>,
+    cron: Option<croner::Cron>,
+    /// The cron expression `cron` was parsed from.
+    schedule: Option<String>,
     instance: String,
 }
 
-impl JobRunner {
-    /// The runner of `job`, with its time limit and (cron jobs) schedule from the configuration.
-    pub fn new(job: Job, ctx: Context, instance: String) -> Result<JobRunner> {
-        let cfg = &ctx.config;
+/// One job's definition: its work, and its time limit and schedule, each
+/// read from the job's own configuration section.
+pub struct JobSpec {
+    work: Work,
+    /// Past it, a run is cancelled at its next safe point and counted `failed`.
+    pub timeout: Duration,
+    /// The cron expression (sweep and reorder); `None` for the refresh check,
+    /// which runs every `leaderboard.check_interval`.
+    pub schedule: Option<String>,
+}
+
+impl JobSpec {
+    /// What `job` is under `cfg`.
+    pub fn of(job: Job, cfg: &crate::config::Config) -> JobSpec {
         let (work, timeout, schedule): (Work, Duration, Option<&str>) = match job {
             Job::LeaderboardRefresh => (
                 |c, t| Box::pin(refresh_leaderboard(c, t)),
@@ -164,20 +176,40 @@ impl JobRunner {
                 Some(&cfg.queues.reorder_schedule),
             ),
         };
-        let schedule = schedule
+        JobSpec {
+            work,
+            timeout,
+            schedule: schedule.map(str::to_owned),
+        }
+    }
+}
+
+impl JobRunner {
+    /// The runner of `job`, as [`JobSpec::of`] defines it under the context's configuration.
+    pub fn new(job: Job, ctx: Context, instance: String) -> Result<JobRunner> {
+        let spec = JobSpec::of(job, &ctx.config);
+        let cron = spec
+            .schedule
+            .as_deref()
             .map(|s| crate::config::parse_cron(s).map_err(Error::Config))
             .transpose()?;
         Ok(JobRunner {
             inner: Arc::new(Inner {
                 job,
                 ctx,
-                work,
-                timeout,
+                work: spec.work,
+                timeout: spec.timeout,
                 running: tokio::sync::Mutex::new(()),
-                schedule,
+                cron,
+                schedule: spec.schedule,
                 instance,
             }),
         })
+    }
+
+    /// The job's cron expression, `None` for the interval-driven refresh check.
+    pub fn schedule(&self) -> Option<&str> {
+        self.inner.schedule.as_deref()
     }
 
     /// The job this runner runs.
@@ -192,11 +224,19 @@ impl JobRunner {
         // Cron ticks are named by their scheduled instant (UTC, RFC 3339).
         let tick = self
             .inner
-            .schedule
+            .cron
             .as_ref()
             .map(|s| scheduled_instant(s, Utc::now()));
         let tick_name = tick.map(|t| t.to_rfc3339()).unwrap_or_default();
-        let (outcome, detail, ran) = match self.try_run(tick, shutdown).await {
+        // Everything the run logs (a sweep's batches, a refresh's steps)
+        // nests under this span: with `log.format = json`, one tree a tick.
+        let span = tracing::info_span!(
+            "job",
+            job,
+            tick = tick_name.as_str(),
+            instance = self.inner.instance.as_str()
+        );
+        let (outcome, detail, ran) = match self.try_run(tick, shutdown).instrument(span).await {
             Ok(Done::Worked(summary)) => (JobOutcome::Success, summary, true),
             Ok(Done::Idle(why)) => (JobOutcome::Skipped, why.to_owned(), true),
             Ok(Done::NotRun(why)) => (JobOutcome::Skipped, why.to_owned(), false),

@@ -304,6 +304,7 @@ pub async fn rank(ctx: &Context, user: UserId) -> Result<Standing> {
 /// score written meanwhile is never overwritten by the older one read here),
 /// then marks it built. Until then readers use the view. Returns the users
 /// written.
+#[tracing::instrument(name = "live_board_build", skip_all)]
 pub async fn build_live_board(ctx: &Context) -> Result<u64> {
     use futures_util::TryStreamExt;
     if !ctx
@@ -332,16 +333,7 @@ pub async fn build_live_board(ctx: &Context) -> Result<u64> {
             .try_next()
             .await
             .db("reading scores for the live board")?;
-        if let Some((id, score, version, created_us)) = row
-            && let Ok(user) = UserId::new(id)
-        {
-            batch.push(VersionedScore {
-                user,
-                score,
-                version,
-                created_us,
-            });
-        }
+        batch.extend(row.and_then(VersionedScore::from_row));
         if batch.len() >= BOARD_BATCH || (row.is_none() && !batch.is_empty()) {
             if !ctx.cache.live_set(&batch).await {
                 return Err(Error::Runtime(
@@ -389,6 +381,7 @@ pub async fn status(ctx: &Context) -> Result<Status> {
 
 /// Refreshes the view if the debounce policy (or `force`) says so; see the module docs.
 /// `cancel` stops a running refresh at once (the transaction rolls back).
+#[tracing::instrument(name = "leaderboard_refresh", skip_all, fields(force = force, mode = ?ctx.config.leaderboard.refresh_mode))]
 pub async fn refresh(
     ctx: &Context,
     force: bool,
@@ -610,7 +603,7 @@ async fn swap_in_new_view(
         match failed {
             None => return Ok(()),
             Some(e)
-                if crate::error::sqlstate(&e).as_deref() == Some("55P03")
+                if crate::error::Refusal::of(&e) == Some(crate::error::Refusal::LockBusy)
                     && attempt < SWAP_ATTEMPTS =>
             {
                 sqlx::query("ROLLBACK TO SAVEPOINT swap")

@@ -7,12 +7,14 @@
 //! Each layer uses only the ones above it.
 //! * [`config`], [`error`], [`types`]: configuration, the one error type and
 //!   its exit codes, and the input types parsed at the edge.
-//! * [`db`], [`cache`], [`telemetry`], [`perf`], [`context`]: the
-//!   PostgreSQL pool and migrations, the Redis cache, the metrics and
-//!   logging, the operation timer and the Redis perf lists, and the bundle
-//!   of them that services take.
+//! * [`db`], [`replicas`], [`redis_conn`], [`cache`], [`telemetry`],
+//!   [`perf`], [`context`]: the PostgreSQL pool and migrations, the read
+//!   replicas, the Redis connection (one node or a cluster), the cache,
+//!   the metrics and logging, the operation timer and the Redis perf lists,
+//!   and the bundle of them that services take.
 //! * [`loyalty`], [`leaderboard`], [`queues`]: the services; each owns its
-//!   SQL, its Redis keys and its invariants. [`demo`] serves `demo seed`.
+//!   SQL, its Redis keys and its invariants. [`sweep`] checks and repairs
+//!   what the services keep. [`demo`] serves `demo seed`.
 //! * [`jobs`]: the scheduled work and the runner that guards each tick;
 //!   [`sync`]: the daemon's cache sync for writers that bypass loyaltyd.
 //! * [`adopt`]: the online upgrade of a database of the original design.
@@ -34,6 +36,7 @@ pub mod perf;
 pub mod queues;
 pub mod redis_conn;
 pub mod replicas;
+pub mod sweep;
 pub mod sync;
 pub mod telemetry;
 pub mod types;

@@ -46,7 +46,7 @@ use serde::Serialize;
 use sqlx::PgPool;
 
 use crate::context::Context;
-use crate::error::{DbContext, Error, Result, from_sqlx, sqlstate, violated_constraint};
+use crate::error::{DbContext, Error, Refusal, Result, from_sqlx};
 use crate::perf::Timer;
 use crate::telemetry::Operation;
 use crate::types::{Ident, Priority, QueueKind, Scope};
@@ -124,8 +124,6 @@ struct QueueSql {
     remove: &'static str,
     lock_items: &'static str,
     rekey: &'static str,
-    /// The primary key constraint: "already queued".
-    duplicate: &'static str,
 }
 
 /// Writes each statement once; see the module docs. Arguments: queue name,
@@ -133,7 +131,7 @@ struct QueueSql {
 /// unqualified and qualified by the aliases `q` and `m` (a column, or `''`
 /// for the topic queue).
 macro_rules! queue_sql {
-    ($queue:literal, $table:literal, $id:literal, $pkey:literal,
+    ($queue:literal, $table:literal, $id:literal,
      scope: ($s:literal, $s_q:literal, $s_m:literal)) => {
         QueueSql {
             remove: concat!(
@@ -168,21 +166,20 @@ macro_rules! queue_sql {
                 )
                 SELECT (SELECT count(*) FROM target), (SELECT count(*) FROM moved)"
             ),
-            duplicate: $pkey,
         }
     };
 }
 
 const TOPIC_SQL: QueueSql = queue_sql!(
-    "topic", "topic_creation_queue", "topic_id", "topic_creation_queue_pkey",
+    "topic", "topic_creation_queue", "topic_id",
     scope: ("''", "''", "''")
 );
 const POST_SQL: QueueSql = queue_sql!(
-    "post", "post_moderation_queue", "post_id", "post_moderation_queue_pkey",
+    "post", "post_moderation_queue", "post_id",
     scope: ("topic_id", "q.topic_id", "m.topic_id")
 );
 const MESSAGE_SQL: QueueSql = queue_sql!(
-    "message", "private_message_queue", "message_id", "private_message_queue_pkey",
+    "message", "private_message_queue", "message_id",
     scope: ("conversation_id", "q.conversation_id", "m.conversation_id")
 );
 
@@ -217,8 +214,8 @@ pub async fn add(
             .bind(priority.get())
             .fetch_one(&ctx.pool)
             .await
-            .map_err(|e| match violated_constraint(&e) {
-                Some(c) if c == sql(queue).duplicate => Error::DuplicateItem {
+            .map_err(|e| match Refusal::of(&e) {
+                Some(Refusal::DuplicateItem) => Error::DuplicateItem {
                     queue: queue.as_str(),
                     item: item.to_string(),
                 },
@@ -320,15 +317,13 @@ pub async fn reorder(ctx: &Context, queue: QueueKind, scope: &Scope) -> Result<R
 }
 
 /// Sorts every scope of a queue that had an add since its last reorder, in
-/// one transaction; `timeout` bounds it on the server. Scopes that writers
-/// hold at the moment are left for the next run.
-pub async fn reorder_all(
-    ctx: &Context,
-    queue: QueueKind,
-    timeout: std::time::Duration,
-) -> Result<Reordered> {
+/// one transaction, bounded on the server by `queues.reorder_timeout` (as
+/// the sweep is by `sweep.timeout`). Scopes that writers hold at the moment
+/// are left for the next run.
+pub async fn reorder_all(ctx: &Context, queue: QueueKind) -> Result<Reordered> {
     let timer = Timer::start(&ctx.perf, Operation::QueueReorder, Some(queue));
-    let done = rekey_locked(ctx, queue, ScopeSet::Changed, Some(timeout)).await?;
+    let limit = ctx.config.queues.reorder_timeout;
+    let done = rekey_locked(ctx, queue, ScopeSet::Changed, Some(limit)).await?;
     timer.ok(None);
     Ok(done)
 }
@@ -393,7 +388,7 @@ async fn rekey_locked(
         {
             Ok(_) => {}
             // 55P03: a writer holds an item. Let go of everything and retry.
-            Err(e) if sqlstate(&e).as_deref() == Some("55P03") && attempt < REKEY_ATTEMPTS => {
+            Err(e) if Refusal::of(&e) == Some(Refusal::LockBusy) && attempt < REKEY_ATTEMPTS => {
                 drop(tx.rollback().await);
                 tokio::time::sleep(std::time::Duration::from_millis(25 * u64::from(attempt))).await;
                 continue;

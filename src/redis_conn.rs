@@ -73,8 +73,12 @@ impl RedisConn {
     /// The connection the configuration names, without connecting.
     pub fn new(cfg: &RedisConfig) -> Result<RedisConn> {
         if cfg.cluster_nodes.is_empty() {
-            let client = redis::Client::open(cfg.url.as_str())
-                .map_err(|e| Error::Config(format!("key \"redis.url\": {e}")))?;
+            let client = redis::Client::open(cfg.url.expose()).map_err(|e| {
+                Error::Config(format!(
+                    "key \"redis.url\": {}",
+                    cfg.url.redact_in(&e.to_string())
+                ))
+            })?;
             let manager_cfg = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(cfg.timeout))
                 .set_response_timeout(Some(cfg.timeout))
@@ -90,8 +94,13 @@ impl RedisConn {
         }
         let mut seeds = Vec::new();
         for node in &cfg.cluster_nodes {
-            let info = redis::IntoConnectionInfo::into_connection_info(node.as_str())
-                .map_err(|e| Error::Config(format!("key \"redis.cluster_nodes\": {e}")))?;
+            let info =
+                redis::IntoConnectionInfo::into_connection_info(node.expose()).map_err(|e| {
+                    Error::Config(format!(
+                        "key \"redis.cluster_nodes\": {}",
+                        node.redact_in(&e.to_string())
+                    ))
+                })?;
             match info.addr() {
                 redis::ConnectionAddr::Tcp(host, port) => seeds.push((host.clone(), *port)),
                 redis::ConnectionAddr::TcpTls { host, port, .. } => {
@@ -100,7 +109,7 @@ impl RedisConn {
                 _ => {}
             }
         }
-        let client = ClusterClient::builder(cfg.cluster_nodes.iter().map(String::as_str))
+        let client = ClusterClient::builder(cfg.cluster_nodes.iter().map(|n| n.expose()))
             .connection_timeout(cfg.timeout)
             .response_timeout(cfg.timeout)
             // A moved slot or a failover is followed (a redirect is a

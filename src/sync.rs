@@ -32,7 +32,6 @@ use crate::cache::VersionedScore;
 use crate::context::Context;
 use crate::error::{DbContext, Result};
 use crate::telemetry;
-use crate::types::UserId;
 
 /// Advisory lock key of the cache sync (one daemon at a time).
 pub const SYNC_LOCK: i64 = 0x4c59_5359_0001; // "LYSY" 1
@@ -115,13 +114,8 @@ async fn sync_in(ctx: &Context, tx: &mut sqlx::PgConnection) -> Result<Synced> {
         .zip(&scores)
         .zip(&versions)
         .zip(&created)
-        .filter_map(|(((&id, &score), &version), &created_us)| {
-            UserId::new(id).ok().map(|user| VersionedScore {
-                user,
-                score,
-                version,
-                created_us,
-            })
+        .filter_map(|(((&id, &score), &version), &created)| {
+            VersionedScore::from_row((id, score, version, created))
         })
         .collect();
     for chunk in fresh.chunks(CHUNK) {
@@ -174,14 +168,7 @@ pub async fn resync_recent(ctx: &Context, window: Duration) -> Result<Option<usi
     .db("reading recent score changes")?;
     let fresh: Vec<VersionedScore> = rows
         .into_iter()
-        .filter_map(|(id, score, version, created_us)| {
-            Some(VersionedScore {
-                user: UserId::new(id).ok()?,
-                score,
-                version,
-                created_us,
-            })
-        })
+        .filter_map(VersionedScore::from_row)
         .collect();
     for chunk in fresh.chunks(CHUNK) {
         if !ctx.cache.set_scores(chunk).await {

@@ -202,7 +202,7 @@ pub enum Operation {
     QueuePosition,
     /// `queues::list`
     QueueList,
-    /// `loyalty::recalc_all`
+    /// `sweep::run`
     IntegritySweep,
     /// `stats::collect` (reads Redis: fails while Redis is away)
     Stats,

@@ -184,6 +184,56 @@ async fn writes(
             Side::new("loyaltyd with leaderboard.live = false", &without),
         ],
     );
+    contention(b, report, group, (live, view), max_id).await
+}
+
+/// 16 writers at once, with the live board kept and without, in alternating
+/// rounds: every write lands in the one sorted set, so this is where keeping
+/// it would contend, if anywhere.
+async fn contention(
+    b: &Bench,
+    report: &mut Report,
+    group: &str,
+    (live, view): (&Context, &Context),
+    max_id: i64,
+) -> R<()> {
+    let s = &b.sizes;
+    let mut all: [(Vec<Duration>, Duration); 2] = Default::default();
+    for round in 0..s.rounds.max(2) {
+        for k in 0..2 {
+            let side = (round + k) % 2;
+            let ctx = if side == 0 { live } else { view };
+            let started = Instant::now();
+            let mut tasks = Vec::new();
+            for client in 0..16u64 {
+                let (ctx, ops) = (ctx.clone(), s.concurrent_ops);
+                tasks.push(tokio::spawn(async move {
+                    let mut rng = Rng(0x7777_0000 + client * 104_729 + round as u64);
+                    let mut lat = Vec::with_capacity(ops);
+                    for i in 0..ops {
+                        let e = event(1 + rng.below(max_id as u64) as i64, i)?;
+                        lat.push(timed(loyalty::record_event(&ctx, &e)).await?.1);
+                    }
+                    Ok::<_, String>(lat)
+                }));
+            }
+            for t in tasks {
+                all[side].0.extend(t.await.map_err(|e| e.to_string())??);
+            }
+            all[side].1 += started.elapsed();
+        }
+    }
+    let rate = |(lat, wall): &(Vec<Duration>, Duration)| lat.len() as f64 / wall.as_secs_f64();
+    report.case(
+        group,
+        "record_event, 16 writers at once",
+        vec![
+            Side::new("loyaltyd", &all[0].0)
+                .rate(rate(&all[0]))
+                .note("live board kept"),
+            Side::new("loyaltyd with leaderboard.live = false", &all[1].0).rate(rate(&all[1])),
+        ],
+    );
     Ok(())
 }
 

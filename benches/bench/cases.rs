@@ -431,7 +431,7 @@ async fn telemetry_overhead(b: &Bench, report: &mut Report) -> R<()> {
     Ok(())
 }
 
-/// The integrity sweep: recalc_all, the seed's per-user loop (sampled), one plain aggregate.
+/// The integrity sweep: sweep::run, the seed's per-user loop (sampled), one plain aggregate.
 async fn sweep(b: &Bench, report: &mut Report, users: i64, events: i64) -> R<()> {
     let s = &b.sizes;
     let never = CancellationToken::new();
@@ -446,7 +446,7 @@ async fn sweep(b: &Bench, report: &mut Report, users: i64, events: i64) -> R<()>
     for round in 0..s.rounds {
         for k in 0..2 {
             if (round + k) % 2 == 0 {
-                let (r, took) = timed(loyalty::recalc_all(
+                let (r, took) = timed(loyaltyd::sweep::run(
                     &b.ctx,
                     b.config.sweep.batch_size,
                     &never,
@@ -481,7 +481,7 @@ async fn sweep(b: &Bench, report: &mut Report, users: i64, events: i64) -> R<()>
         vec![
             Side::new("loyaltyd", &ours)
                 .rate(users as f64 / super::Stats::of(&ours).p50 * 1000.0)
-                .note("recalc_all, batches of 10,000"),
+                .note("the sweep, batches of 10,000"),
             Side::new("seed: one recalculation per user", &[extrapolated])
                 .rate(1.0 / per_user.as_secs_f64())
                 .note(format!("sampled {sample} users, extrapolated to {users}")),

@@ -69,7 +69,8 @@ async fn start_daemon(b: &Bench, fast: bool) -> R<DaemonProc> {
         opts.get_database().unwrap_or("postgres"),
         if query.is_empty() { "" } else { "?" },
         query
-    );
+    )
+    .into();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map_err(|e| e.to_string())?

@@ -8,11 +8,6 @@ mod adoption;
 mod board;
 mod cases;
 mod daemon;
-// The engines the tests start; the test crate, which also loads this
-// harness, has its own copy (two statics, no shared state).
-#[allow(clippy::duplicate_mod)]
-#[path = "../../tests/it/engines.rs"]
-mod engines;
 mod scale;
 mod seed;
 
@@ -463,8 +458,9 @@ impl Bench {
             .await
             .map_err(|e| e.to_string())?;
         let mut config = Config::default();
-        config.redis.url =
-            std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into());
+        config.redis.url = std::env::var("REDIS_URL")
+            .unwrap_or_else(|_| "redis://127.0.0.1:6379/".into())
+            .into();
         config.redis.key_prefix = format!("bench:{}:", std::process::id());
         config.sweep.batch_size = 10_000;
         let switch = telemetry_switch(opts.recorder);
@@ -472,7 +468,7 @@ impl Bench {
             Context::with_pool(config.clone(), pool.clone(), true).map_err(|e| e.to_string())?;
         let quiet =
             Context::with_pool(config.clone(), pool.clone(), false).map_err(|e| e.to_string())?;
-        let redis = redis::Client::open(config.redis.url.as_str())
+        let redis = redis::Client::open(config.redis.url.expose())
             .map_err(|e| e.to_string())?
             .get_multiplexed_async_connection()
             .await

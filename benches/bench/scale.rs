@@ -1,7 +1,8 @@
 //! Past one host: the cache on a Redis Cluster of three masters against one
 //! Redis, and a leaderboard rank read on a streaming replica against the
 //! primary, side by side in one run. Both engines are started here, by the
-//! same code the tests use (`tests/it/engines.rs`).
+//! same code the tests use (`tests/it/engines.rs`, `crate::engines` in both
+//! the bench binary and the test crate).
 
 use std::time::Duration;
 
@@ -11,8 +12,8 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use super::cases::{Rng, event, uid};
-use super::engines::{PgReplica, RedisCluster};
 use super::{Bench, Report, Side, timed};
+use crate::engines::{PgReplica, RedisCluster};
 
 type R<T> = Result<T, String>;
 
@@ -29,7 +30,7 @@ async fn cluster(b: &Bench, report: &mut Report) -> R<()> {
     eprintln!("bench: starting a Redis Cluster (3 masters, 3 replicas)");
     let cluster = RedisCluster::start().await;
     let mut config = b.config.clone();
-    config.redis.cluster_nodes = cluster.urls();
+    config.redis.cluster_nodes = cluster.urls().into_iter().map(Into::into).collect();
     let on_cluster =
         Context::with_pool(config, b.pool.clone(), false).map_err(|e| e.to_string())?;
     let single = &b.quiet;
@@ -88,7 +89,7 @@ async fn replica(b: &Bench, report: &mut Report) -> R<()> {
     eprintln!("bench: starting a streaming replica (pg_basebackup -R)");
     let standby = PgReplica::start().await;
     let url = standby.url(&b.db_name);
-    config.database.replicas = vec![url.clone()];
+    config.database.replicas = vec![url.clone().into()];
     let on_replica =
         Context::with_pool(config, b.pool.clone(), false).map_err(|e| e.to_string())?;
     let direct = PgPool::connect(&url).await.map_err(|e| e.to_string())?;

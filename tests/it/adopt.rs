@@ -132,7 +132,7 @@ fn old_app(config: &loyaltyd::Config, db: &str, worker: usize, seconds: u32, sto
         .args([
             concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/seed_app.py"),
             &format!("host=/var/run/postgresql dbname={db} user=root"),
-            &config.redis.url,
+            config.redis.url.expose(),
             &config.redis.key_prefix,
             &worker.to_string(),
             &seconds.to_string(),

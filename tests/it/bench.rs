@@ -36,6 +36,7 @@ async fn the_benchmark_runs_in_small_mode_and_reports_every_row() {
             "record_event (what keeping the live board costs a write)",
             2,
         ),
+        ("Leaderboard (", "record_event, 16 writers at once", 2),
         ("Leaderboard (", "refresh the view after 10 changes", 3),
         (
             "Leaderboard (",

@@ -28,23 +28,7 @@ fn assert_refused(out: &std::process::Output, code: i32, args: &[&str]) {
 async fn commands_answer_in_the_schema_s_own_names(pool: PgPool) {
     common::users(&pool, 3).await;
     let cfg = common::config(&pool, "cli");
-    let rec = common::run_json(
-        &cfg,
-        &[
-            "event",
-            "record",
-            "--user",
-            "2",
-            "--event-type",
-            "d",
-            "--content-type",
-            "topic",
-            "--content-id",
-            "t",
-            "--outcome",
-            "approved",
-        ],
-    );
+    let rec = common::run_json(&cfg, &common::record_args("2", "topic", "t", "approved"));
     assert_eq!(
         (rec["user_id"].as_i64(), rec["loyalty_score"].as_i64()),
         (Some(2), Some(5))
@@ -138,142 +122,17 @@ async fn refusals_have_the_spec_exit_codes_and_write_nothing(pool: PgPool) {
     );
     let long = "x".repeat(10_000);
     let cases: Vec<(i32, Vec<&str>)> = vec![
-        (
-            65,
-            vec![
-                "event",
-                "record",
-                "--user",
-                "99",
-                "--event-type",
-                "d",
-                "--content-type",
-                "post",
-                "--content-id",
-                "c",
-                "--outcome",
-                "approved",
-            ],
-        ),
+        (65, common::record_args("99", "post", "c", "approved")),
+        (2, common::record_args("1", "comment", "c", "approved")),
+        (2, common::record_args("1", "post", "c", "deleted")),
+        (2, common::record_args("0", "post", "c", "approved")),
+        (2, common::record_args("-5", "post", "c", "approved")),
         (
             2,
-            vec![
-                "event",
-                "record",
-                "--user",
-                "1",
-                "--event-type",
-                "d",
-                "--content-type",
-                "comment",
-                "--content-id",
-                "c",
-                "--outcome",
-                "approved",
-            ],
+            common::record_args("99999999999999999999", "post", "c", "approved"),
         ),
-        (
-            2,
-            vec![
-                "event",
-                "record",
-                "--user",
-                "1",
-                "--event-type",
-                "d",
-                "--content-type",
-                "post",
-                "--content-id",
-                "c",
-                "--outcome",
-                "deleted",
-            ],
-        ),
-        (
-            2,
-            vec![
-                "event",
-                "record",
-                "--user",
-                "0",
-                "--event-type",
-                "d",
-                "--content-type",
-                "post",
-                "--content-id",
-                "c",
-                "--outcome",
-                "approved",
-            ],
-        ),
-        (
-            2,
-            vec![
-                "event",
-                "record",
-                "--user",
-                "-5",
-                "--event-type",
-                "d",
-                "--content-type",
-                "post",
-                "--content-id",
-                "c",
-                "--outcome",
-                "approved",
-            ],
-        ),
-        (
-            2,
-            vec![
-                "event",
-                "record",
-                "--user",
-                "99999999999999999999",
-                "--event-type",
-                "d",
-                "--content-type",
-                "post",
-                "--content-id",
-                "c",
-                "--outcome",
-                "approved",
-            ],
-        ),
-        (
-            2,
-            vec![
-                "event",
-                "record",
-                "--user",
-                "1",
-                "--event-type",
-                "d",
-                "--content-type",
-                "post",
-                "--content-id",
-                "",
-                "--outcome",
-                "approved",
-            ],
-        ),
-        (
-            2,
-            vec![
-                "event",
-                "record",
-                "--user",
-                "1",
-                "--event-type",
-                "d",
-                "--content-type",
-                "post",
-                "--content-id",
-                &long,
-                "--outcome",
-                "approved",
-            ],
-        ),
+        (2, common::record_args("1", "post", "", "approved")),
+        (2, common::record_args("1", "post", &long, "approved")),
         (65, vec!["score", "get", "--user", "12345"]),
         (2, vec!["score", "recalc"]),
         (2, vec!["score", "recalc", "--user", "1", "--all"]),
@@ -420,7 +279,7 @@ async fn refusals_have_the_spec_exit_codes_and_write_nothing(pool: PgPool) {
 #[test]
 fn an_unreachable_database_exits_69_in_one_line() {
     let mut cfg = loyaltyd::config::Config::default();
-    cfg.database.url = format!("postgres://root@127.0.0.1:{}/x", common::free_port());
+    cfg.database.url = format!("postgres://root@127.0.0.1:{}/x", common::free_port()).into();
     cfg.database.connect_timeout = std::time::Duration::from_secs(2);
     for args in [vec!["score", "get", "--user", "1"], vec!["migrate"]] {
         let out = common::run(&cfg, &args);

@@ -20,8 +20,8 @@ use crate::engines::RedisCluster;
 
 fn config(pool: &PgPool, cluster: &RedisCluster, name: &str) -> Config {
     let mut c = common::config(pool, name);
-    c.redis.cluster_nodes = cluster.urls();
-    c.redis.url = common::dead_redis_url(); // not used in cluster mode
+    c.redis.cluster_nodes = cluster.urls().into_iter().map(Into::into).collect();
+    c.redis.url = common::dead_redis_url().into(); // not used in cluster mode
     c
 }
 
@@ -129,7 +129,7 @@ async fn scores_versions_leases_and_the_sync_work_across_hash_slots(pool: PgPool
         .set(ctx.cache.score_key(uid(33)), "999")
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let report = loyalty::recalc_all(&ctx, 16, &CancellationToken::new())
+    let report = loyaltyd::sweep::run(&ctx, 16, &CancellationToken::new())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
@@ -223,23 +223,7 @@ async fn the_daemon_and_the_cli_run_on_a_cluster(pool: PgPool) {
     daemon
         .wait_for_log("built the live leaderboard", Duration::from_secs(30))
         .await;
-    let rec = common::run_json(
-        &cfg,
-        &[
-            "event",
-            "record",
-            "--user",
-            "3",
-            "--event-type",
-            "d",
-            "--content-type",
-            "topic",
-            "--content-id",
-            "c",
-            "--outcome",
-            "approved",
-        ],
-    );
+    let rec = common::run_json(&cfg, &common::record_args("3", "topic", "c", "approved"));
     assert_eq!(rec["loyalty_score"], 5);
     let score = common::run_json(&cfg, &["score", "get", "--user", "3"]);
     assert_eq!(
@@ -282,7 +266,10 @@ async fn the_daemon_and_the_cli_run_on_a_cluster(pool: PgPool) {
 async fn an_unreachable_cluster_is_a_cache_miss_and_writes_succeed(pool: PgPool) {
     common::users(&pool, 2).await;
     let mut cfg = common::config(&pool, "cl-dead");
-    cfg.redis.cluster_nodes = vec![common::dead_redis_url(), common::dead_redis_url()];
+    cfg.redis.cluster_nodes = vec![
+        common::dead_redis_url().into(),
+        common::dead_redis_url().into(),
+    ];
     let ctx = common::ctx_with(&pool, cfg, false);
     let started = std::time::Instant::now();
     let rec = loyalty::record_event(
@@ -369,20 +356,26 @@ async fn a_master_killed_under_sixteen_writers_loses_no_write_and_no_cached_scor
     );
     // Once settled, no cached score is behind the database: the daemon
     // rewrote what the dead master may have taken with it.
-    common::eventually(
-        "every cached score equals the database's",
-        Duration::from_secs(30),
-        || {
-            let (ctx, wide) = (ctx.clone(), wide.clone());
-            async move {
-                try_cached_vs_db(&ctx, &wide)
-                    .await
-                    .is_some_and(|pairs| pairs.iter().all(|(_, cached, db)| cached == db))
-            }
-        },
-    )
-    .await;
-    let report = loyalty::recalc_all(&ctx, 50, &CancellationToken::new())
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let differing: Option<Vec<_>> = try_cached_vs_db(&ctx, &wide).await.map(|pairs| {
+            pairs
+                .into_iter()
+                .filter(|(_, cached, db)| cached != db)
+                .collect()
+        });
+        if differing.as_ref().is_some_and(Vec::is_empty) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "cached scores still differ from the database 30 s after the cluster settled \
+             (user, cached, database): {differing:?}\ndaemon log:\n{}",
+            daemon.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let report = loyaltyd::sweep::run(&ctx, 50, &CancellationToken::new())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(

@@ -51,6 +51,29 @@ pub fn varied_event(user: i64, n: usize) -> NewEvent {
     }
 }
 
+/// The CLI arguments of `event record` (event type `d`).
+pub fn record_args<'a>(
+    user: &'a str,
+    content_type: &'a str,
+    content_id: &'a str,
+    outcome: &'a str,
+) -> Vec<&'a str> {
+    vec![
+        "event",
+        "record",
+        "--user",
+        user,
+        "--event-type",
+        "d",
+        "--content-type",
+        content_type,
+        "--content-id",
+        content_id,
+        "--outcome",
+        outcome,
+    ]
+}
+
 /// The in-process Prometheus exporter (one for the whole test binary: the
 /// recorder is global); where it listens.
 pub async fn exporter() -> SocketAddr {
@@ -127,8 +150,8 @@ pub fn database_url(pool: &PgPool) -> String {
 /// A configuration for the test database with its own Redis prefix.
 pub fn config(pool: &PgPool, name: &str) -> Config {
     let mut c = Config::default();
-    c.database.url = database_url(pool);
-    c.redis.url = redis_url();
+    c.database.url = database_url(pool).into();
+    c.redis.url = redis_url().into();
     c.redis.key_prefix = unique_prefix(name);
     c
 }
@@ -743,10 +766,9 @@ pub async fn nonzero_events(pool: &PgPool) -> i64 {
 
 /// Runs the integrity sweep and returns how many users it found drifted.
 pub async fn sweep_drift(ctx: &Context) -> u64 {
-    let report =
-        loyaltyd::loyalty::recalc_all(ctx, 1000, &tokio_util::sync::CancellationToken::new())
-            .await
-            .unwrap_or_else(|e| panic!("sweep: {e}"));
+    let report = loyaltyd::sweep::run(ctx, 1000, &tokio_util::sync::CancellationToken::new())
+        .await
+        .unwrap_or_else(|e| panic!("sweep: {e}"));
     assert!(report.completed, "{report:?}");
     report.drifted_users
 }

@@ -9,15 +9,11 @@ use std::time::{Duration, Instant};
 
 use loyaltyd::loyalty::{self, NewEvent};
 use loyaltyd::queues;
-use loyaltyd::types::{ContentType, Ident, Outcome, Priority, QueueKind, Scope, UserId};
+use loyaltyd::types::{ContentType, Outcome, Priority, QueueKind, Scope, UserId};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
-use crate::common::{self, ForumRole};
-
-fn ident(s: &str) -> Ident {
-    Ident::parse("test", s).unwrap_or_else(|e| panic!("{e}"))
-}
+use crate::common::{self, ForumRole, ident};
 
 async fn exec(pool: &PgPool, sql: &str) {
     sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
@@ -575,7 +571,7 @@ async fn the_cache_sync_catches_up_on_what_it_missed_while_no_daemon_ran(pool: P
     assert_eq!(synced, loyaltyd::sync::Synced::Wrote(0));
     // Redis away: the position stays, and the window is written once it is back.
     let mut away = common::config(&pool, "gap");
-    away.redis.url = common::dead_redis_url();
+    away.redis.url = common::dead_redis_url().into();
     away.redis.key_prefix = ctx.cache.prefix().to_owned();
     let away = common::ctx_with(&pool, away, false);
     exec(

@@ -5,9 +5,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use loyaltyd::config::Config;
-use loyaltyd::loyalty::{self, NewEvent};
+use loyaltyd::loyalty;
 use loyaltyd::queues;
-use loyaltyd::types::{ContentType, Ident, Outcome, Priority, QueueKind, Scope, UserId};
+use loyaltyd::types::{ContentType, Ident, Outcome, Priority, QueueKind, Scope};
 use sqlx::PgPool;
 
 use crate::common::{self, Daemon, Proxy, Upstream};
@@ -54,17 +54,6 @@ async fn scrape_value(config: &Config, series: &str) -> f64 {
     common::series(&text, series).unwrap_or(0.0)
 }
 
-fn event(user: i64) -> NewEvent {
-    NewEvent {
-        user: UserId::new(user).unwrap_or_else(|e| panic!("{e}")),
-        event_type: Ident::parse("t", "d").unwrap_or_else(|e| panic!("{e}")),
-        content_type: ContentType::Topic,
-        content_id: Ident::parse("t", "c").unwrap_or_else(|e| panic!("{e}")),
-        outcome: Outcome::Approved,
-        event_id: None,
-    }
-}
-
 #[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
 async fn each_job_does_its_work_on_its_schedule(pool: PgPool) {
     common::users(&pool, 10).await;
@@ -77,9 +66,12 @@ async fn each_job_does_its_work_on_its_schedule(pool: PgPool) {
 
     // Refresh: three changes reach the threshold.
     for user in [1, 2, 3] {
-        loyalty::record_event(&ctx, &event(user))
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        loyalty::record_event(
+            &ctx,
+            &common::event(user, ContentType::Topic, Outcome::Approved),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     }
     common::eventually("a debounced refresh", Duration::from_secs(10), || async {
         let ranked: i64 = sqlx::query_scalar("SELECT count(*) FROM user_leaderboard")
@@ -321,7 +313,7 @@ async fn sigterm_during_a_long_sweep_exits_0_quickly_leaving_whole_batches(pool:
     assert!(daemon.log_text().contains("stopped"));
     // Sweeping again finishes the job.
     let ctx = common::ctx(&pool, "sigterm-after");
-    let report = loyalty::recalc_all(&ctx, 5000, &tokio_util::sync::CancellationToken::new())
+    let report = loyaltyd::sweep::run(&ctx, 5000, &tokio_util::sync::CancellationToken::new())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(report.drifted_users as i64, 100_000 - fixed);
@@ -333,7 +325,7 @@ async fn the_daemon_survives_redis_going_away_and_uses_it_again_when_back(pool: 
     common::users(&pool, 5).await;
     let proxy = Proxy::start(Upstream::redis()).await;
     let mut config = fast(&pool, "redis-outage");
-    config.redis.url = proxy.redis_url();
+    config.redis.url = proxy.redis_url().into();
     config.queues.reorder_schedule = "0 0 3 * * *".into();
     let ctx = common::ctx(&pool, "redis-outage-direct");
     let daemon = Daemon::start(&config);
@@ -390,7 +382,7 @@ async fn the_daemon_survives_postgresql_going_away_and_recovers_by_itself(pool: 
         .unwrap_or("postgres")
         .to_owned();
     let mut config = fast(&pool, "pg-outage");
-    config.database.url = proxy.postgres_url(&db);
+    config.database.url = proxy.postgres_url(&db).into();
     let mut daemon = Daemon::start(&config);
     daemon
         .wait_for_log("loyaltyd ready", Duration::from_secs(20))

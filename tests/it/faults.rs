@@ -11,20 +11,12 @@ use loyaltyd::cache::Lookup;
 use loyaltyd::jobs::{self, JobRunner};
 use loyaltyd::loyalty::{self, NewEvent};
 use loyaltyd::telemetry::{Job, JobOutcome};
-use loyaltyd::types::{ContentType, Ident, Outcome, UserId};
+use loyaltyd::types::{ContentType, Outcome};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio_util::sync::CancellationToken;
 
-use crate::common::{self, PrivateRedis, Proxy, Upstream};
-
-fn uid(id: i64) -> UserId {
-    UserId::new(id).unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn ident(s: &str) -> Ident {
-    Ident::parse("test", s).unwrap_or_else(|e| panic!("{e}"))
-}
+use crate::common::{self, PrivateRedis, Proxy, Upstream, ident, uid};
 
 fn topic(user: i64, outcome: Outcome) -> NewEvent {
     NewEvent {
@@ -127,7 +119,7 @@ async fn a_retry_of_an_event_id_after_a_kill_after_commit_repairs_the_cache(pool
     common::users(&pool, 1).await;
     let proxy = Proxy::start(Upstream::redis()).await;
     let mut config = common::config(&pool, "killed");
-    config.redis.url = proxy.redis_url();
+    config.redis.url = proxy.redis_url().into();
     config.redis.timeout = Duration::from_secs(30);
     let ctx = common::ctx_with(&pool, config.clone(), false);
     loyalty::record_event(&ctx, &topic(1, Outcome::Approved))
@@ -215,7 +207,7 @@ async fn a_refill_cannot_land_over_a_newer_score_when_redis_loses_keys(pool: PgP
     common::users(&pool, 1).await;
     let mut redis = PrivateRedis::start().await;
     let mut config = common::config(&pool, "lease");
-    config.redis.url = redis.url();
+    config.redis.url = redis.url().into();
     let ctx = common::ctx_with(&pool, config, false);
     let user = uid(1);
     let key = ctx.cache.score_key(user);
@@ -356,7 +348,7 @@ async fn the_sweeps_cache_check_runs_under_the_sweeps_limit_and_says_when_it_was
         .query_async(&mut r)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let report = loyalty::recalc_all(&ctx, 1000, &CancellationToken::new())
+    let report = loyaltyd::sweep::run(&ctx, 1000, &CancellationToken::new())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(report.completed && report.cache_checked, "{report:?}");
@@ -364,7 +356,7 @@ async fn the_sweeps_cache_check_runs_under_the_sweeps_limit_and_says_when_it_was
     // A sweep whose own limit cuts the check short says so.
     config.sweep.timeout = Duration::from_millis(100);
     let ctx = common::ctx_with(&pool, config, false);
-    let report = loyalty::recalc_all(&ctx, 1000, &CancellationToken::new()).await;
+    let report = loyaltyd::sweep::run(&ctx, 1000, &CancellationToken::new()).await;
     match report {
         Ok(r) => assert!(!r.completed, "{r:?}"),
         Err(e) => assert!(e.to_string().contains("cancelled"), "{e}"),
@@ -459,7 +451,7 @@ async fn an_unreachable_redis_is_asked_once_per_back_off_not_once_per_command() 
         }
     });
     let cfg = loyaltyd::config::RedisConfig {
-        url: format!("redis://127.0.0.1:{port}/"),
+        url: format!("redis://127.0.0.1:{port}/").into(),
         ..Default::default()
     };
     let cache = loyaltyd::cache::Cache::new(&cfg, true).unwrap_or_else(|e| panic!("{e}"));

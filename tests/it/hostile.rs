@@ -290,23 +290,7 @@ async fn a_hostile_key_prefix_stays_a_prefix(pool: PgPool) {
         .query_async(&mut r)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let (code, _) = run_checked(
-        &config,
-        &[
-            "event",
-            "record",
-            "--user",
-            "1",
-            "--event-type",
-            "d",
-            "--content-type",
-            "post",
-            "--content-id",
-            "c",
-            "--outcome",
-            "approved",
-        ],
-    );
+    let (code, _) = run_checked(&config, &common::record_args("1", "post", "c", "approved"));
     assert_eq!(code, 0);
     let (code, out) = run_checked(&config, &["stats", "--json"]);
     assert_eq!(code, 0);
@@ -327,16 +311,32 @@ async fn passwords_never_reach_the_daemon_log_or_error_messages(pool: PgPool) {
     // Trust authentication ignores the password, so the daemon runs with it.
     let mut config = common::config(&pool, "secret");
     let secret = "s3cr3t-pa55word";
-    config.database.url =
-        config
-            .database
-            .url
-            .replacen("://root@", &format!("://root:{secret}@"), 1);
-    assert!(
-        config.database.url.contains(secret),
-        "{}",
-        config.database.url
-    );
+    config.database.url = config
+        .database
+        .url
+        .expose()
+        .replacen("://root@", &format!("://root:{secret}@"), 1)
+        .into();
+    config.redis.url = format!("redis://:{secret}@127.0.0.1:6379/").into();
+    config.redis.cluster_nodes = vec![format!("redis://user:{secret}@127.0.0.1:7000/").into()];
+    config.database.replicas = vec![format!("postgres://root:{secret}@127.0.0.1:1/x").into()];
+    assert!(config.database.url.expose().contains(secret));
+    // Every printing path of the configuration: Debug, Display, Serialize, check-config's TOML.
+    for printed in [
+        format!("{config:?}"),
+        format!("{config:#?}"),
+        format!("{}", config.database.url),
+        serde_json::to_string(&config).unwrap_or_else(|e| panic!("{e}")),
+        config.to_toml(),
+    ] {
+        assert!(!printed.contains(secret), "a password leaked: {printed}");
+        assert!(printed.contains(":***@"), "{printed}");
+    }
+    // The daemon's own run: back to URLs it can use (trust authentication
+    // ignores the database password; Redis has none to check).
+    config.redis.url = common::redis_url().into();
+    config.redis.cluster_nodes.clear();
+    config.database.replicas.clear();
     config.metrics.listen = ([127, 0, 0, 1], common::free_port()).into();
     config.log.level = "debug".into();
     let mut daemon = common::Daemon::start(&config);
@@ -355,7 +355,8 @@ async fn passwords_never_reach_the_daemon_log_or_error_messages(pool: PgPool) {
     config.database.url = format!(
         "postgres://root:{secret}@127.0.0.1:{}/x",
         common::free_port()
-    );
+    )
+    .into();
     config.database.connect_timeout = std::time::Duration::from_secs(1);
     let out = common::run(&config, &["score", "get", "--user", "1"]);
     assert_eq!(out.status.code(), Some(69));

@@ -7,16 +7,12 @@ use loyaltyd::context::Context;
 use loyaltyd::error::Error;
 use loyaltyd::leaderboard::{self, RefreshReason};
 use loyaltyd::loyalty::{self, NewEvent};
-use loyaltyd::types::{ContentType, Ident, Outcome, UserId};
+use loyaltyd::types::{ContentType, Ident, Outcome};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio_util::sync::CancellationToken;
 
-use crate::common;
-
-fn uid(id: i64) -> UserId {
-    UserId::new(id).unwrap_or_else(|e| panic!("{e}"))
-}
+use crate::common::{self, uid};
 
 async fn force(ctx: &Context) -> leaderboard::RefreshReport {
     leaderboard::refresh(ctx, true, &CancellationToken::new())

@@ -280,7 +280,7 @@ async fn the_sweep_finds_a_corrupted_board_and_repairs_it(pool: PgPool) {
         Some(1),
         "the corruption is visible before the sweep"
     );
-    let report = loyalty::recalc_all(&ctx, 8, &CancellationToken::new())
+    let report = loyaltyd::sweep::run(&ctx, 8, &CancellationToken::new())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
@@ -289,7 +289,7 @@ async fn the_sweep_finds_a_corrupted_board_and_repairs_it(pool: PgPool) {
         "{report:?}"
     );
     assert_exact(&ctx, &pool, "after the sweep").await;
-    let again = loyalty::recalc_all(&ctx, 8, &CancellationToken::new())
+    let again = loyaltyd::sweep::run(&ctx, 8, &CancellationToken::new())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(again.board_repaired, 0, "a second sweep finds nothing");

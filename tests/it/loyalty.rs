@@ -6,31 +6,12 @@ use std::sync::Arc;
 use loyaltyd::context::Context;
 use loyaltyd::error::Error;
 use loyaltyd::loyalty::{self, NewEvent};
-use loyaltyd::types::{ContentType, Ident, Outcome, UserId, score_delta};
+use loyaltyd::types::{ContentType, Outcome, score_delta};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio_util::sync::CancellationToken;
 
-use crate::common;
-
-fn uid(id: i64) -> UserId {
-    UserId::new(id).unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn ident(s: &str) -> Ident {
-    Ident::parse("test", s).unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn event(user: i64, content: ContentType, outcome: Outcome) -> NewEvent {
-    NewEvent {
-        user: uid(user),
-        event_type: ident("moderation_decision"),
-        content_type: content,
-        content_id: ident("c-1"),
-        outcome,
-        event_id: None,
-    }
-}
+use crate::common::{self, event, ident, uid};
 
 async fn pending(pool: &PgPool) -> i64 {
     sqlx::query_scalar("SELECT SUM(changes)::BIGINT FROM leaderboard_pending")
@@ -244,7 +225,7 @@ async fn a_reader_refilling_the_cache_from_an_old_snapshot_cannot_overwrite_a_ne
 async fn with_redis_unreachable_writes_and_reads_still_work(pool: PgPool) {
     common::users(&pool, 1).await;
     let mut config = common::config(&pool, "down");
-    config.redis.url = common::dead_redis_url();
+    config.redis.url = common::dead_redis_url().into();
     let ctx = common::ctx_with(&pool, config, true);
     for _ in 0..3 {
         let r = loyalty::record_event(&ctx, &event(1, ContentType::Post, Outcome::Approved))
@@ -260,7 +241,7 @@ async fn with_redis_unreachable_writes_and_reads_still_work(pool: PgPool) {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(batch.scores, vec![(uid(1), -2)]);
-    let sweep = loyalty::recalc_all(&ctx, 100, &CancellationToken::new())
+    let sweep = loyaltyd::sweep::run(&ctx, 100, &CancellationToken::new())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
@@ -362,7 +343,7 @@ async fn the_sweep_repairs_exactly_the_corrupted_users_in_the_database_and_the_c
     loyalty::record_events(&ctx, &batch)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let clean = loyalty::recalc_all(&ctx, 64, &CancellationToken::new())
+    let clean = loyaltyd::sweep::run(&ctx, 64, &CancellationToken::new())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
@@ -387,7 +368,7 @@ async fn the_sweep_repairs_exactly_the_corrupted_users_in_the_database_and_the_c
         .unwrap_or_else(|e| panic!("{e}"));
     let pending_before = pending(&pool).await;
 
-    let report = loyalty::recalc_all(&ctx, 64, &CancellationToken::new())
+    let report = loyaltyd::sweep::run(&ctx, 64, &CancellationToken::new())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!((report.drifted_users, report.batches), (5, 1));
@@ -414,7 +395,7 @@ async fn the_sweep_repairs_exactly_the_corrupted_users_in_the_database_and_the_c
         pending_before + 5,
         "repairs move the leaderboard"
     );
-    let again = loyalty::recalc_all(&ctx, 64, &CancellationToken::new())
+    let again = loyaltyd::sweep::run(&ctx, 64, &CancellationToken::new())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!((again.drifted_users, again.cache_repaired), (0, 0));
@@ -482,7 +463,7 @@ async fn a_sweep_racing_writers_never_reverts_their_changes(
         tokio::spawn(async move {
             let mut drifted = 0;
             for _ in 0..10 {
-                let r = loyalty::recalc_all(&ctx, 7, &CancellationToken::new())
+                let r = loyaltyd::sweep::run(&ctx, 7, &CancellationToken::new())
                     .await
                     .unwrap_or_else(|e| panic!("{e}"));
                 drifted += r.drifted_users;
@@ -519,7 +500,7 @@ async fn demo_seed_writes_scores_consistent_with_its_events(pool: PgPool) {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(ranked > 0, "the board is refreshed after seeding");
-    let sweep = loyalty::recalc_all(&ctx, 1000, &CancellationToken::new())
+    let sweep = loyaltyd::sweep::run(&ctx, 1000, &CancellationToken::new())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(sweep.drifted_users, 0);
@@ -566,7 +547,7 @@ async fn cache_entries_from_before_a_database_restore_are_outranked_and_repaired
         common::redis_get_i64(&ctx.cache.score_key(uid(2))).await,
         Some(4242)
     );
-    let report = loyalty::recalc_all(&ctx, 100, &CancellationToken::new())
+    let report = loyaltyd::sweep::run(&ctx, 100, &CancellationToken::new())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!((report.drifted_users, report.cache_repaired), (0, 1));
@@ -574,7 +555,7 @@ async fn cache_entries_from_before_a_database_restore_are_outranked_and_repaired
         common::redis_get_i64(&ctx.cache.score_key(uid(2))).await,
         Some(0)
     );
-    let again = loyalty::recalc_all(&ctx, 100, &CancellationToken::new())
+    let again = loyaltyd::sweep::run(&ctx, 100, &CancellationToken::new())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(again.cache_repaired, 0, "repaired for good");

@@ -213,7 +213,7 @@ async fn a_real_prometheus_scrapes_the_daemon_and_every_documented_series_and_pa
     config.redis.sync_interval = Duration::from_millis(100);
     // The primary as its own read replica (never lagging): the replica
     // series have data.
-    config.database.replicas = vec![common::database_url(&pool)];
+    config.database.replicas = vec![common::database_url(&pool).into()];
     let daemon = Daemon::start(&config);
     daemon
         .wait_for_log("loyaltyd ready", Duration::from_secs(30))

@@ -162,7 +162,7 @@ async fn reorder_sorts_by_priority_then_entry_time(pool: PgPool) {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(position(&ctx, QueueKind::Post, "p7").await, 6);
-    let r = queues::reorder_all(&ctx, QueueKind::Post, std::time::Duration::from_secs(10))
+    let r = queues::reorder_all(&ctx, QueueKind::Post)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!((r.scopes, r.items), (1, 6));
@@ -171,7 +171,7 @@ async fn reorder_sorts_by_priority_then_entry_time(pool: PgPool) {
         ["p7", "p2", "p6", "p1", "p3", "p4"]
     );
     // Nothing changed since: nothing to reorder.
-    let r = queues::reorder_all(&ctx, QueueKind::Post, std::time::Duration::from_secs(10))
+    let r = queues::reorder_all(&ctx, QueueKind::Post)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!((r.scopes, r.items), (0, 0));
@@ -484,7 +484,7 @@ async fn run_ops(ctx: &Context, run: u32, ops: Vec<Op>) -> std::result::Result<(
                 }
             }
             Op::ReorderAll => {
-                queues::reorder_all(ctx, QueueKind::Post, std::time::Duration::from_secs(10))
+                queues::reorder_all(ctx, QueueKind::Post)
                     .await
                     .map_err(|e| TestCaseError::fail(e.to_string()))?;
                 // Scopes without an add since their last reorder are already sorted.
@@ -508,7 +508,7 @@ async fn run_ops(ctx: &Context, run: u32, ops: Vec<Op>) -> std::result::Result<(
 #[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
 async fn random_adds_removes_and_reorders_match_an_in_memory_model(pool: PgPool) {
     let config = common::config(&pool, "prop");
-    let url = config.database.url.clone();
+    let url = config.database.url.expose().to_owned();
     // proptest drives synchronous cases; each case runs on its own runtime and
     // pool, in its own scopes (run number), on this test's database.
     let result = tokio::task::spawn_blocking(move || {

@@ -6,19 +6,19 @@ use std::time::Duration;
 
 use loyaltyd::config::Config;
 use loyaltyd::context::Context;
-use loyaltyd::loyalty::{self, NewEvent};
+use loyaltyd::loyalty;
 use loyaltyd::queues;
-use loyaltyd::types::{ContentType, Ident, Outcome, Priority, QueueKind, Scope, UserId};
+use loyaltyd::types::{Priority, QueueKind, Scope, UserId};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio_util::sync::CancellationToken;
 
-use crate::common::{self, Daemon, PrivateRedis};
+use crate::common::{self, Daemon, PrivateRedis, ident as id, varied_event as event};
 
 /// The daemon's configuration for these tests: fast schedules, its own Redis and metrics port.
 fn daemon_config(pool: &PgPool, redis_url: &str, name: &str) -> Config {
     let mut c = common::config(pool, name);
-    c.redis.url = redis_url.to_owned();
+    c.redis.url = redis_url.to_owned().into();
     c.metrics.listen = ([127, 0, 0, 1], common::free_port()).into();
     c.sweep.schedule = "*/2 * * * * *".into();
     c.queues.reorder_schedule = "* * * * * *".into();
@@ -26,21 +26,6 @@ fn daemon_config(pool: &PgPool, redis_url: &str, name: &str) -> Config {
     c.leaderboard.refresh_threshold = 20;
     c.database.connect_timeout = Duration::from_secs(2);
     c
-}
-
-fn event(user: i64, n: usize) -> NewEvent {
-    NewEvent {
-        user: UserId::new(user).unwrap_or_else(|e| panic!("{e}")),
-        event_type: Ident::parse("t", "moderation_decision").unwrap_or_else(|e| panic!("{e}")),
-        content_type: ContentType::ALL[n % 3],
-        content_id: Ident::parse("t", &format!("c{n}")).unwrap_or_else(|e| panic!("{e}")),
-        outcome: Outcome::ALL[(n / 3) % 3],
-        event_id: None,
-    }
-}
-
-fn id(s: &str) -> Ident {
-    Ident::parse("t", s).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// 16 writers: events, and adds, removes and position reads on all three queues.
@@ -409,7 +394,7 @@ async fn a_writer_cut_off_from_redis_that_exits_at_once_leaves_no_stale_score_be
     common::users(&pool, 1).await;
     let proxy = common::Proxy::start(common::Upstream::redis()).await;
     let mut config = common::config(&pool, "partition");
-    config.redis.url = proxy.redis_url();
+    config.redis.url = proxy.redis_url().into();
     config.redis.sync_interval = Duration::from_millis(100);
     config.metrics.listen = ([127, 0, 0, 1], common::free_port()).into();
     let ctx = common::ctx_with(&pool, config.clone(), false);
@@ -426,7 +411,7 @@ async fn a_writer_cut_off_from_redis_that_exits_at_once_leaves_no_stale_score_be
     );
     // The daemon reaches Redis directly; the writer, through the proxy.
     let mut daemon_config = config.clone();
-    daemon_config.redis.url = common::redis_url();
+    daemon_config.redis.url = common::redis_url().into();
     let daemon = Daemon::start(&daemon_config);
     daemon
         .wait_for_log("loyaltyd ready", Duration::from_secs(20))
@@ -456,7 +441,7 @@ async fn a_writer_cut_off_from_redis_that_exits_at_once_leaves_no_stale_score_be
         .query_async(&mut r)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let report = loyalty::recalc_all(&other, 100, &CancellationToken::new())
+    let report = loyaltyd::sweep::run(&other, 100, &CancellationToken::new())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(report.cache_repaired, 1);

@@ -45,7 +45,7 @@ async fn setup(pool: &PgPool, replica: &PgReplica, name: &str) -> (Context, PgPo
         .fetch_one(pool)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    cfg.database.replicas = vec![replica.url(&db)];
+    cfg.database.replicas = vec![replica.url(&db).into()];
     cfg.database.replica_max_lag = Duration::from_secs(1);
     let ctx = common::ctx_with(pool, cfg, false);
     for u in 1..=40 {

@@ -2,25 +2,14 @@
 
 use std::time::Duration;
 
-use loyaltyd::loyalty::{self, NewEvent};
+use loyaltyd::loyalty;
 use loyaltyd::queues;
-use loyaltyd::types::{ContentType, Ident, Outcome, Priority, QueueKind, Scope, UserId};
+use loyaltyd::types::{ContentType, Ident, Outcome, Priority, QueueKind, Scope};
 use sqlx::PgPool;
 
 use crate::common;
 
 /// The process-wide exporter, installed once for this test binary.
-fn event(user: i64) -> NewEvent {
-    NewEvent {
-        user: UserId::new(user).unwrap_or_else(|e| panic!("{e}")),
-        event_type: Ident::parse("t", "d").unwrap_or_else(|e| panic!("{e}")),
-        content_type: ContentType::Post,
-        content_id: Ident::parse("t", "c").unwrap_or_else(|e| panic!("{e}")),
-        outcome: Outcome::Approved,
-        event_id: None,
-    }
-}
-
 #[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
 async fn operations_show_up_as_labelled_histograms_in_a_scrape(pool: PgPool) {
     let addr = common::exporter().await;
@@ -39,9 +28,12 @@ async fn operations_show_up_as_labelled_histograms_in_a_scrape(pool: PgPool) {
         queues::add(&ctx, QueueKind::Post, &item, &scope, Priority::default())
             .await
             .unwrap_or_else(|e| panic!("{e}"));
-        loyalty::record_event(&ctx, &event(1))
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        loyalty::record_event(
+            &ctx,
+            &common::event(1, ContentType::Post, Outcome::Approved),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     }
     let text = common::scrape(addr).await.unwrap_or_default();
     assert!(
@@ -63,9 +55,12 @@ async fn perf_lists_keep_the_newest_samples_first_trimmed_to_length(pool: PgPool
     config.metrics.perf_list_len = 5;
     let ctx = common::ctx_with(&pool, config, true);
     for _ in 0..12 {
-        loyalty::record_event(&ctx, &event(1))
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        loyalty::record_event(
+            &ctx,
+            &common::event(1, ContentType::Post, Outcome::Approved),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     }
     let scope = Scope::Conversation(Ident::parse("t", "c").unwrap_or_else(|e| panic!("{e}")));
     let item = Ident::parse("t", "m1").unwrap_or_else(|e| panic!("{e}"));
@@ -114,14 +109,17 @@ async fn with_redis_down_operations_succeed_and_samples_are_counted_as_dropped(p
     let addr = common::exporter().await;
     common::users(&pool, 1).await;
     let mut config = common::config(&pool, "dropped");
-    config.redis.url = common::dead_redis_url();
+    config.redis.url = common::dead_redis_url().into();
     let ctx = common::ctx_with(&pool, config, true);
     let dropped = common::metric(addr, "loyaltyd_perf_samples_dropped_total").await;
     let errors = common::metric(addr, "loyaltyd_redis_errors_total").await;
     for _ in 0..4 {
-        loyalty::record_event(&ctx, &event(1))
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        loyalty::record_event(
+            &ctx,
+            &common::event(1, ContentType::Post, Outcome::Approved),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     }
     ctx.perf.flush(Duration::from_secs(5)).await;
     assert!(common::metric(addr, "loyaltyd_perf_samples_dropped_total").await >= dropped + 4.0);
@@ -196,12 +194,19 @@ async fn failed_operations_are_timed_and_counted_as_errors(pool: PgPool) {
         common::metric(addr, failed).await,
     );
     // A refused event: user 77 does not exist.
-    assert!(loyalty::record_event(&ctx, &event(77)).await.is_err());
+    assert!(
+        loyalty::record_event(
+            &ctx,
+            &common::event(77, ContentType::Post, Outcome::Approved)
+        )
+        .await
+        .is_err()
+    );
     assert!(common::metric(addr, errors).await >= e0 + 1.0);
     assert!(common::metric(addr, failed).await >= f0 + 1.0);
     // A Redis outage: `stats` cannot read the perf lists.
     let mut config = common::config(&pool, "errors-redis");
-    config.redis.url = common::dead_redis_url();
+    config.redis.url = common::dead_redis_url().into();
     let away = common::ctx_with(&pool, config, false);
     let stats_errors = r#"loyaltyd_operation_errors_total{operation="stats"}"#;
     let s0 = common::metric(addr, stats_errors).await;
