@@ -24,6 +24,11 @@ fn assert_refused(out: &std::process::Output, code: i32, args: &[&str]) {
     assert!(out.stdout.is_empty(), "{args:?}");
 }
 
+/// A command line written as one string (no argument holds a space).
+fn words(line: &str) -> Vec<&str> {
+    line.split(' ').collect()
+}
+
 #[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
 async fn commands_answer_in_the_schema_s_own_names(pool: PgPool) {
     common::users(&pool, 3).await;
@@ -133,133 +138,42 @@ async fn refusals_have_the_spec_exit_codes_and_write_nothing(pool: PgPool) {
         ),
         (2, common::record_args("1", "post", "", "approved")),
         (2, common::record_args("1", "post", &long, "approved")),
-        (65, vec!["score", "get", "--user", "12345"]),
-        (2, vec!["score", "recalc"]),
-        (2, vec!["score", "recalc", "--user", "1", "--all"]),
-        (2, vec!["leaderboard", "show", "--limit", "0"]),
-        (2, vec!["leaderboard", "show", "--limit", "1001"]),
-        (2, vec!["leaderboard", "show", "--offset", "-1"]),
+        (65, words("score get --user 12345")),
+        (2, words("score recalc")),
+        (2, words("score recalc --user 1 --all")),
+        (2, words("leaderboard show --limit 0")),
+        (2, words("leaderboard show --limit 1001")),
+        (2, words("leaderboard show --offset -1")),
+        (2, words("leaderboard show --limit 18446744073709551616")),
+        (65, words("leaderboard rank --user 77")),
+        (65, words("queue add --queue topic --content-id dup")),
+        (2, words("queue add --queue post --content-id p")),
         (
             2,
-            vec!["leaderboard", "show", "--limit", "18446744073709551616"],
+            words("queue add --queue message --content-id m --topic t"),
         ),
-        (65, vec!["leaderboard", "rank", "--user", "77"]),
-        (
-            65,
-            vec!["queue", "add", "--queue", "topic", "--content-id", "dup"],
-        ),
+        (2, words("queue add --queue topic --content-id t --topic x")),
         (
             2,
-            vec!["queue", "add", "--queue", "post", "--content-id", "p"],
-        ),
-        (
-            2,
-            vec![
-                "queue",
-                "add",
-                "--queue",
-                "message",
-                "--content-id",
-                "m",
-                "--topic",
-                "t",
-            ],
+            words("queue add --queue topic --content-id t --priority NaN"),
         ),
         (
             2,
-            vec![
-                "queue",
-                "add",
-                "--queue",
-                "topic",
-                "--content-id",
-                "t",
-                "--topic",
-                "x",
-            ],
+            words("queue add --queue topic --content-id t --priority inf"),
         ),
         (
             2,
-            vec![
-                "queue",
-                "add",
-                "--queue",
-                "topic",
-                "--content-id",
-                "t",
-                "--priority",
-                "NaN",
-            ],
+            words("queue add --queue topic --content-id t --priority 1e400"),
         ),
-        (
-            2,
-            vec![
-                "queue",
-                "add",
-                "--queue",
-                "topic",
-                "--content-id",
-                "t",
-                "--priority",
-                "inf",
-            ],
-        ),
-        (
-            2,
-            vec![
-                "queue",
-                "add",
-                "--queue",
-                "topic",
-                "--content-id",
-                "t",
-                "--priority",
-                "1e400",
-            ],
-        ),
-        (
-            2,
-            vec!["queue", "add", "--queue", "nope", "--content-id", "t"],
-        ),
-        (
-            65,
-            vec![
-                "queue",
-                "remove",
-                "--queue",
-                "topic",
-                "--content-id",
-                "ghost",
-            ],
-        ),
-        (
-            65,
-            vec![
-                "queue",
-                "position",
-                "--queue",
-                "post",
-                "--content-id",
-                "ghost",
-            ],
-        ),
-        (
-            2,
-            vec!["queue", "list", "--queue", "topic", "--limit", "100001"],
-        ),
-        (
-            2,
-            vec!["queue", "list", "--queue", "topic", "--limit", "-3"],
-        ),
-        (
-            2,
-            vec![
-                "queue", "reorder", "--queue", "post", "--topic", "t", "--all",
-            ],
-        ),
-        (2, vec!["demo", "seed", "--users", "-1"]),
-        (2, vec!["demo", "seed", "--events", "10"]),
-        (2, vec!["no-such-command"]),
+        (2, words("queue add --queue nope --content-id t")),
+        (65, words("queue remove --queue topic --content-id ghost")),
+        (65, words("queue position --queue post --content-id ghost")),
+        (2, words("queue list --queue topic --limit 100001")),
+        (2, words("queue list --queue topic --limit -3")),
+        (2, words("queue reorder --queue post --topic t --all")),
+        (2, words("demo seed --users -1")),
+        (2, words("demo seed --events 10")),
+        (2, words("no-such-command")),
     ];
     for (code, args) in &cases {
         let out = common::run(&cfg, args);

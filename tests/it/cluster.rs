@@ -129,9 +129,7 @@ async fn scores_versions_leases_and_the_sync_work_across_hash_slots(pool: PgPool
         .set(ctx.cache.score_key(uid(33)), "999")
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let report = loyaltyd::sweep::run(&ctx, 16, &CancellationToken::new())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let report = common::sweep(&ctx, 16).await;
     assert_eq!(
         (report.drifted_users, report.cache_repaired),
         (0, 1),
@@ -375,9 +373,7 @@ async fn a_master_killed_under_sixteen_writers_loses_no_write_and_no_cached_scor
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let report = loyaltyd::sweep::run(&ctx, 50, &CancellationToken::new())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let report = common::sweep(&ctx, 50).await;
     assert_eq!(
         (report.drifted_users, report.cache_repaired),
         (0, 0),

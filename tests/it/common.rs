@@ -764,11 +764,16 @@ pub async fn nonzero_events(pool: &PgPool) -> i64 {
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// Runs the integrity sweep in batches of `batch`; a failed sweep fails the test.
+pub async fn sweep(ctx: &Context, batch: u32) -> loyaltyd::sweep::SweepReport {
+    loyaltyd::sweep::run(ctx, batch, &tokio_util::sync::CancellationToken::new())
+        .await
+        .unwrap_or_else(|e| panic!("sweep: {e}"))
+}
+
 /// Runs the integrity sweep and returns how many users it found drifted.
 pub async fn sweep_drift(ctx: &Context) -> u64 {
-    let report = loyaltyd::sweep::run(ctx, 1000, &tokio_util::sync::CancellationToken::new())
-        .await
-        .unwrap_or_else(|e| panic!("sweep: {e}"));
+    let report = sweep(ctx, 1000).await;
     assert!(report.completed, "{report:?}");
     report.drifted_users
 }

@@ -313,9 +313,7 @@ async fn sigterm_during_a_long_sweep_exits_0_quickly_leaving_whole_batches(pool:
     assert!(daemon.log_text().contains("stopped"));
     // Sweeping again finishes the job.
     let ctx = common::ctx(&pool, "sigterm-after");
-    let report = loyaltyd::sweep::run(&ctx, 5000, &tokio_util::sync::CancellationToken::new())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let report = common::sweep(&ctx, 5000).await;
     assert_eq!(report.drifted_users as i64, 100_000 - fixed);
     assert!(common::score_drift(&pool).await.is_empty());
 }

@@ -40,6 +40,16 @@ fn free_cluster_port() -> u16 {
     panic!("no free port pair for a cluster node");
 }
 
+/// The port of a `CLUSTER NODES` line (`<id> <ip>:<port>@<bus> ...`).
+fn node_port(line: &str) -> Option<u16> {
+    line.split_whitespace()
+        .nth(1)?
+        .split(['@', ':'])
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 fn temp_dir(what: &str) -> PathBuf {
     static N: AtomicU64 = AtomicU64::new(0);
     let dir = std::env::temp_dir().join(format!(
@@ -166,14 +176,7 @@ impl RedisCluster {
             .cli(port, &["cluster", "nodes"])
             .lines()
             .filter(|l| l.contains("master") && !l.contains("fail"))
-            .filter_map(|l| {
-                l.split_whitespace()
-                    .nth(1)?
-                    .split(['@', ':'])
-                    .nth(1)?
-                    .parse()
-                    .ok()
-            })
+            .filter_map(node_port)
             .collect();
         masters.sort();
         masters
@@ -198,14 +201,7 @@ impl RedisCluster {
     /// The port of the replica of the master on `port`.
     pub fn replica_of(&self, port: u16) -> u16 {
         let nodes = self.cli(self.alive()[0], &["cluster", "nodes"]);
-        let port_of = |l: &str| -> Option<u16> {
-            l.split_whitespace()
-                .nth(1)?
-                .split(['@', ':'])
-                .nth(1)?
-                .parse()
-                .ok()
-        };
+        let port_of = node_port;
         let id = nodes
             .lines()
             .find(|l| port_of(l) == Some(port))

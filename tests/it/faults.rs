@@ -114,6 +114,24 @@ async fn a_job_lock_held_by_an_idle_connection_past_the_time_limit_is_a_failure_
     drop(leaked);
 }
 
+/// The event the CLI records, is killed in, and then retries.
+const RETRIED: &[&str] = &[
+    "event",
+    "record",
+    "--user",
+    "1",
+    "--event-type",
+    "m",
+    "--content-type",
+    "topic",
+    "--content-id",
+    "t-2",
+    "--outcome",
+    "rejected",
+    "--event-id",
+    "retry-me",
+];
+
 #[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
 async fn a_retry_of_an_event_id_after_a_kill_after_commit_repairs_the_cache(pool: PgPool) {
     common::users(&pool, 1).await;
@@ -131,22 +149,7 @@ async fn a_retry_of_an_event_id_after_a_kill_after_commit_repairs_the_cache(pool
     // answering); it is killed there.
     proxy.stall();
     let mut cli = common::loyaltyd(&config)
-        .args([
-            "event",
-            "record",
-            "--user",
-            "1",
-            "--event-type",
-            "m",
-            "--content-type",
-            "topic",
-            "--content-id",
-            "t-2",
-            "--outcome",
-            "rejected",
-            "--event-id",
-            "retry-me",
-        ])
+        .args(RETRIED)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -173,29 +176,9 @@ async fn a_retry_of_an_event_id_after_a_kill_after_commit_repairs_the_cache(pool
     // The caller retries with the same event id: counted once, cache repaired.
     // (Off the runtime's thread: the proxy runs on it.)
     let retry_config = config.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        common::run_json(
-            &retry_config,
-            &[
-                "event",
-                "record",
-                "--user",
-                "1",
-                "--event-type",
-                "m",
-                "--content-type",
-                "topic",
-                "--content-id",
-                "t-2",
-                "--outcome",
-                "rejected",
-                "--event-id",
-                "retry-me",
-            ],
-        )
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    let out = tokio::task::spawn_blocking(move || common::run_json(&retry_config, RETRIED))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(out["duplicate"], true);
     assert_eq!(out["loyalty_score"], 0);
     assert_eq!(common::redis_get_i64(&key).await, Some(0));
@@ -348,9 +331,7 @@ async fn the_sweeps_cache_check_runs_under_the_sweeps_limit_and_says_when_it_was
         .query_async(&mut r)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let report = loyaltyd::sweep::run(&ctx, 1000, &CancellationToken::new())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let report = common::sweep(&ctx, 1000).await;
     assert!(report.completed && report.cache_checked, "{report:?}");
     assert_eq!(report.cache_repaired, 1);
     // A sweep whose own limit cuts the check short says so.

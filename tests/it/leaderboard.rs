@@ -6,8 +6,8 @@ use std::time::Duration;
 use loyaltyd::context::Context;
 use loyaltyd::error::Error;
 use loyaltyd::leaderboard::{self, RefreshReason};
-use loyaltyd::loyalty::{self, NewEvent};
-use loyaltyd::types::{ContentType, Ident, Outcome};
+use loyaltyd::loyalty;
+use loyaltyd::types::{ContentType, Outcome};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio_util::sync::CancellationToken;
@@ -118,14 +118,7 @@ async fn refresh_follows_the_debounce_policy_and_records_its_time(pool: PgPool) 
     let record = |user: i64| {
         let ctx = ctx.clone();
         async move {
-            let e = NewEvent {
-                user: uid(user),
-                event_type: Ident::parse("t", "d").unwrap_or_else(|e| panic!("{e}")),
-                content_type: ContentType::Post,
-                content_id: Ident::parse("t", "c").unwrap_or_else(|e| panic!("{e}")),
-                outcome: Outcome::Approved,
-                event_id: None,
-            };
+            let e = common::event(user, ContentType::Post, Outcome::Approved);
             loyalty::record_event(&ctx, &e)
                 .await
                 .unwrap_or_else(|e| panic!("{e}"));
@@ -254,14 +247,7 @@ async fn changes_recorded_during_a_refresh_stay_pending_and_readers_are_not_bloc
     );
     // Writes during the refresh land and stay pending.
     for user in 1..=5 {
-        let e = NewEvent {
-            user: uid(user),
-            event_type: Ident::parse("t", "d").unwrap_or_else(|e| panic!("{e}")),
-            content_type: ContentType::Topic,
-            content_id: Ident::parse("t", "c").unwrap_or_else(|e| panic!("{e}")),
-            outcome: Outcome::Approved,
-            event_id: None,
-        };
+        let e = common::event(user, ContentType::Topic, Outcome::Approved);
         loyalty::record_event(&ctx, &e)
             .await
             .unwrap_or_else(|e| panic!("{e}"));

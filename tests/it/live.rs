@@ -280,18 +280,14 @@ async fn the_sweep_finds_a_corrupted_board_and_repairs_it(pool: PgPool) {
         Some(1),
         "the corruption is visible before the sweep"
     );
-    let report = loyaltyd::sweep::run(&ctx, 8, &CancellationToken::new())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let report = common::sweep(&ctx, 8).await;
     assert_eq!(
         (report.drifted_users, report.board_repaired),
         (0, 4),
         "{report:?}"
     );
     assert_exact(&ctx, &pool, "after the sweep").await;
-    let again = loyaltyd::sweep::run(&ctx, 8, &CancellationToken::new())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let again = common::sweep(&ctx, 8).await;
     assert_eq!(again.board_repaired, 0, "a second sweep finds nothing");
 }
 

@@ -9,7 +9,6 @@ use loyaltyd::loyalty::{self, NewEvent};
 use loyaltyd::types::{ContentType, Outcome, score_delta};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use tokio_util::sync::CancellationToken;
 
 use crate::common::{self, event, ident, uid};
 
@@ -241,9 +240,7 @@ async fn with_redis_unreachable_writes_and_reads_still_work(pool: PgPool) {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(batch.scores, vec![(uid(1), -2)]);
-    let sweep = loyaltyd::sweep::run(&ctx, 100, &CancellationToken::new())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let sweep = common::sweep(&ctx, 100).await;
     assert_eq!(
         (sweep.users_checked, sweep.drifted_users, sweep.completed),
         (1, 0, true)
@@ -343,9 +340,7 @@ async fn the_sweep_repairs_exactly_the_corrupted_users_in_the_database_and_the_c
     loyalty::record_events(&ctx, &batch)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let clean = loyaltyd::sweep::run(&ctx, 64, &CancellationToken::new())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let clean = common::sweep(&ctx, 64).await;
     assert_eq!(
         (
             clean.users_checked,
@@ -368,9 +363,7 @@ async fn the_sweep_repairs_exactly_the_corrupted_users_in_the_database_and_the_c
         .unwrap_or_else(|e| panic!("{e}"));
     let pending_before = pending(&pool).await;
 
-    let report = loyaltyd::sweep::run(&ctx, 64, &CancellationToken::new())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let report = common::sweep(&ctx, 64).await;
     assert_eq!((report.drifted_users, report.batches), (5, 1));
     assert_eq!(
         report.drifted_user_ids,
@@ -395,9 +388,7 @@ async fn the_sweep_repairs_exactly_the_corrupted_users_in_the_database_and_the_c
         pending_before + 5,
         "repairs move the leaderboard"
     );
-    let again = loyaltyd::sweep::run(&ctx, 64, &CancellationToken::new())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let again = common::sweep(&ctx, 64).await;
     assert_eq!((again.drifted_users, again.cache_repaired), (0, 0));
 }
 
@@ -463,9 +454,7 @@ async fn a_sweep_racing_writers_never_reverts_their_changes(
         tokio::spawn(async move {
             let mut drifted = 0;
             for _ in 0..10 {
-                let r = loyaltyd::sweep::run(&ctx, 7, &CancellationToken::new())
-                    .await
-                    .unwrap_or_else(|e| panic!("{e}"));
+                let r = common::sweep(&ctx, 7).await;
                 drifted += r.drifted_users;
             }
             drifted
@@ -500,9 +489,7 @@ async fn demo_seed_writes_scores_consistent_with_its_events(pool: PgPool) {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(ranked > 0, "the board is refreshed after seeding");
-    let sweep = loyaltyd::sweep::run(&ctx, 1000, &CancellationToken::new())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let sweep = common::sweep(&ctx, 1000).await;
     assert_eq!(sweep.drifted_users, 0);
     // A second run adds to the first.
     loyaltyd::demo::seed(&ctx, 10, 100, 10, false)
@@ -547,16 +534,12 @@ async fn cache_entries_from_before_a_database_restore_are_outranked_and_repaired
         common::redis_get_i64(&ctx.cache.score_key(uid(2))).await,
         Some(4242)
     );
-    let report = loyaltyd::sweep::run(&ctx, 100, &CancellationToken::new())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let report = common::sweep(&ctx, 100).await;
     assert_eq!((report.drifted_users, report.cache_repaired), (0, 1));
     assert_eq!(
         common::redis_get_i64(&ctx.cache.score_key(uid(2))).await,
         Some(0)
     );
-    let again = loyaltyd::sweep::run(&ctx, 100, &CancellationToken::new())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let again = common::sweep(&ctx, 100).await;
     assert_eq!(again.cache_repaired, 0, "repaired for good");
 }

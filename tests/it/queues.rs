@@ -54,49 +54,22 @@ async fn listed(ctx: &Context, q: QueueKind, scope: &Scope) -> Vec<String> {
 /// Checks every stored invariant of every scope of a queue: counters equal the
 /// items, block counts equal the keys in each block, and `position` of every
 /// item equals its rank by key (dense, 1-based). Returns scope -> items in order.
-pub async fn check_invariants(ctx: &Context, q: QueueKind) -> HashMap<String, Vec<String>> {
-    let (table, item, scope) = match q {
-        QueueKind::Topic => ("topic_creation_queue", "topic_id", "''"),
-        QueueKind::Post => ("post_moderation_queue", "post_id", "topic_id"),
-        QueueKind::Message => ("private_message_queue", "message_id", "conversation_id"),
-    };
-    let rows: Vec<(String, String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {scope}::TEXT, {item}, ROW_NUMBER() OVER (PARTITION BY {scope} ORDER BY position_in_queue)
-         FROM {table} ORDER BY 1, 3"
-    )))
-    .fetch_all(&ctx.pool)
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
-    let mut scopes: HashMap<String, Vec<String>> = HashMap::new();
-    for (s, i, rank) in &rows {
-        assert_eq!(
-            position(ctx, q, i).await,
-            *rank,
-            "{q} item {i} in scope {s:?}"
-        );
-        scopes.entry(s.clone()).or_default().push(i.clone());
+pub async fn check_invariants(
+    ctx: &Context,
+    q: QueueKind,
+) -> std::collections::BTreeMap<String, Vec<String>> {
+    // What SQL shows (positions through the read API, lengths, blocks) ...
+    let scopes = common::queue_invariants(&ctx.pool, q).await;
+    // ... and the library's own position of every item agrees.
+    for (s, items) in &scopes {
+        for (rank, i) in items.iter().enumerate() {
+            assert_eq!(
+                position(ctx, q, i).await,
+                rank as i64 + 1,
+                "{q} item {i} in scope {s:?}"
+            );
+        }
     }
-    let bad_counts: Vec<(String, i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT s.scope, queue_length('{q}', s.scope), (SELECT count(*) FROM {table} t WHERE {scope} = s.scope)
-         FROM queue_scopes s WHERE s.queue = '{q}'
-           AND queue_length('{q}', s.scope) <> (SELECT count(*) FROM {table} t WHERE {scope} = s.scope)"
-    )))
-    .fetch_all(&ctx.pool)
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(bad_counts, vec![], "scope lengths of the {q} queue");
-    let bad_blocks: Vec<(String, i64, i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "WITH actual AS (SELECT {scope}::TEXT AS scope, queue_block(position_in_queue) AS block, count(*) AS n
-                         FROM {table} GROUP BY 1, 2),
-              stored AS (SELECT scope, block, item_count::BIGINT AS n FROM queue_blocks WHERE queue = '{q}')
-         SELECT COALESCE(a.scope, s.scope), COALESCE(a.block, s.block), COALESCE(a.n, 0), COALESCE(s.n, 0)
-         FROM actual a FULL JOIN stored s USING (scope, block)
-         WHERE COALESCE(a.n, 0) <> COALESCE(s.n, 0)"
-    )))
-    .fetch_all(&ctx.pool)
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(bad_blocks, vec![], "block counts of the {q} queue");
     scopes
 }
 

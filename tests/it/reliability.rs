@@ -11,7 +11,6 @@ use loyaltyd::queues;
 use loyaltyd::types::{Priority, QueueKind, Scope, UserId};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use tokio_util::sync::CancellationToken;
 
 use crate::common::{self, Daemon, PrivateRedis, ident as id, varied_event as event};
 
@@ -441,9 +440,7 @@ async fn a_writer_cut_off_from_redis_that_exits_at_once_leaves_no_stale_score_be
         .query_async(&mut r)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let report = loyaltyd::sweep::run(&other, 100, &CancellationToken::new())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let report = common::sweep(&other, 100).await;
     assert_eq!(report.cache_repaired, 1);
     assert_eq!(
         common::redis_get_i64(&other.cache.score_key(user)).await,
