@@ -976,8 +976,11 @@ impl Cache {
         if keys.is_empty() {
             return true;
         }
-        let cmd = redis::cmd("DEL").arg(keys).to_owned();
-        self.query::<i64>("DEL", cmd).await.is_some()
+        // UNLINK: the keys are gone at once and their memory is freed in
+        // the background (a DEL of a million-member board blocks Redis for
+        // longer than `redis.timeout`).
+        let cmd = redis::cmd("UNLINK").arg(keys).to_owned();
+        self.query::<i64>("UNLINK", cmd).await.is_some()
     }
 
     /// Runs one Redis future under the timeout; an error or timeout is logged,

@@ -299,6 +299,27 @@ pub async fn rank(ctx: &Context, user: UserId) -> Result<Standing> {
     })
 }
 
+/// A build's Redis write, tried again after a miss (one slow moment must
+/// not throw away a build of millions; every write is version-guarded, so a
+/// repeat is harmless): up to five tries, a second apart (the cache's own
+/// back-off after a failure). A macro, not a function over an async closure:
+/// the daemon spawns the build, and such closures' futures are not `Send`.
+macro_rules! retried {
+    ($write:expr) => {{
+        let mut done = false;
+        for attempt in 1..=5 {
+            if $write {
+                done = true;
+                break;
+            }
+            if attempt < 5 {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        }
+        done
+    }};
+}
+
 /// Builds the live board from PostgreSQL: clears it, writes every user with
 /// a positive score in batches (each write guarded by its version, so a
 /// score written meanwhile is never overwritten by the older one read here),
@@ -307,14 +328,10 @@ pub async fn rank(ctx: &Context, user: UserId) -> Result<Standing> {
 #[tracing::instrument(name = "live_board_build", skip_all)]
 pub async fn build_live_board(ctx: &Context) -> Result<u64> {
     use futures_util::TryStreamExt;
-    if !ctx
-        .cache
-        .delete(&[ctx.cache.live_key(), ctx.cache.live_users_key()])
-        .await
-    {
-        return Err(Error::Runtime(
-            "Redis unavailable: the live board is not built".into(),
-        ));
+    let unavailable = || Error::Runtime("Redis unavailable: the live board is not built".into());
+    let keys = [ctx.cache.live_key(), ctx.cache.live_users_key()];
+    if !retried!(ctx.cache.delete(&keys).await) {
+        return Err(unavailable());
     }
     let mut tx = ctx
         .pool
@@ -335,10 +352,8 @@ pub async fn build_live_board(ctx: &Context) -> Result<u64> {
             .db("reading scores for the live board")?;
         batch.extend(row.and_then(VersionedScore::from_row));
         if batch.len() >= BOARD_BATCH || (row.is_none() && !batch.is_empty()) {
-            if !ctx.cache.live_set(&batch).await {
-                return Err(Error::Runtime(
-                    "Redis unavailable: the live board is not built".into(),
-                ));
+            if !retried!(ctx.cache.live_set(&batch).await) {
+                return Err(unavailable());
             }
             written += batch.len() as u64;
             batch.clear();
@@ -349,10 +364,8 @@ pub async fn build_live_board(ctx: &Context) -> Result<u64> {
     }
     drop(rows);
     let _ = tx.rollback().await;
-    if !ctx.cache.live_mark_ready(true).await {
-        return Err(Error::Runtime(
-            "Redis unavailable: the live board is not built".into(),
-        ));
+    if !retried!(ctx.cache.live_mark_ready(true).await) {
+        return Err(unavailable());
     }
     Ok(written)
 }

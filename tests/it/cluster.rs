@@ -80,12 +80,7 @@ async fn scores_versions_leases_and_the_sync_work_across_hash_slots(pool: PgPool
     assert_eq!(get(&mut c, &key).await.as_deref(), Some("5"));
     assert!(get(&mut c, &ctx.cache.version_key(uid(1))).await.is_some());
     // An older score cannot land over it.
-    let stale = loyaltyd::cache::VersionedScore {
-        user: uid(1),
-        score: 0,
-        version: 0,
-        created_us: 0,
-    };
+    let stale = common::stale_score(1);
     assert!(ctx.cache.set_scores(&[stale]).await);
     assert_eq!(get(&mut c, &key).await.as_deref(), Some("5"));
     // A batch over 60 users: their keys spread over every master.
@@ -119,9 +114,7 @@ async fn scores_versions_leases_and_the_sync_work_across_hash_slots(pool: PgPool
     .execute(&pool)
     .await
     .unwrap_or_else(|e| panic!("{e}"));
-    loyaltyd::sync::sync_once(&ctx)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    common::sync(&ctx).await;
     let pairs = cached_vs_db(&ctx, &pool).await;
     assert!(pairs.iter().all(|(_, c, d)| c == d), "{pairs:?}");
     // The sweep's cache check corrects a poisoned entry on any master.
@@ -205,9 +198,7 @@ async fn the_live_board_perf_lists_stats_and_the_seed_counter_work_on_a_cluster(
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(before.pending_changes >= 4);
-    leaderboard::refresh(&ctx, true, &CancellationToken::new())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    common::refresh(&ctx).await;
     assert_eq!(get(&mut c, &pending_key).await.as_deref(), Some("0"));
 }
 

@@ -764,6 +764,30 @@ pub async fn nonzero_events(pool: &PgPool) -> i64 {
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// One pass of the daemon's cache sync; a failed pass fails the test.
+pub async fn sync(ctx: &Context) -> loyaltyd::sync::Synced {
+    loyaltyd::sync::sync_once(ctx)
+        .await
+        .unwrap_or_else(|e| panic!("cache sync: {e}"))
+}
+
+/// A forced refresh of the view; a failed refresh fails the test.
+pub async fn refresh(ctx: &Context) -> loyaltyd::leaderboard::RefreshReport {
+    loyaltyd::leaderboard::refresh(ctx, true, &tokio_util::sync::CancellationToken::new())
+        .await
+        .unwrap_or_else(|e| panic!("refresh: {e}"))
+}
+
+/// What a slow reader read before any write: score 0 at version 0.
+pub fn stale_score(user: i64) -> loyaltyd::cache::VersionedScore {
+    loyaltyd::cache::VersionedScore {
+        user: uid(user),
+        score: 0,
+        version: 0,
+        created_us: 0,
+    }
+}
+
 /// Runs the integrity sweep in batches of `batch`; a failed sweep fails the test.
 pub async fn sweep(ctx: &Context, batch: u32) -> loyaltyd::sweep::SweepReport {
     loyaltyd::sweep::run(ctx, batch, &tokio_util::sync::CancellationToken::new())

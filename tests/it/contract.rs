@@ -542,9 +542,7 @@ async fn the_cache_sync_catches_up_on_what_it_missed_while_no_daemon_ran(pool: P
     .await
     .unwrap_or_else(|e| panic!("{e}"));
     // The daemon's sync, run once: it writes what changed since the last position.
-    let synced = loyaltyd::sync::sync_once(&ctx)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let synced = common::sync(&ctx).await;
     assert_eq!(synced, loyaltyd::sync::Synced::Wrote(2));
     assert_eq!(
         (
@@ -555,9 +553,7 @@ async fn the_cache_sync_catches_up_on_what_it_missed_while_no_daemon_ran(pool: P
     );
     assert_eq!(common::redis_get_i64(&key(3)).await, None);
     open.commit().await.unwrap_or_else(|e| panic!("{e}"));
-    let synced = loyaltyd::sync::sync_once(&ctx)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let synced = common::sync(&ctx).await;
     assert_eq!(
         synced,
         loyaltyd::sync::Synced::Wrote(1),
@@ -565,9 +561,7 @@ async fn the_cache_sync_catches_up_on_what_it_missed_while_no_daemon_ran(pool: P
     );
     assert_eq!(common::redis_get_i64(&key(3)).await, Some(5));
     // Nothing new: nothing read.
-    let synced = loyaltyd::sync::sync_once(&ctx)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let synced = common::sync(&ctx).await;
     assert_eq!(synced, loyaltyd::sync::Synced::Wrote(0));
     // Redis away: the position stays, and the window is written once it is back.
     let mut away = common::config(&pool, "gap");

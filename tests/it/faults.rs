@@ -392,23 +392,7 @@ async fn a_score_overflow_is_one_clear_line_with_exit_65(pool: PgPool) {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let config = common::config(&pool, "overflow");
-    let out = common::run(
-        &config,
-        &[
-            "event",
-            "record",
-            "--user",
-            "1",
-            "--event-type",
-            "m",
-            "--content-type",
-            "topic",
-            "--content-id",
-            "t",
-            "--outcome",
-            "approved",
-        ],
-    );
+    let out = common::run(&config, &common::record_args("1", "topic", "t", "approved"));
     assert_eq!(out.status.code(), Some(65));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");

@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use loyaltyd::context::Context;
 use loyaltyd::error::Error;
 use loyaltyd::leaderboard::{self, RefreshReason};
 use loyaltyd::loyalty;
@@ -13,12 +12,6 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio_util::sync::CancellationToken;
 
 use crate::common::{self, uid};
-
-async fn force(ctx: &Context) -> leaderboard::RefreshReport {
-    leaderboard::refresh(ctx, true, &CancellationToken::new())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"))
-}
 
 /// The seed's definition computed directly: (user, rank, can_create_topics).
 async fn expected_board(pool: &PgPool) -> Vec<(i64, i64, bool)> {
@@ -59,7 +52,7 @@ async fn page_and_rank_match_the_seed_definition_at_the_ten_percent_boundaries(p
         .execute(&pool)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-        force(&ctx).await;
+        common::refresh(&ctx).await;
         let expected = expected_board(&pool).await;
         assert_eq!(expected.len() as i64, positive);
         let page = leaderboard::page(&ctx, 1000, 0)
@@ -221,14 +214,14 @@ async fn changes_recorded_during_a_refresh_stay_pending_and_readers_are_not_bloc
     let pool = common::wide_pool(opts, 8).await;
     common::big_board(&pool, 150_000).await;
     let ctx = common::ctx(&pool, "during");
-    force(&ctx).await; // populate
+    common::refresh(&ctx).await; // populate
     sqlx::query("UPDATE users SET loyalty_score = loyalty_score + 1 WHERE id % 3 = 0")
         .execute(&pool)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let refreshing = {
         let ctx = ctx.clone();
-        tokio::spawn(async move { force(&ctx).await })
+        tokio::spawn(async move { common::refresh(&ctx).await })
     };
     common::eventually("the refresh starting", Duration::from_secs(10), || {
         common::refreshing(&pool)
@@ -306,5 +299,5 @@ async fn a_cancelled_refresh_rolls_back_and_keeps_its_changes_pending(
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(ranked, 0, "the view is as before");
     // The lock went with the transaction: the next refresh runs.
-    assert!(force(&ctx).await.refreshed);
+    assert!(common::refresh(&ctx).await.refreshed);
 }

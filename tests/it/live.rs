@@ -180,9 +180,7 @@ async fn a_random_differential_against_row_number_through_both_write_paths(pool:
         .execute(&pool)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-        loyaltyd::sync::sync_once(&ctx)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        common::sync(&ctx).await;
         assert_exact(&ctx, &pool, &format!("round {round}")).await;
     }
     let ranked = truth(&pool).await.len();
@@ -396,9 +394,7 @@ async fn the_swap_refresh_keeps_grants_indexes_and_never_fails_a_reader(pool: Pg
         )
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-        let report = leaderboard::refresh(&ctx, true, &CancellationToken::new())
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        let report = common::refresh(&ctx).await;
         assert!(report.refreshed);
     }
     stop.cancel();
@@ -431,9 +427,7 @@ async fn the_swap_refresh_keeps_grants_indexes_and_never_fails_a_reader(pool: Pg
     )
     .await
     .unwrap_or_else(|e| panic!("{e}"));
-    let report = leaderboard::refresh(&ctx, true, &CancellationToken::new())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let report = common::refresh(&ctx).await;
     assert!(report.refreshed);
     let in_view: Option<i64> = sqlx::query_scalar("SELECT rank FROM top_ten WHERE user_id = 40")
         .fetch_optional(&pool)

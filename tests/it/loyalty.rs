@@ -203,12 +203,7 @@ async fn a_reader_refilling_the_cache_from_an_old_snapshot_cannot_overwrite_a_ne
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     // What a slow reader would have read before that write: score 0, version 0.
-    let stale = loyaltyd::cache::VersionedScore {
-        user: uid(1),
-        score: 0,
-        version: 0,
-        created_us: 0,
-    };
+    let stale = common::stale_score(1);
     assert!(ctx.cache.set_scores(&[stale]).await);
     assert_eq!(
         common::redis_get_i64(&ctx.cache.score_key(uid(1))).await,

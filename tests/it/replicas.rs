@@ -9,7 +9,6 @@ use loyaltyd::context::Context;
 use loyaltyd::leaderboard;
 use loyaltyd::types::{ContentType, Outcome};
 use sqlx::PgPool;
-use tokio_util::sync::CancellationToken;
 
 use crate::common::{self, uid};
 use crate::engines::PgReplica;
@@ -53,9 +52,7 @@ async fn setup(pool: &PgPool, replica: &PgReplica, name: &str) -> (Context, PgPo
             .await
             .unwrap_or_else(|e| panic!("{e}"));
     }
-    leaderboard::refresh(&ctx, true, &CancellationToken::new())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    common::refresh(&ctx).await;
     let direct = sqlx::PgPool::connect(&replica.url(&db))
         .await
         .unwrap_or_else(|e| panic!("{e}"));
