@@ -43,9 +43,23 @@ enum Kind {
 }
 
 /// A cluster connection made on first use (and again after a failed try).
+///
+/// The connect runs in a task of its own, never inside a caller's command
+/// timeout: making a cluster connection (reach a seed, read the slot map,
+/// connect to every master) can take longer than `redis.timeout` on a
+/// loaded machine, and a connect cancelled by each caller's timeout and
+/// started again by the next would never finish (seen after a failover
+/// under 16 writers). Callers wait for it within their own timeout; the
+/// connect goes on without them and the next caller finds it made.
 struct LazyCluster {
     client: ClusterClient,
     conn: Mutex<Option<ClusterConnection>>,
+    /// True while a connect task runs.
+    connecting: std::sync::atomic::AtomicBool,
+    /// Woken when a connect task ends, made or failed.
+    connected: tokio::sync::Notify,
+    /// Why the last connect failed.
+    last_error: std::sync::Mutex<Option<String>>,
     /// Nodes to ask for the slot map: every node of the last map, then the
     /// configured ones.
     nodes: std::sync::Mutex<Vec<(String, u16)>>,
@@ -123,6 +137,9 @@ impl RedisConn {
             kind: Kind::Cluster(Arc::new(LazyCluster {
                 client,
                 conn: Mutex::new(None),
+                connecting: std::sync::atomic::AtomicBool::new(false),
+                connected: tokio::sync::Notify::new(),
+                last_error: std::sync::Mutex::new(None),
                 nodes: std::sync::Mutex::new(Vec::new()),
                 seeds,
                 timeout: cfg.timeout,
@@ -141,13 +158,41 @@ impl RedisConn {
         match &self.kind {
             Kind::Single(c) => Ok(Handle::Single(c.clone())),
             Kind::Cluster(lazy) => {
-                let mut slot = lazy.conn.lock().await;
-                if let Some(c) = slot.as_ref() {
+                if let Some(c) = lazy.conn.lock().await.as_ref() {
                     return Ok(Handle::Cluster(c.clone()));
                 }
-                let c = lazy.client.get_async_connection().await?;
-                *slot = Some(c.clone());
-                Ok(Handle::Cluster(c))
+                // Registered before the task can finish: no wake-up is missed.
+                let done = lazy.connected.notified();
+                if !lazy.connecting.swap(true, Ordering::AcqRel) {
+                    let lazy = Arc::clone(lazy);
+                    tokio::spawn(async move {
+                        let made = lazy.client.get_async_connection().await;
+                        match made {
+                            Ok(c) => *lazy.conn.lock().await = Some(c),
+                            Err(e) => {
+                                if let Ok(mut last) = lazy.last_error.lock() {
+                                    *last = Some(e.to_string());
+                                }
+                            }
+                        }
+                        lazy.connecting.store(false, Ordering::Release);
+                        lazy.connected.notify_waiters();
+                    });
+                }
+                done.await;
+                if let Some(c) = lazy.conn.lock().await.as_ref() {
+                    return Ok(Handle::Cluster(c.clone()));
+                }
+                let why = lazy
+                    .last_error
+                    .lock()
+                    .ok()
+                    .and_then(|e| e.clone())
+                    .unwrap_or_else(|| "no connection".into());
+                Err(redis::RedisError::from(std::io::Error::new(
+                    std::io::ErrorKind::NotConnected,
+                    format!("connecting to the Redis Cluster: {why}"),
+                )))
             }
         }
     }
