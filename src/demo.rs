@@ -64,12 +64,11 @@ pub async fn seed(
         }
     };
     // A connection of its own (closed afterwards): bulk loading does not need
-    // to wait for the WAL flush of every chunk.
+    // to wait for the WAL flush of every chunk, and is not a request bound by
+    // `database.statement_timeout` (ten million users are one statement of
+    // a minute or more); an operator stops it with Ctrl-C.
     let mut conn = ctx.pool.acquire().await.db("connecting")?.detach();
-    sqlx::query("SET synchronous_commit = off")
-        .execute(&mut conn)
-        .await
-        .db("preparing the bulk load")?;
+    bulk_session(&mut conn).await?;
     if users > 0 {
         let first = seed_users(&mut conn, users).await?;
         say(format!("{users} users"));
@@ -103,6 +102,16 @@ pub async fn seed(
         queue_items,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// A bulk-load session: no wait for the WAL flush of each commit, no
+/// request statement limit.
+async fn bulk_session(conn: &mut PgConnection) -> Result<()> {
+    sqlx::raw_sql("SET synchronous_commit = off; SET statement_timeout = 0")
+        .execute(conn)
+        .await
+        .db("preparing the bulk load")?;
+    Ok(())
 }
 
 fn check(what: &'static str, n: i64, max: i64) -> Result<()> {
@@ -172,10 +181,7 @@ async fn seed_events(
     let done = AtomicI64::new(0);
     let worker = || async {
         let mut conn = pool.acquire().await.db("connecting")?.detach();
-        sqlx::query("SET synchronous_commit = off")
-            .execute(&mut conn)
-            .await
-            .db("preparing the bulk load")?;
+        bulk_session(&mut conn).await?;
         loop {
             let start = next.fetch_add(EVENT_CHUNK, Ordering::Relaxed);
             if start >= n {

@@ -495,6 +495,23 @@ async fn demo_seed_writes_scores_consistent_with_its_events(pool: PgPool) {
 }
 
 #[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+async fn demo_seed_is_not_bound_by_the_request_statement_timeout(pool: PgPool) {
+    // Each of its statements takes far longer than this limit (at ten
+    // million users, longer than the default 30 s: the seed failed there).
+    let mut cfg = common::config(&pool, "demo-limit");
+    cfg.database.statement_timeout = std::time::Duration::from_millis(50);
+    // The program's own pool, which applies the limit to every session.
+    let ctx = Context::connect(cfg, false)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let r = loyaltyd::demo::seed(&ctx, 100_000, 300_000, 0, false)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((r.users, r.events), (100_000, 300_000));
+    assert_eq!(events(&pool).await, 300_000);
+}
+
+#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
 async fn cache_entries_from_before_a_database_restore_are_outranked_and_repaired(pool: PgPool) {
     common::users(&pool, 2).await;
     let ctx = common::ctx(&pool, "restore");
