@@ -76,11 +76,24 @@ impl Prometheus {
             .join(common::unique_prefix("prom").replace(':', "_"));
         std::fs::create_dir_all(dir.join("data")).unwrap_or_else(|e| panic!("{e}"));
         let config = dir.join("prometheus.yml");
+        // The README's configuration, as an operator would copy it, pointed
+        // at this test's daemon and this checkout's rules, scraping fast.
+        let readme = common::readme_example("prometheus-config");
+        assert!(
+            readme.contains("honor_labels: true")
+                && readme.contains("/usr/share/loyaltyd/alerts.yml")
+                && readme.contains("'127.0.0.1:9464'"),
+            "the README's Prometheus configuration changed shape: {readme}"
+        );
+        let yaml = readme
+            .replace(
+                "/usr/share/loyaltyd/alerts.yml",
+                &format!("{DIR}/dashboards/alerts.yml"),
+            )
+            .replace("'127.0.0.1:9464'", &format!("'{target}'"));
         std::fs::write(
             &config,
-            format!(
-                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {DIR}/dashboards/alerts.yml\nscrape_configs:\n  - job_name: loyaltyd\n    honor_labels: true\n    static_configs:\n      - targets: ['{target}']\n"
-            ),
+            format!("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n{yaml}\n"),
         )
         .unwrap_or_else(|e| panic!("{e}"));
         let port = common::free_port();
