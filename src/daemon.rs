@@ -311,10 +311,7 @@ async fn board_upkeep(ctx: Context, shutdown: CancellationToken) {
             () = shutdown.cancelled() => return,
         }
         if ctx.cache.live_ready().await != Some(false)
-            || !ctx
-                .cache
-                .try_lock("leaderboard:live:building", BOARD_BUILD_LOCK)
-                .await
+            || !ctx.cache.try_lock(BOARD_BUILD_KEY, BOARD_BUILD_LOCK).await
         {
             continue;
         }
@@ -323,10 +320,7 @@ async fn board_upkeep(ctx: Context, shutdown: CancellationToken) {
             r = crate::leaderboard::build_live_board(&ctx) => r,
             () = shutdown.cancelled() => return,
         };
-        let _ = ctx
-            .cache
-            .delete(&[ctx.cache.key("leaderboard:live:building")])
-            .await;
+        let _ = ctx.cache.delete(&[ctx.cache.key(BOARD_BUILD_KEY)]).await;
         match built {
             Ok(users) => tracing::info!(
                 users,
@@ -342,6 +336,8 @@ async fn board_upkeep(ctx: Context, shutdown: CancellationToken) {
 
 /// How often the daemon checks that the live board is there.
 const BOARD_CHECK: Duration = Duration::from_secs(5);
+/// The Redis lock that lets one daemon at a time build the live board.
+const BOARD_BUILD_KEY: &str = "leaderboard:live:building";
 /// How long one daemon may hold the build (longer than a build at 10 M users).
 const BOARD_BUILD_LOCK: Duration = Duration::from_secs(600);
 

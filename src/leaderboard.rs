@@ -339,30 +339,30 @@ pub async fn build_live_board(ctx: &Context) -> Result<u64> {
         .await
         .db("starting the live board's build")?;
     db::set_local_timeout(&mut tx, ctx.config.sweep.timeout).await?;
-    let mut rows = sqlx::query_as::<_, (i64, i64, i64, i64)>(
-        "SELECT id, loyalty_score, score_version, (EXTRACT(EPOCH FROM created_at) * 1000000)::BIGINT
-         FROM users WHERE loyalty_score > 0",
-    )
-    .fetch(&mut *tx);
-    let (mut batch, mut written) = (Vec::with_capacity(BOARD_BATCH), 0u64);
-    loop {
-        let row = rows
+    let mut written = 0u64;
+    {
+        let mut chunks = sqlx::query_as::<_, (i64, i64, i64, i64)>(
+            "SELECT id, loyalty_score, score_version, (EXTRACT(EPOCH FROM created_at) * 1000000)::BIGINT
+             FROM users WHERE loyalty_score > 0",
+        )
+        .fetch(&mut *tx)
+        .try_chunks(BOARD_BATCH);
+        while let Some(chunk) = chunks
             .try_next()
             .await
-            .db("reading scores for the live board")?;
-        batch.extend(row.and_then(VersionedScore::from_row));
-        if batch.len() >= BOARD_BATCH || (row.is_none() && !batch.is_empty()) {
+            .map_err(|e| e.1)
+            .db("reading scores for the live board")?
+        {
+            let batch: Vec<VersionedScore> = chunk
+                .into_iter()
+                .filter_map(VersionedScore::from_row)
+                .collect();
             if !retried!(ctx.cache.live_set(&batch).await) {
                 return Err(unavailable());
             }
             written += batch.len() as u64;
-            batch.clear();
-        }
-        if row.is_none() {
-            break;
         }
     }
-    drop(rows);
     let _ = tx.rollback().await;
     if !retried!(ctx.cache.live_mark_ready(true).await) {
         return Err(unavailable());

@@ -216,45 +216,39 @@ async fn cached_scores_differing(
     let mut differing = Vec::new();
     let mut checked = true;
     {
-        let mut rows =
-            sqlx::query_as::<_, (i64, i64)>("SELECT id, loyalty_score FROM users").fetch(&mut *tx);
-        let mut chunk: Vec<(UserId, i64)> = Vec::with_capacity(batch as usize);
-        loop {
+        let mut chunks = sqlx::query_as::<_, (i64, i64)>("SELECT id, loyalty_score FROM users")
+            .fetch(&mut *tx)
+            .try_chunks(batch.max(1) as usize);
+        while let Some(chunk) = chunks
+            .try_next()
+            .await
+            .map_err(|e| e.1)
+            .db("reading scores for the cache check")?
+        {
             if cancel.is_cancelled() {
                 return Err(Error::Cancelled {
                     context: "the sweep's cache check",
                 });
             }
-            let row = rows
-                .try_next()
-                .await
-                .db("reading scores for the cache check")?;
-            if let Some((id, score)) = row
-                && let Ok(user) = UserId::new(id)
-            {
-                chunk.push((user, score));
-            }
-            if chunk.len() >= batch as usize || (row.is_none() && !chunk.is_empty()) {
-                let users: Vec<UserId> = chunk.iter().map(|c| c.0).collect();
-                // Values only: the versions matter just for the few that
-                // differ, and repair_cache_entries reads those again anyway.
-                let Some(cached) = ctx.cache.get_values(&users).await else {
-                    checked = false;
-                    break;
-                };
-                differing.extend(
-                    chunk
-                        .iter()
-                        .zip(cached)
-                        .filter_map(|(&(user, score), value)| {
-                            value.filter(|v| v.parse() != Ok(score)).map(|_| user)
-                        }),
-                );
-                chunk.clear();
-            }
-            if row.is_none() {
+            let chunk: Vec<(UserId, i64)> = chunk
+                .into_iter()
+                .filter_map(|(id, score)| Some((UserId::new(id).ok()?, score)))
+                .collect();
+            let users: Vec<UserId> = chunk.iter().map(|c| c.0).collect();
+            // Values only: the versions matter just for the few that
+            // differ, and repair_cache_entries reads those again anyway.
+            let Some(cached) = ctx.cache.get_values(&users).await else {
+                checked = false;
                 break;
-            }
+            };
+            differing.extend(
+                chunk
+                    .iter()
+                    .zip(cached)
+                    .filter_map(|(&(user, score), value)| {
+                        value.filter(|v| v.parse() != Ok(score)).map(|_| user)
+                    }),
+            );
         }
     }
     let _ = tx.rollback().await;
@@ -276,45 +270,40 @@ async fn verify_live_board(ctx: &Context, batch: u32, cancel: &CancellationToken
     db::set_local_timeout(&mut tx, ctx.config.sweep.timeout).await?;
     let (mut repaired, mut ranked) = (0u64, 0i64);
     {
-        let mut rows = sqlx::query_as::<_, (i64, i64, i64, i64)>(
+        let mut chunks = sqlx::query_as::<_, (i64, i64, i64, i64)>(
             "SELECT id, loyalty_score, score_version, (EXTRACT(EPOCH FROM created_at) * 1000000)::BIGINT FROM users",
         )
-        .fetch(&mut *tx);
-        let mut chunk: Vec<VersionedScore> = Vec::with_capacity(batch as usize);
-        loop {
+        .fetch(&mut *tx)
+        .try_chunks(batch.max(1) as usize);
+        while let Some(chunk) = chunks
+            .try_next()
+            .await
+            .map_err(|e| e.1)
+            .db("reading scores for the live board check")?
+        {
             if cancel.is_cancelled() {
                 return Err(Error::Cancelled {
                     context: "the live board check",
                 });
             }
-            let row = rows
-                .try_next()
-                .await
-                .db("reading scores for the live board check")?;
-            if let Some(score) = row.and_then(VersionedScore::from_row) {
-                ranked += i64::from(score.score > 0);
-                chunk.push(score);
-            }
-            if chunk.len() >= batch as usize || (row.is_none() && !chunk.is_empty()) {
-                let Some(differing) = ctx.cache.live_differing(&chunk).await else {
-                    return Ok(repaired);
-                };
-                let fixes: Vec<VersionedScore> = chunk
-                    .iter()
-                    .filter(|s| differing.contains(&s.user))
-                    .copied()
-                    .collect();
-                if !fixes.is_empty() {
-                    // Read again: a writer may have moved them since the stream's snapshot.
-                    let ids: Vec<UserId> = fixes.iter().map(|s| s.user).collect();
-                    let fresh = read_scores(&ctx.pool, &ids).await?;
-                    ctx.cache.live_set(&fresh).await;
-                    repaired += fixes.len() as u64;
-                }
-                chunk.clear();
-            }
-            if row.is_none() {
-                break;
+            let chunk: Vec<VersionedScore> = chunk
+                .into_iter()
+                .filter_map(VersionedScore::from_row)
+                .collect();
+            ranked += chunk.iter().filter(|s| s.score > 0).count() as i64;
+            let Some(differing) = ctx.cache.live_differing(&chunk).await else {
+                return Ok(repaired);
+            };
+            let ids: Vec<UserId> = chunk
+                .iter()
+                .filter(|s| differing.contains(&s.user))
+                .map(|s| s.user)
+                .collect();
+            if !ids.is_empty() {
+                // Read again: a writer may have moved them since the stream's snapshot.
+                let fresh = read_scores(&ctx.pool, &ids).await?;
+                ctx.cache.live_set(&fresh).await;
+                repaired += ids.len() as u64;
             }
         }
     }
