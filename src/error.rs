@@ -235,14 +235,6 @@ impl Refusal {
     }
 }
 
-/// The SQLSTATE of a database error, if it is one.
-pub fn sqlstate(e: &sqlx::Error) -> Option<String> {
-    match e {
-        sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
-        _ => None,
-    }
-}
-
 /// A driver error as an operator reads it: for a server error its message,
 /// detail and hint (not the driver's wrapping, nor the server's source-file
 /// line it reports), else the driver's own text.
