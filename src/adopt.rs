@@ -1329,9 +1329,13 @@ impl Adoption<'_> {
     /// Runs every migration's statements that are not there yet, one
     /// transaction per migration (see the module docs).
     async fn run_migrations(&self) -> Result<()> {
+        let dropped = dropped_later();
         for m in crate::db::MIGRATOR.iter() {
             let mut todo = Vec::new();
             for stmt in split_statements(m.sql.as_str()) {
+                if superseded(&stmt, m.version, &dropped) {
+                    continue;
+                }
                 if let Some(s) = self.still_needed(&stmt).await? {
                     todo.push(s);
                 }
@@ -1767,6 +1771,43 @@ async fn inspect_redis(cache: &crate::cache::Cache) -> Vec<Problem> {
         });
     }
     found
+}
+
+/// The triggers and functions a migration drops (`DROP TRIGGER IF EXISTS
+/// name ...`, `DROP FUNCTION IF EXISTS name(...)`), with its version: an
+/// earlier migration's statement creating one of them is not run again by
+/// `adopt`. Resuming an adoption replays every migration, and recreating,
+/// say, migration 5's scoring trigger beside migration 8's would count each
+/// event twice until migration 8's transaction dropped it again.
+fn dropped_later() -> Vec<(String, i64)> {
+    let mut out = Vec::new();
+    for m in crate::db::MIGRATOR.iter() {
+        for stmt in split_statements(m.sql.as_str()) {
+            let upper = normalize(&stmt);
+            for prefix in ["DROP TRIGGER IF EXISTS ", "DROP FUNCTION IF EXISTS "] {
+                if let Some(rest) = upper.strip_prefix(prefix) {
+                    let name = rest.split(['(', ' ', ';']).next().unwrap_or_default();
+                    out.push((format!("{prefix}{name}"), m.version));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Whether `stmt` of migration `version` creates what a later migration drops.
+fn superseded(stmt: &str, version: i64, dropped: &[(String, i64)]) -> bool {
+    let upper = normalize(stmt);
+    let created = [
+        ("CREATE TRIGGER ", "DROP TRIGGER IF EXISTS "),
+        ("CREATE FUNCTION ", "DROP FUNCTION IF EXISTS "),
+    ]
+    .into_iter()
+    .find_map(|(create, drop)| {
+        let name = upper.strip_prefix(create)?.split(['(', ' ']).next()?;
+        Some(format!("{drop}{name}"))
+    });
+    created.is_some_and(|c| dropped.iter().any(|(d, v)| *d == c && *v > version))
 }
 
 /// The text of migration `version`.

@@ -472,11 +472,12 @@ impl Render for sweep::SweepReport {
             _ => format!(" (users {})", ids.join(", ")),
         };
         format!(
-            "checked {} users: {} drifted and were repaired{listed}; {} cached scores and {} live leaderboard places corrected{}",
+            "checked {} users: {} drifted and were repaired{listed}; {} cached scores and {} live leaderboard places corrected; {} legacy credits pending (not drift){}",
             self.users_checked,
             self.drifted_users,
             self.cache_repaired,
             self.board_repaired,
+            self.pending_credits,
             if self.completed {
                 ""
             } else {

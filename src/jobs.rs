@@ -78,11 +78,12 @@ pub async fn integrity_sweep(ctx: &Context, cancel: &CancellationToken) -> Resul
         );
     }
     Ok(Done::Worked(format!(
-        "checked {} users: {} drifted, {} cache entries and {} live leaderboard places corrected{}",
+        "checked {} users: {} drifted, {} cache entries and {} live leaderboard places corrected, {} legacy credits pending{}",
         report.users_checked,
         report.drifted_users,
         report.cache_repaired,
         report.board_repaired,
+        report.pending_credits,
         if report.cache_checked {
             ""
         } else {

@@ -134,7 +134,7 @@ pub struct RefreshReport {
 /// The debounce state.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq)]
 pub struct Status {
-    /// Pending changes (sum of the shards).
+    /// Pending changes (the sum of the backends' rows).
     pub pending_changes: i64,
     /// Seconds since the last refresh.
     pub age_seconds: f64,
@@ -452,10 +452,10 @@ async fn refresh_in(
             .fetch_one(&mut *tx)
             .await
             .db("taking the refresh lock")?;
-    let (shards, counts, age) = observe_pending(&mut *tx).await?;
+    let (observed, age) = observe_pending(&mut *tx).await?;
     // A seed-era application counts its changes in Redis: they are pending too.
     let seed_pending = ctx.cache.seed_pending().await;
-    let pending: i64 = counts.iter().sum::<i64>() + seed_pending;
+    let pending: i64 = observed + seed_pending;
     let report = |refreshed, reason| RefreshReport {
         refreshed,
         reason,
@@ -486,18 +486,14 @@ async fn refresh_in(
             .db("refreshing the leaderboard view")?;
     }
     // Consume exactly what was seen before the refresh began (PostgreSQL's
-    // shards here; the seed's counter after the commit).
+    // count here, on this backend's own row, which no writer waits for;
+    // the seed's counter after the commit).
     sqlx::query(
-        "WITH consumed AS ( \
-             UPDATE leaderboard_pending p SET changes = p.changes - o.changes \
-             FROM UNNEST($1::SMALLINT[], $2::BIGINT[]) AS o(shard, changes) \
-             WHERE p.shard = o.shard \
-         ) \
-         UPDATE leaderboard_state SET refreshed_at = now(), consumed_changes = consumed_changes + $3",
+        "WITH s AS (UPDATE leaderboard_state SET refreshed_at = now(), \
+                               consumed_changes = consumed_changes + $1 RETURNING 1) \
+         SELECT leaderboard_consume_changes($1) FROM s",
     )
-    .bind(&shards)
-    .bind(&counts)
-    .bind(pending - seed_pending)
+    .bind(observed)
     .execute(&mut *tx)
     .await
     .db("consuming pending changes")?;
@@ -637,17 +633,17 @@ const SWAP_LOCK_WAIT: Duration = Duration::from_millis(50);
 /// next check): 10 s of readers holding the view without a gap.
 const SWAP_ATTEMPTS: u32 = 200;
 
-/// The pending count of each non-empty shard, and the view's age in seconds.
-async fn observe_pending(conn: &mut PgConnection) -> Result<(Vec<i16>, Vec<i64>, f64)> {
-    let (shards, counts, age): (Option<Vec<i16>>, Option<Vec<i64>>, f64) = sqlx::query_as(
-        "SELECT array_agg(shard ORDER BY shard), array_agg(changes ORDER BY shard), \
-                (SELECT EXTRACT(EPOCH FROM clock_timestamp() - refreshed_at)::FLOAT8 FROM leaderboard_state) \
-         FROM leaderboard_pending WHERE changes <> 0",
+/// The pending count (the sum of the backends' rows, migration 8) and the
+/// view's age in seconds.
+async fn observe_pending(conn: &mut PgConnection) -> Result<(i64, f64)> {
+    sqlx::query_as(
+        "SELECT (SELECT COALESCE(SUM(changes), 0)::BIGINT FROM leaderboard_pending), \
+                EXTRACT(EPOCH FROM clock_timestamp() - refreshed_at)::FLOAT8 \
+         FROM leaderboard_state",
     )
     .fetch_one(conn)
     .await
-    .db("reading pending leaderboard changes")?;
-    Ok((shards.unwrap_or_default(), counts.unwrap_or_default(), age))
+    .db("reading pending leaderboard changes")
 }
 
 #[cfg(test)]

@@ -303,11 +303,10 @@ pub(crate) async fn repair(
     tx: &mut Transaction<'_, Postgres>,
     ids: &[i64],
 ) -> Result<Vec<Repaired>> {
-    // The lock, and the mark that lets loyaltyd's own score writes past
-    // users_score_written (migration 5), in one round trip.
+    // The lock. (The repair writes score_version itself: that is what lets
+    // it past users_score_changed, migration 8.)
     sqlx::query(
-        "SELECT set_config('loyaltyd.scoring', 'on', true),
-                (SELECT count(*) FROM (SELECT id FROM users WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE) l)",
+        "SELECT count(*) FROM (SELECT id FROM users WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE) l",
     )
     .bind(ids)
     .execute(&mut **tx)
@@ -335,11 +334,12 @@ pub(crate) async fn repair(
             RETURNING u.id, u.loyalty_score, u.score_version, t.previous,
                       (EXTRACT(EPOCH FROM u.created_at) * 1000000)::BIGINT AS created_us
         ), counted AS (
-            -- A repaired score moves the leaderboard like any other change.
-            UPDATE leaderboard_pending SET changes = changes + (SELECT count(*) FROM fixed)
-            WHERE shard = leaderboard_shard() AND EXISTS (SELECT 1 FROM fixed)
+            -- A repaired score moves the leaderboard like any other change
+            -- (read once, below: a CTE nobody reads would not run).
+            SELECT leaderboard_count_changes(count(*)) FROM fixed HAVING count(*) > 0
         )
-        SELECT id, loyalty_score, score_version, previous, created_us FROM fixed ORDER BY id
+        SELECT f.id, f.loyalty_score, f.score_version, f.previous, f.created_us
+        FROM fixed f LEFT JOIN counted ON true ORDER BY f.id
     "#;
     let rows: Vec<(i64, i64, i64, i64, i64)> = sqlx::query_as(SQL)
         .bind(ids)

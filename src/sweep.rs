@@ -65,6 +65,12 @@ pub struct SweepReport {
     /// Users whose place on the live board differed from the database (now
     /// corrected).
     pub board_repaired: u64,
+    /// Legacy credits still waiting for their event after the repairs
+    /// (migration 8: a score written by an application of the original
+    /// design, whose event INSERT is on its way). Not drift: each such score
+    /// is its events plus these credits, exactly; a credit older than
+    /// [`crate::loyalty::LEGACY_CREDIT_GRACE`] was repaired as drift.
+    pub pending_credits: u64,
 }
 
 /// The integrity sweep: every user's score against their events, repairing
@@ -134,12 +140,22 @@ pub async fn run(
             }
         }
     }
+    report.pending_credits = pending_credits(ctx).await?;
     // A cache check that Redis could not answer is reported
     // (cache_checked), not a failed sweep; one that the time limit or a
     // cancel cut short is an incomplete sweep.
     report.completed = !cancel.is_cancelled() && !cut_short;
     timer.ok(None);
     Ok(report)
+}
+
+/// Legacy credits not yet consumed by their events.
+async fn pending_credits(ctx: &Context) -> Result<u64> {
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM legacy_score_credits")
+        .fetch_one(&ctx.pool)
+        .await
+        .db("counting legacy credits")?;
+    Ok(n.max(0) as u64)
 }
 
 /// How many users there are, and the ids of those whose stored score is not

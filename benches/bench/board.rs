@@ -61,8 +61,8 @@ pub async fn board(b: &Bench, report: &mut Report, target: i64) -> R<()> {
 async fn top_up(b: &Bench, target: i64) -> R<i64> {
     eprintln!("bench: topping up to {target} ranked users");
     sqlx::query(
-        "INSERT INTO users (id, username, loyalty_score, created_at)
-         SELECT m.id + g, 'filler_' || (m.id + g), 1 + (g * 7919) % 20000,
+        "INSERT INTO users (id, username, loyalty_score, score_version, created_at)
+         SELECT m.id + g, 'filler_' || (m.id + g), 1 + (g * 7919) % 20000, 1,
                 now() - (g % 100000) * INTERVAL '1 minute'
          FROM (SELECT COALESCE(max(id), 0) AS id FROM users) m,
               generate_series(1, GREATEST(0, $1 - (SELECT count(*) FROM users WHERE loyalty_score > 0))) g",

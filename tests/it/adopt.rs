@@ -48,7 +48,7 @@ fn load_fixture(db: &str) {
     );
 }
 
-async fn database(pool: &PgPool) -> String {
+pub(crate) async fn database(pool: &PgPool) -> String {
     sqlx::query_scalar("SELECT current_database()::TEXT")
         .fetch_one(pool)
         .await
@@ -127,7 +127,14 @@ impl Drop for Apps {
 }
 
 /// The original design's application, running (tests/fixtures/seed_app.py).
-fn old_app(config: &loyaltyd::Config, db: &str, worker: usize, seconds: u32, stop: &str) -> Child {
+pub(crate) fn old_app(
+    config: &loyaltyd::Config,
+    db: &str,
+    worker: usize,
+    seconds: u32,
+    users: i64,
+    stop: &str,
+) -> Child {
     Command::new(common::PYTHON)
         .args([
             concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/seed_app.py"),
@@ -136,7 +143,7 @@ fn old_app(config: &loyaltyd::Config, db: &str, worker: usize, seconds: u32, sto
             &config.redis.key_prefix,
             &worker.to_string(),
             &seconds.to_string(),
-            &USERS.to_string(),
+            &users.to_string(),
             stop,
         ])
         .stdout(Stdio::piped())
@@ -145,7 +152,7 @@ fn old_app(config: &loyaltyd::Config, db: &str, worker: usize, seconds: u32, sto
         .unwrap_or_else(|e| panic!("python3: {e}"))
 }
 
-async fn finish(app: Child) -> serde_json::Value {
+pub(crate) async fn finish(app: Child) -> serde_json::Value {
     let out = tokio::task::spawn_blocking(move || app.wait_with_output())
         .await
         .unwrap_or_else(|e| panic!("{e}"))
@@ -237,7 +244,7 @@ async fn the_original_design_is_adopted_online_beside_its_own_code_and_resumes_a
     let stop_path = stop.to_string_lossy().into_owned();
     let mut apps = Apps(
         (0..2)
-            .map(|w| old_app(&config, &db, w, 120, &stop_path))
+            .map(|w| old_app(&config, &db, w, 120, USERS, &stop_path))
             .collect(),
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -384,39 +391,11 @@ async fn after_adoption_the_old_code_and_plain_sql_together_count_every_score_on
         String::from_utf8_lossy(&out.stderr)
     );
     // The old code (UPDATE, then INSERT) and a new application (INSERT
-    // only) at once, on the same users.
-    let stop = std::env::temp_dir().join(format!("coexist-stop-{db}"));
-    let mut apps = Apps(
-        (0..3)
-            .map(|w| old_app(&config, &db, w, 4, &stop.to_string_lossy()))
-            .collect(),
-    );
-    let writers: Vec<_> = (0..3)
-        .map(|w| {
-            let pool = pool.clone();
-            tokio::spawn(async move {
-                for i in 0..300i64 {
-                    sqlx::query(
-                        "INSERT INTO moderation_events (user_id, event_type, content_type, content_id, outcome)
-                         VALUES ($1, 'moderation_decision', 'post', $2, 'approved')",
-                    )
-                    .bind(1 + (i * 31 + w) % USERS)
-                    .bind(format!("new-{w}-{i}"))
-                    .execute(&pool)
-                    .await
-                    .unwrap_or_else(|e| panic!("{e}"));
-                }
-            })
-        })
-        .collect();
-    for w in writers {
-        w.await.unwrap_or_else(|e| panic!("{e}"));
+    // only) at once, on the same users: 8 + 4 writers on 3 users, then on 200.
+    let ctx = common::ctx_with(&pool, config.clone(), false);
+    for users in [3, 200] {
+        crate::writers::coexist(&pool, &ctx, &db, users, 8).await;
     }
-    for app in std::mem::take(&mut apps.0) {
-        let line = finish(app).await;
-        assert_eq!(line["errors"], serde_json::json!({}), "{line}");
-    }
-    let ctx = common::ctx_with(&pool, config, false);
     assert_eq!(
         common::sweep_drift(&ctx).await,
         0,

@@ -656,8 +656,8 @@ where
 /// that takes a while to refresh concurrently.
 pub async fn big_board(pool: &PgPool, n: i64) {
     sqlx::query(
-        "INSERT INTO users (id, username, loyalty_score, created_at)
-         SELECT g, 'u' || g, 1 + (g * 7919) % 5000, TIMESTAMPTZ '2024-01-01' + g * INTERVAL '1 second'
+        "INSERT INTO users (id, username, loyalty_score, score_version, created_at)
+         SELECT g, 'u' || g, 1 + (g * 7919) % 5000, 1, TIMESTAMPTZ '2024-01-01' + g * INTERVAL '1 second'
          FROM generate_series(1, $1) g",
     )
     .bind(n)

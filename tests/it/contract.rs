@@ -242,15 +242,36 @@ async fn every_queue_write_path_keeps_positions_exact_and_dense(pool: PgPool) {
             vec!["c".to_owned(), "a".to_owned()]
         )
     );
-    // An operator's key change is kept and counted; a priority change moves nothing.
+    // A client's key change is refused whole (LY004, naming the legacy
+    // switch); in legacy mode it is the original design's shift and the keys
+    // stay. A priority change moves nothing.
+    let before = common::queue_invariants(&pool, QueueKind::Post).await;
+    let err = sqlx::query("UPDATE post_moderation_queue SET position_in_queue = position_in_queue - 1 WHERE topic_id = 't1'")
+        .execute(&pool)
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("a key update went through"));
+    let db = err.as_database_error().unwrap_or_else(|| panic!("{err}"));
+    assert_eq!(db.code().as_deref(), Some("LY004"), "{err}");
+    assert!(db.message().contains("position_in_queue refused"), "{err}");
     exec(
         &pool,
-        "UPDATE post_moderation_queue SET position_in_queue = 100000 WHERE post_id = 'd'",
+        "UPDATE loyaltyd_settings SET legacy_score_writes = true",
+    )
+    .await;
+    exec(
+        &pool,
+        "UPDATE post_moderation_queue SET position_in_queue = position_in_queue - 1 WHERE topic_id = 't1'",
+    )
+    .await;
+    exec(
+        &pool,
+        "UPDATE loyaltyd_settings SET legacy_score_writes = false",
     )
     .await;
     exec(&pool, "UPDATE post_moderation_queue SET priority_score = 9").await;
     let scopes = common::queue_invariants(&pool, QueueKind::Post).await;
-    assert_eq!(scopes["t1"], ["e", "f", "d"]);
+    assert_eq!(scopes, before);
     // loyaltyd's reorder is an UPDATE of keys too.
     let ctx = common::ctx(&pool, "q");
     queues::reorder(&ctx, QueueKind::Topic, &Scope::Global)

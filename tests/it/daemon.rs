@@ -90,7 +90,7 @@ async fn each_job_does_its_work_on_its_schedule(pool: PgPool) {
     );
 
     // Sweep: planted drift is repaired.
-    sqlx::query("UPDATE users SET loyalty_score = 999 WHERE id IN (4, 7)")
+    sqlx::query("UPDATE users SET loyalty_score = 999, score_version = score_version + 1 WHERE id IN (4, 7)")
         .execute(&pool)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -242,7 +242,7 @@ async fn a_job_slower_than_its_interval_skips_ticks_instead_of_stacking_them(poo
     // 60,000 drifted users repaired 20 per transaction: a sweep takes several
     // seconds, ticks come every second.
     sqlx::query(
-        "INSERT INTO users (id, username, loyalty_score) SELECT g, 'u' || g, 1 FROM generate_series(1, 60000) g",
+        "INSERT INTO users (id, username, loyalty_score, score_version) SELECT g, 'u' || g, 1, 1 FROM generate_series(1, 60000) g",
     )
     .execute(&pool)
     .await
@@ -270,7 +270,7 @@ async fn a_job_slower_than_its_interval_skips_ticks_instead_of_stacking_them(poo
 #[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
 async fn sigterm_during_a_long_sweep_exits_0_quickly_leaving_whole_batches(pool: PgPool) {
     // Every user drifted: each batch of 500 repairs 500 users in one transaction.
-    sqlx::query("INSERT INTO users (id, username, loyalty_score) SELECT g, 'u' || g, 1 FROM generate_series(1, 100000) g")
+    sqlx::query("INSERT INTO users (id, username, loyalty_score, score_version) SELECT g, 'u' || g, 1, 1 FROM generate_series(1, 100000) g")
         .execute(&pool)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -411,10 +411,12 @@ async fn the_daemon_survives_postgresql_going_away_and_recovers_by_itself(pool: 
     )
     .await;
     // And planted drift is repaired through the new connections.
-    sqlx::query("UPDATE users SET loyalty_score = 5 WHERE id = 3")
-        .execute(&pool)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    sqlx::query(
+        "UPDATE users SET loyalty_score = 5, score_version = score_version + 1 WHERE id = 3",
+    )
+    .execute(&pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
     common::eventually(
         "drift repaired after the outage",
         Duration::from_secs(10),

@@ -387,7 +387,7 @@ async fn an_event_id_reused_with_another_payload_exits_65_and_writes_nothing(poo
 #[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
 async fn a_score_overflow_is_one_clear_line_with_exit_65(pool: PgPool) {
     common::users(&pool, 1).await;
-    sqlx::query("UPDATE users SET loyalty_score = 9223372036854775806 WHERE id = 1")
+    sqlx::query("UPDATE users SET loyalty_score = 9223372036854775806, score_version = score_version + 1 WHERE id = 1")
         .execute(&pool)
         .await
         .unwrap_or_else(|e| panic!("{e}"));

@@ -43,8 +43,8 @@ async fn page_and_rank_match_the_seed_definition_at_the_ten_percent_boundaries(p
         // Scores with many ties (id % 4), sign-ups in reverse id order, plus
         // three users with zero or negative scores who must stay unranked.
         sqlx::query(
-            "INSERT INTO users (id, username, loyalty_score, created_at)
-             SELECT g, 'u' || g, CASE WHEN g <= $1 THEN 1 + g % 4 ELSE -(g % 2) END,
+            "INSERT INTO users (id, username, loyalty_score, score_version, created_at)
+             SELECT g, 'u' || g, CASE WHEN g <= $1 THEN 1 + g % 4 ELSE -(g % 2) END, 1,
                     TIMESTAMPTZ '2024-01-01' - g * INTERVAL '1 hour'
              FROM generate_series(1, $1 + 3) g",
         )
@@ -215,7 +215,7 @@ async fn changes_recorded_during_a_refresh_stay_pending_and_readers_are_not_bloc
     common::big_board(&pool, 150_000).await;
     let ctx = common::ctx(&pool, "during");
     common::refresh(&ctx).await; // populate
-    sqlx::query("UPDATE users SET loyalty_score = loyalty_score + 1 WHERE id % 3 = 0")
+    sqlx::query("UPDATE users SET loyalty_score = loyalty_score + 1, score_version = score_version + 1 WHERE id % 3 = 0")
         .execute(&pool)
         .await
         .unwrap_or_else(|e| panic!("{e}"));

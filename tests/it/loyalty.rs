@@ -312,7 +312,7 @@ async fn concurrent_batches_over_the_same_users_do_not_deadlock(
 }
 
 async fn corrupt(pool: &PgPool, users: &[i64]) {
-    sqlx::query("UPDATE users SET loyalty_score = loyalty_score + 1000 + id WHERE id = ANY($1)")
+    sqlx::query("UPDATE users SET loyalty_score = loyalty_score + 1000 + id, score_version = score_version + 1 WHERE id = ANY($1)")
         .bind(users)
         .execute(pool)
         .await

@@ -26,3 +26,4 @@ mod reliability;
 mod replicas;
 mod schema;
 mod telemetry;
+mod writers;

@@ -240,7 +240,7 @@ async fn redis_killed_and_postgres_connections_cut_mid_load_lose_nothing(
 
 /// Many users, every one drifted: a sweep long enough to interrupt.
 async fn long_sweep_data(pool: &PgPool, users: i64) {
-    sqlx::query("INSERT INTO users (id, username, loyalty_score) SELECT g, 'u' || g, 3 FROM generate_series(1, $1) g")
+    sqlx::query("INSERT INTO users (id, username, loyalty_score, score_version) SELECT g, 'u' || g, 3, 1 FROM generate_series(1, $1) g")
         .bind(users)
         .execute(pool)
         .await
@@ -364,7 +364,7 @@ async fn a_refresh_cut_off_or_stopped_midway_keeps_its_changes_pending(pool: PgP
         .execute(&pool)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    sqlx::query("UPDATE users SET loyalty_score = loyalty_score + 1 WHERE id % 2 = 0")
+    sqlx::query("UPDATE users SET loyalty_score = loyalty_score + 1, score_version = score_version + 1 WHERE id % 2 = 0")
         .execute(&pool)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
