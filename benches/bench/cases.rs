@@ -132,7 +132,7 @@ async fn heavy_user(b: &Bench) -> R<i64> {
     .execute(&b.pool)
     .await
     .map_err(|e| e.to_string())?;
-    sqlx::query("UPDATE users SET loyalty_score = (SELECT SUM(score_delta) FROM moderation_events WHERE user_id = $1) WHERE id = $1")
+    sqlx::query("UPDATE users SET loyalty_score = (SELECT SUM(score_delta) FROM moderation_events WHERE user_id = $1), score_version = score_version + 1 WHERE id = $1")
         .bind(id)
         .execute(&b.pool)
         .await

@@ -457,6 +457,13 @@ impl Bench {
         loyaltyd::db::migrate(&pool)
             .await
             .map_err(|e| e.to_string())?;
+        // The seed's algorithms run beside loyaltyd's on this database and
+        // write scores themselves: legacy mode, as a forum switching over
+        // runs them (a direct score write is refused otherwise, migration 8).
+        sqlx::query("UPDATE loyaltyd_settings SET legacy_score_writes = true")
+            .execute(&pool)
+            .await
+            .map_err(|e| e.to_string())?;
         let mut config = Config::default();
         config.redis.url = std::env::var("REDIS_URL")
             .unwrap_or_else(|_| "redis://127.0.0.1:6379/".into())

@@ -255,7 +255,11 @@ async fn a_job_slower_than_its_interval_skips_ticks_instead_of_stacking_them(poo
         .wait_for_log("the previous run is still going", Duration::from_secs(20))
         .await;
     let skipped = "loyaltyd_job_runs_total{job=\"integrity_sweep\",outcome=\"skipped\"}";
-    assert!(scrape_value(&config, skipped).await >= 1.0);
+    assert!(
+        scrape_value(&config, skipped).await >= 1.0,
+        "{}",
+        daemon.log_text()
+    );
     // Never two sweeps of this daemon at once: at most one holds the job lock.
     let sweeps: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = ($1::BIGINT & 4294967295)::OID AND granted",

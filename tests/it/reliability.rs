@@ -360,7 +360,7 @@ async fn a_refresh_cut_off_or_stopped_midway_keeps_its_changes_pending(pool: PgP
     drop(daemon);
 
     // SIGTERM mid-refresh: exit 0 quickly, the changes still pending.
-    sqlx::query("UPDATE leaderboard_pending SET changes = 40 WHERE shard = 9")
+    sqlx::query("INSERT INTO leaderboard_pending (shard, changes) VALUES (9, 40) ON CONFLICT (shard) DO UPDATE SET changes = 40")
         .execute(&pool)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
