@@ -25,6 +25,8 @@ if $test_tools; then
     /usr/bin/python3 -c 'import psycopg' >/dev/null 2>&1 || missing+=(python3-psycopg)
     /usr/bin/python3 -c 'import redis' >/dev/null 2>&1 || missing+=(python3-redis)
     command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+    /usr/bin/python3 -c 'import asyncpg' >/dev/null 2>&1 || missing+=(python3-asyncpg)
+    command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 fi
 if ((${#missing[@]})); then
     log "installing ${missing[*]} from Debian's packages"

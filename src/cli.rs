@@ -42,7 +42,7 @@ pub enum Command {
     /// Upgrade a database of the original design in place, online
     Adopt(AdoptArgs),
     /// Validate the configuration and print it, secrets redacted
-    CheckConfig,
+    CheckConfig(CheckConfigArgs),
     /// Moderation events
     #[command(subcommand)]
     Event(EventCommand),
@@ -226,6 +226,29 @@ pub enum QueueCommand {
     },
 }
 
+/// `check-config ...`
+#[derive(Debug, clap::Args)]
+pub struct CheckConfigArgs {
+    /// The environment file the service reads (systemd's EnvironmentFile=:
+    /// KEY=VALUE lines); its variables are applied over this shell's
+    /// [default: /etc/loyaltyd/loyaltyd.env if it exists]
+    #[arg(long, value_name = "PATH")]
+    pub env_file: Option<PathBuf>,
+}
+
+/// The environment file of the Debian package's unit.
+pub const DEFAULT_ENV_FILE: &str = "/etc/loyaltyd/loyaltyd.env";
+
+impl CheckConfigArgs {
+    /// The file to read: the one given, or the package's when it exists.
+    pub fn env_file(&self) -> Option<PathBuf> {
+        self.env_file.clone().or_else(|| {
+            let p = PathBuf::from(DEFAULT_ENV_FILE);
+            p.is_file().then_some(p)
+        })
+    }
+}
+
 /// `demo ...`
 #[derive(Debug, Subcommand)]
 pub enum DemoCommand {
@@ -253,8 +276,11 @@ pub async fn run(cli: Cli) -> Result<()> {
     telemetry::init_logging(&config.log);
     let json = cli.json;
     match cli.command {
-        Command::Run => daemon::run(config).await,
-        Command::CheckConfig => emit(json, &CheckedConfig(config.clone())),
+        Command::Run => {
+            let path = cli.config.clone();
+            daemon::run(config, Box::new(move || Config::load(path.as_deref()))).await
+        }
+        Command::CheckConfig(_) => emit(json, &CheckedConfig(config.clone())),
         Command::Migrate => {
             let pool = db::connect(&config.database).await?;
             db::migrate(&pool).await?;
@@ -376,7 +402,7 @@ async fn data_command(ctx: &Context, json: bool, command: Command) -> Result<()>
         Command::Run
         | Command::Migrate
         | Command::Adopt(_)
-        | Command::CheckConfig
+        | Command::CheckConfig(_)
         | Command::Stats => Err(Error::Runtime("internal: command dispatched twice".into())),
     }
 }

@@ -593,6 +593,48 @@ fn redact_in(message: &str, url: &str) -> String {
     message.replace(url, &redact_url(url))
 }
 
+/// Reads an environment file as systemd's `EnvironmentFile=` does: one
+/// `KEY=VALUE` a line, `#` and `;` comments, blank lines, values optionally
+/// in single or double quotes. A line without `=` or a key that is not a
+/// variable name is a configuration error naming the line.
+pub fn read_env_file(path: &Path) -> Result<Vec<(String, String)>> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Error::Config(format!(
+            "environment file {}: {e} (check --env-file)",
+            path.display()
+        ))
+    })?;
+    let mut vars = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        let bad = || {
+            Error::Config(format!(
+                "environment file {} line {}: not KEY=VALUE",
+                path.display(),
+                n + 1
+            ))
+        };
+        let (key, value) = line.split_once('=').ok_or_else(bad)?;
+        let key = key.trim();
+        if key.is_empty()
+            || key.starts_with(|c: char| c.is_ascii_digit())
+            || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            return Err(bad());
+        }
+        let value = value.trim();
+        let value = ['"', '\'']
+            .iter()
+            .find_map(|q| value.strip_prefix(*q).and_then(|v| v.strip_suffix(*q)))
+            .unwrap_or(value);
+        vars.push((key.to_owned(), value.to_owned()));
+    }
+    Ok(vars)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,6 +10,11 @@
 //! duration, not a cron expression, and tokio-cron-scheduler's repeated jobs
 //! can stop firing under load). Every tick goes through a [`JobRunner`].
 //!
+//! SIGHUP reloads the configuration: the next generation of scheduler and
+//! loops is built from it, then the running one stops taking ticks (see
+//! [`reloaded`] for what needs a restart instead). A refused file keeps the
+//! running configuration, with an error line saying why.
+//!
 //! Shutdown (SIGTERM, SIGINT): STOPPING=1, stop the scheduler, cancel the shared
 //! token (a running job stops at its next safe point; a running statement is
 //! cancelled on the server; locks go with their transactions), wait for the
@@ -34,10 +39,17 @@ use crate::telemetry::{self, Job};
 /// (within systemd's default 90 s stop timeout, and the 10 s we promise).
 const STOP_GRACE: Duration = Duration::from_secs(8);
 
-/// Runs the daemon until SIGTERM or SIGINT.
-pub async fn run(config: Config) -> Result<()> {
+/// Re-reads the configuration (the file and the environment the process
+/// started with) on SIGHUP.
+pub type Reload = Box<dyn Fn() -> Result<Config> + Send + Sync>;
+
+/// Runs the daemon until SIGTERM or SIGINT; SIGHUP reloads the configuration
+/// (see [`reloaded`] for what a reload can change).
+pub async fn run(config: Config, reload: Reload) -> Result<()> {
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone())?;
+    let mut hangup = signal(SignalKind::hangup())
+        .map_err(|e| Error::Runtime(format!("installing the SIGHUP handler: {e}")))?;
     telemetry::install_exporter(config.metrics.listen)?;
     tracing::info!(config = ?config, "loyaltyd {} starting", env!("CARGO_PKG_VERSION"));
 
@@ -45,7 +57,7 @@ pub async fn run(config: Config) -> Result<()> {
     if !wait_for_database(&pool, &shutdown).await? {
         return Ok(());
     }
-    let ctx = Context::with_pool(config, pool, true)?;
+    let mut ctx = Context::with_pool(config, pool.clone(), true)?;
     // Every job's last success, from the cluster's record, or this start.
     let started = std::time::SystemTime::now();
     let known = crate::jobs::last_successes(&ctx.pool).await;
@@ -57,59 +69,9 @@ pub async fn run(config: Config) -> Result<()> {
         telemetry::job_succeeded(job, at);
     }
     let instance = instance_name();
+    // Job ticks: they run to their end (or their cancel) across reloads.
     let tracker = TaskTracker::new();
-
-    let mut scheduler = JobScheduler::new()
-        .await
-        .map_err(|e| Error::Runtime(format!("starting the scheduler: {e}")))?;
-    for job in [Job::IntegritySweep, Job::QueueReorder] {
-        let runner = JobRunner::new(job, ctx.clone(), instance.clone())?;
-        let schedule = runner.schedule().unwrap_or_default().to_owned();
-        let (token, tasks) = (shutdown.clone(), tracker.clone());
-        let cron = CronJob::new_async(schedule.as_str(), move |_, _| {
-            let (runner, token, tasks) = (runner.clone(), token.clone(), tasks.clone());
-            Box::pin(async move {
-                if !token.is_cancelled() {
-                    tasks
-                        .spawn(async move { runner.tick(&token).await })
-                        .await
-                        .ok();
-                }
-            })
-        })
-        .map_err(|e| {
-            Error::Config(format!(
-                "cannot schedule {}: {e} ({schedule:?})",
-                job.as_str()
-            ))
-        })?;
-        scheduler
-            .add(cron)
-            .await
-            .map_err(|e| Error::Runtime(format!("scheduling {}: {e}", job.as_str())))?;
-    }
-    scheduler
-        .start()
-        .await
-        .map_err(|e| Error::Runtime(format!("starting the scheduler: {e}")))?;
-    let refresh = JobRunner::new(Job::LeaderboardRefresh, ctx.clone(), instance.clone())?;
-    tracker.spawn(refresh_loop(
-        refresh,
-        ctx.config.leaderboard.check_interval,
-        shutdown.clone(),
-        tracker.clone(),
-    ));
-
-    tracker.spawn(sync_loop(ctx.clone(), shutdown.clone()));
-    if ctx.config.leaderboard.live {
-        tracker.spawn(board_upkeep(ctx.clone(), shutdown.clone()));
-    }
-    if ctx.cache.is_cluster() {
-        tracker.spawn(failover_watch(ctx.clone(), shutdown.clone()));
-    }
-    if ctx.replicas.any() {
-        tracker.spawn(replica_watch(ctx.clone(), shutdown.clone()));
-    }
+    let mut current = Generation::start(&ctx, &instance, &shutdown, &tracker).await?;
 
     let _ = sd_notify::notify(&[NotifyState::Ready]);
     if let Some(every) = sd_notify::watchdog_enabled() {
@@ -117,10 +79,41 @@ pub async fn run(config: Config) -> Result<()> {
     }
     tracing::info!(instance, metrics = %ctx.config.metrics.listen, "loyaltyd ready");
 
-    shutdown.cancelled().await;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            _ = hangup.recv() => {}
+        }
+        let _ = sd_notify::notify(&[NotifyState::Reloading]);
+        match reload_config(&ctx, &reload, &pool) {
+            Err(e) => tracing::error!(
+                error = %e.one_line(),
+                "SIGHUP: the new configuration is refused; the running one stays"
+            ),
+            Ok(next) => {
+                // Built before the running generation stops: a schedule
+                // the scheduler refuses leaves the running one in place.
+                match Generation::start(&next, &instance, &shutdown, &tracker).await {
+                    Err(e) => tracing::error!(
+                        error = %e.one_line(),
+                        "SIGHUP: the new configuration is refused; the running one stays"
+                    ),
+                    Ok(generation) => {
+                        current.stop().await;
+                        current = generation;
+                        telemetry::set_log_level(&next.config.log.level);
+                        ctx = next;
+                        tracing::info!(config = ?ctx.config, "SIGHUP: configuration reloaded");
+                    }
+                }
+            }
+        }
+        let _ = sd_notify::notify(&[NotifyState::Ready]);
+    }
+
     let _ = sd_notify::notify(&[NotifyState::Stopping]);
     tracing::info!("stopping: finishing or cancelling running jobs");
-    let _ = scheduler.shutdown().await;
+    current.stop().await;
     tracker.close();
     if tokio::time::timeout(STOP_GRACE, tracker.wait())
         .await
@@ -133,6 +126,130 @@ pub async fn run(config: Config) -> Result<()> {
     ctx.perf.flush(Duration::from_secs(1)).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The configuration SIGHUP loaded, as a new context around the same pool;
+/// keys that need a restart keep their running values (each logged).
+fn reload_config(ctx: &Context, reload: &Reload, pool: &sqlx::PgPool) -> Result<Context> {
+    let (next, kept) = reloaded(&ctx.config, reload()?);
+    for key in kept {
+        tracing::warn!(
+            key,
+            "SIGHUP: {key} changed, but takes effect only at a restart (systemctl restart loyaltyd); keeping the running value"
+        );
+    }
+    Context::with_pool(next, pool.clone(), true)
+}
+
+/// What a reload changes: everything but what is bound at start-up (the
+/// metrics listener, the log format, the PostgreSQL pool's connection
+/// settings), which keeps its running value; returns the keys kept.
+/// Reloaded: log level, job schedules and time limits, refresh thresholds,
+/// the live board switch, the sweep's batch size, replicas and their lag
+/// bound, and the Redis settings (a new Redis client is built).
+pub fn reloaded(running: &Config, mut next: Config) -> (Config, Vec<&'static str>) {
+    let mut kept = Vec::new();
+    macro_rules! keep {
+        ($($field:ident).+, $key:literal) => {
+            if running.$($field).+ != next.$($field).+ {
+                next.$($field).+ = running.$($field).+.clone();
+                kept.push($key);
+            }
+        };
+    }
+    keep!(metrics.listen, "metrics.listen");
+    keep!(log.format, "log.format");
+    keep!(database.url, "database.url");
+    keep!(database.max_connections, "database.max_connections");
+    keep!(database.connect_timeout, "database.connect_timeout");
+    keep!(database.statement_timeout, "database.statement_timeout");
+    (next, kept)
+}
+
+/// The scheduler and the loops of one configuration. A reload starts the
+/// next generation, then stops this one: no new ticks, its loops end; a job
+/// tick already running finishes (the cluster-wide job lock keeps the next
+/// generation's tick of the same job from running beside it).
+struct Generation {
+    scheduler: JobScheduler,
+    stop: CancellationToken,
+    loops: TaskTracker,
+}
+
+impl Generation {
+    async fn start(
+        ctx: &Context,
+        instance: &str,
+        shutdown: &CancellationToken,
+        tracker: &TaskTracker,
+    ) -> Result<Generation> {
+        let stop = shutdown.child_token();
+        let loops = TaskTracker::new();
+        let scheduler = JobScheduler::new()
+            .await
+            .map_err(|e| Error::Runtime(format!("starting the scheduler: {e}")))?;
+        for job in [Job::IntegritySweep, Job::QueueReorder] {
+            let runner = JobRunner::new(job, ctx.clone(), instance.to_owned())?;
+            let schedule = runner.schedule().unwrap_or_default().to_owned();
+            let (token, tasks) = (shutdown.clone(), tracker.clone());
+            let cron = CronJob::new_async(schedule.as_str(), move |_, _| {
+                let (runner, token, tasks) = (runner.clone(), token.clone(), tasks.clone());
+                Box::pin(async move {
+                    if !token.is_cancelled() {
+                        tasks
+                            .spawn(async move { runner.tick(&token).await })
+                            .await
+                            .ok();
+                    }
+                })
+            })
+            .map_err(|e| {
+                Error::Config(format!(
+                    "cannot schedule {}: {e} ({schedule:?})",
+                    job.as_str()
+                ))
+            })?;
+            scheduler
+                .add(cron)
+                .await
+                .map_err(|e| Error::Runtime(format!("scheduling {}: {e}", job.as_str())))?;
+        }
+        let refresh = JobRunner::new(Job::LeaderboardRefresh, ctx.clone(), instance.to_owned())?;
+        scheduler
+            .start()
+            .await
+            .map_err(|e| Error::Runtime(format!("starting the scheduler: {e}")))?;
+        loops.spawn(refresh_loop(
+            refresh,
+            ctx.config.leaderboard.check_interval,
+            stop.clone(),
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+        loops.spawn(sync_loop(ctx.clone(), stop.clone()));
+        if ctx.config.leaderboard.live {
+            loops.spawn(board_upkeep(ctx.clone(), stop.clone()));
+        }
+        if ctx.cache.is_cluster() {
+            loops.spawn(failover_watch(ctx.clone(), stop.clone()));
+        }
+        if ctx.replicas.any() {
+            loops.spawn(replica_watch(ctx.clone(), stop.clone()));
+        }
+        loops.close();
+        Ok(Generation {
+            scheduler,
+            stop,
+            loops,
+        })
+    }
+
+    /// No new ticks; the loops end (a live board build in progress with them).
+    async fn stop(mut self) {
+        let _ = self.scheduler.shutdown().await;
+        self.stop.cancel();
+        self.loops.wait().await;
+    }
 }
 
 /// Cancels `shutdown` on the first SIGTERM or SIGINT.
@@ -177,6 +294,7 @@ async fn wait_for_database(pool: &sqlx::PgPool, shutdown: &CancellationToken) ->
 async fn refresh_loop(
     runner: JobRunner,
     every: Duration,
+    stop: CancellationToken,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -185,7 +303,7 @@ async fn refresh_loop(
     loop {
         tokio::select! {
             _ = ticks.tick() => {}
-            () = shutdown.cancelled() => return,
+            () = stop.cancelled() => return,
         }
         let (runner, token) = (runner.clone(), shutdown.clone());
         tracker.spawn(async move { runner.tick(&token).await });

@@ -32,6 +32,14 @@ pub fn connect_options(cfg: &DatabaseConfig) -> Result<PgConnectOptions> {
             cfg.url.redact_in(&e.to_string())
         ))
     })?;
+    // No user in the URL (nor PGUSER): the operating-system user, as libpq
+    // does (sqlx 0.9 would send "anonymous" where it cannot name it).
+    if !url_names_user(cfg.url.expose())
+        && std::env::var_os("PGUSER").is_none()
+        && let Some(user) = os_user()
+    {
+        opts = opts.username(&user);
+    }
     let explicit_tls =
         cfg.url.expose().contains("sslmode=") || std::env::var_os("PGSSLMODE").is_some();
     if !explicit_tls && is_loopback(opts.get_host()) {
@@ -44,6 +52,39 @@ pub fn connect_options(cfg: &DatabaseConfig) -> Result<PgConnectOptions> {
         // at warn; jobs are slow on purpose, and operations are timed in
         // loyaltyd_operation_duration_seconds instead.
         .disable_statement_logging())
+}
+
+/// Whether a postgres:// URL names its user (`user@` before the host, or
+/// `user=` among its parameters).
+fn url_names_user(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let (authority, query) = match rest.split_once('?') {
+        Some((a, q)) => (a, q),
+        None => (rest, ""),
+    };
+    let authority = authority.split('/').next().unwrap_or_default();
+    authority.contains('@') || query.split('&').any(|kv| kv.starts_with("user="))
+}
+
+/// The operating-system user this process runs as: `$USER` (systemd sets it
+/// for `User=` and `DynamicUser=`), else the passwd entry of the real uid.
+fn os_user() -> Option<String> {
+    if let Some(u) = std::env::var("USER").ok().filter(|u| !u.is_empty()) {
+        return Some(u);
+    }
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .to_owned();
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|l| {
+        let mut f = l.split(':');
+        let name = f.next()?;
+        (f.nth(1)? == uid).then(|| name.to_owned())
+    })
 }
 
 /// True for a host that is this machine over TCP.
@@ -63,13 +104,20 @@ fn is_loopback(host: &str) -> bool {
 /// second connection nor pays for one.
 pub async fn connect(cfg: &DatabaseConfig) -> Result<PgPool> {
     let pool = connect_lazy(cfg)?;
-    sqlx::query("SELECT 1")
-        .execute(&pool)
-        .await
-        .map_err(|source| Error::Unavailable {
-            context: "connecting",
-            source,
-        })?;
+    sqlx::query("SELECT 1").execute(&pool).await.map_err(
+        |source| match crate::error::from_sqlx("connecting", source) {
+            // A refused login is a configuration error; anything else that
+            // stops the first statement means the server is not there.
+            e @ Error::Config(_) => e,
+            Error::Unavailable { source, .. } | Error::Database { source, .. } => {
+                Error::Unavailable {
+                    context: "connecting",
+                    source,
+                }
+            }
+            e => e,
+        },
+    )?;
     for _ in 0..100 {
         if pool.num_idle() > 0 {
             break;
@@ -173,3 +221,28 @@ pub async fn cancellable<T>(
 
 /// How long a cancelled statement has to give up before it is cancelled again.
 const CANCEL_RETRY: Duration = Duration::from_millis(200);
+
+#[cfg(test)]
+mod tests {
+    use super::url_names_user;
+
+    #[test]
+    fn a_url_names_its_user_before_the_host_or_as_a_parameter() {
+        for (url, named) in [
+            ("postgres://root@localhost/db", true),
+            (
+                "postgres://u:secret@db.example:5432/db?sslmode=require",
+                true,
+            ),
+            ("postgres:///loyaltyd?host=/var/run/postgresql", false),
+            ("postgres://127.0.0.1:5432/loyaltyd", false),
+            (
+                "postgres:///loyaltyd?host=/var/run/postgresql&user=forum",
+                true,
+            ),
+            ("postgresql://localhost/db?application_name=x", false),
+        ] {
+            assert_eq!(url_names_user(url), named, "{url}");
+        }
+    }
+}

@@ -276,9 +276,34 @@ impl<T> DbContext<T> for std::result::Result<T, sqlx::Error> {
     }
 }
 
+/// What to do about a login the server refused for a reason of the
+/// configuration: a role or a database that does not exist, a password it
+/// does not take (SQLSTATE 28000, 28P01, 3D000).
+fn login_refused(e: &sqlx::Error) -> Option<&'static str> {
+    let sqlx::Error::Database(db) = e else {
+        return None;
+    };
+    match db.code().as_deref() {
+        Some("3D000") => Some(
+            "create it (createdb, as a superuser) or name another in database.url / PGDATABASE",
+        ),
+        Some("28000") => Some(
+            "create the role (CREATE ROLE … LOGIN), or give the user in database.url / PGUSER; without one, the operating-system user is used, as libpq does",
+        ),
+        Some("28P01") => Some("give the right password in database.url or PGPASSWORD"),
+        _ => None,
+    }
+}
+
 /// Classifies one driver error (see [`DbContext::db`]).
 pub fn from_sqlx(context: &'static str, source: sqlx::Error) -> Error {
-    if is_unavailable(&source) {
+    if let Some(fix) = login_refused(&source) {
+        // The server answered: not "unreachable", but a configuration to fix.
+        Error::Config(format!(
+            "PostgreSQL refused the login while {context}: {} ({fix})",
+            describe(&source)
+        ))
+    } else if is_unavailable(&source) {
         Error::Unavailable { context, source }
     } else if is_cancelled(&source) {
         Error::Cancelled { context }

@@ -413,6 +413,7 @@ pub async fn refresh(
         }
         Ok(Step::Skipped(report)) => {
             let _ = tx.rollback().await;
+            timer.nothing_to_do();
             return Ok(report);
         }
         Err(e) => {

@@ -22,6 +22,25 @@ fn main() -> ExitCode {
             return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
         }
     };
+    // check-config checks what the service will run: the unit's environment
+    // file too. Applied here, before the runtime starts any thread.
+    if let cli::Command::CheckConfig(args) = &cli.command
+        && let Some(path) = args.env_file()
+    {
+        match loyaltyd::config::read_env_file(&path) {
+            Ok(vars) => {
+                for (k, v) in vars {
+                    // SAFETY: single-threaded here: no other thread reads
+                    // or writes the environment yet.
+                    unsafe { std::env::set_var(k, v) };
+                }
+            }
+            Err(e) => {
+                eprintln!("loyaltyd: {}", e.one_line());
+                return ExitCode::from(e.exit_code());
+            }
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

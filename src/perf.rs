@@ -76,6 +76,16 @@ impl Timer {
     }
 }
 
+impl Timer {
+    /// Records nothing: the call found nothing to do (a refresh check with
+    /// no refresh due, or another instance on it). Neither a success to time
+    /// nor an error: an idle, healthy daemon's checks must not read as
+    /// failures on the dashboard or in `LoyaltydOperationErrors`.
+    pub fn nothing_to_do(mut self) {
+        self.done = true;
+    }
+}
+
 impl Drop for Timer {
     fn drop(&mut self) {
         if !self.done {

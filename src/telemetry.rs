@@ -475,6 +475,7 @@ const DEFAULT_LOG_LEVEL: &str = "info,sqlx=warn,tokio_cron_scheduler=warn,redis=
 
 /// Sets up logging to stderr: `RUST_LOG` if set, else `log.level`; text or
 /// JSON, one event per line; colour only on a terminal (journald gets none).
+/// The level can be changed later ([`set_log_level`], on SIGHUP).
 pub fn init_logging(cfg: &LogConfig) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cfg.level))
@@ -483,8 +484,45 @@ pub fn init_logging(cfg: &LogConfig) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
-    let _ = match cfg.format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    // (The reload handle's type names the formatter: one per branch.)
+    let reload: Option<FilterReload> = match cfg.format {
+        LogFormat::Text => {
+            let builder = builder.with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.try_init().ok().map(|()| {
+                Box::new(move |f| handle.reload(f).map_err(|e| e.to_string())) as FilterReload
+            })
+        }
+        LogFormat::Json => {
+            let builder = builder.json().flatten_event(true).with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.try_init().ok().map(|()| {
+                Box::new(move |f| handle.reload(f).map_err(|e| e.to_string())) as FilterReload
+            })
+        }
     };
+    if let Some(reload) = reload {
+        let _ = LOG_RELOAD.set(reload);
+    }
+}
+
+/// Replaces the running log filter (unless `RUST_LOG` overrides it).
+type FilterReload = Box<dyn Fn(tracing_subscriber::EnvFilter) -> Result<(), String> + Send + Sync>;
+static LOG_RELOAD: std::sync::OnceLock<FilterReload> = std::sync::OnceLock::new();
+
+/// Sets the log level to `level` (validated with the configuration), as on
+/// start-up; `RUST_LOG`, when set, still wins.
+pub fn set_log_level(level: &str) {
+    if std::env::var_os("RUST_LOG").is_some() {
+        return;
+    }
+    let (Some(reload), Ok(filter)) = (
+        LOG_RELOAD.get(),
+        tracing_subscriber::EnvFilter::try_new(level),
+    ) else {
+        return;
+    };
+    if let Err(e) = reload(filter) {
+        tracing::warn!(error = %e, "could not change the log level");
+    }
 }

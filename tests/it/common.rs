@@ -234,8 +234,13 @@ pub fn dead_redis_url() -> String {
 
 /// The `loyaltyd` binary with a config file and no inherited LOYALTYD_ variables.
 pub fn loyaltyd(config: &Config) -> Command {
+    loyaltyd_at(&write_config(config))
+}
+
+/// The binary with `--config file`, the test's own environment cleared of
+/// loyaltyd's variables.
+pub fn loyaltyd_at(file: &std::path::Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_loyaltyd"));
-    let file = write_config(config);
     cmd.arg("--config").arg(file);
     for (k, _) in std::env::vars() {
         if k.starts_with("LOYALTYD_") || k == "DATABASE_URL" || k == "REDIS_URL" {
@@ -284,6 +289,8 @@ pub fn write_config(config: &Config) -> PathBuf {
 pub struct Daemon {
     pub child: Child,
     pub log: PathBuf,
+    /// The configuration file it runs with (rewrite it, then SIGHUP).
+    pub config_file: PathBuf,
 }
 
 impl Daemon {
@@ -296,13 +303,18 @@ impl Daemon {
             .join(format!("{}.log", unique_prefix("daemon").replace(':', "_")));
         let _ = std::fs::create_dir_all(log.parent().unwrap_or(&std::env::temp_dir()));
         let file = std::fs::File::create(&log).unwrap_or_else(|e| panic!("log file: {e}"));
-        let child = loyaltyd(&config)
+        let config_file = write_config(&config);
+        let child = loyaltyd_at(&config_file)
             .arg("run")
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()
             .unwrap_or_else(|e| panic!("spawning the daemon: {e}"));
-        Daemon { child, log }
+        Daemon {
+            child,
+            log,
+            config_file,
+        }
     }
 
     /// The log so far.

@@ -199,3 +199,151 @@ fn a_missing_or_unreadable_config_file_exits_78() {
         1
     );
 }
+
+/// `check-config --env-file` reads the unit's environment file, so it fails
+/// where the service (which systemd gives that environment) would.
+#[test]
+fn check_config_reads_the_services_environment_file() {
+    let dir = std::env::temp_dir().join(crate::common::unique_prefix("envfile").replace(':', "_"));
+    let _ = std::fs::create_dir_all(&dir);
+    let env_file = dir.join("loyaltyd.env");
+    std::fs::write(
+        &env_file,
+        "# secrets\nLOYALTYD_DATABASE__URL='postgres://app:s3cret@db.example/forum'\n\nLOYALTYD_SWEEP__SCHEDULE=\"not a cron\"\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    // Without the file: the defaults pass.
+    assert!(check_config(None, &[]).status.success());
+    let with = |path: &std::path::Path| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_loyaltyd"));
+        for (k, _) in std::env::vars() {
+            if k.starts_with("LOYALTYD_") || k == "DATABASE_URL" || k == "REDIS_URL" {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.current_dir(&dir)
+            .args(["check-config", "--json", "--env-file"])
+            .arg(path)
+            .output()
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let out = with(&env_file);
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("sweep.schedule") && err.contains("LOYALTYD_SWEEP__SCHEDULE"),
+        "{err}"
+    );
+    assert!(!err.contains("s3cret"), "{err}");
+    // Fixed: the file's URL is the one checked (redacted).
+    std::fs::write(
+        &env_file,
+        "LOYALTYD_DATABASE__URL='postgres://app:s3cret@db.example/forum'\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let out = with(&env_file);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}"));
+    let url = v["database"]["url"].as_str().unwrap_or_default();
+    assert!(
+        url.contains("db.example") && !url.contains("s3cret"),
+        "{url}"
+    );
+    // A line that is not KEY=VALUE, and a missing file: exit 78, one line.
+    std::fs::write(&env_file, "LOYALTYD_LOG__LEVEL=debug\nexport oops\n")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let out = with(&env_file);
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("line 2") && err.lines().count() == 1, "{err}");
+    let out = with(&dir.join("missing.env"));
+    assert_eq!(out.status.code(), Some(78));
+}
+
+/// A URL without a user connects as the operating-system user, as libpq
+/// does; a role or a database that does not exist is a configuration error
+/// (78) that says so, not "unreachable" (69).
+#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+async fn a_url_without_a_user_connects_as_the_os_user_and_missing_roles_and_databases_say_so(
+    pool: sqlx::PgPool,
+) {
+    let db: String = sqlx::query_scalar("SELECT current_database()::TEXT")
+        .fetch_one(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let score = |url: String, env: &[(&str, &str)]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_loyaltyd"));
+        for (k, _) in std::env::vars() {
+            if k.starts_with("LOYALTYD_")
+                || k.starts_with("PG")
+                || k == "DATABASE_URL"
+                || k == "REDIS_URL"
+            {
+                cmd.env_remove(k);
+            }
+        }
+        let dir = std::env::temp_dir();
+        cmd.current_dir(dir)
+            .env("LOYALTYD_DATABASE__URL", url)
+            .envs(env.iter().copied())
+            .args(["--json", "score", "get", "--user", "1"])
+            .output()
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    crate::common::users(&pool, 1).await;
+    // The suite runs as root, whose PostgreSQL role is root.
+    let out = score(
+        format!("postgres:///{db}?host=/var/run/postgresql"),
+        &[("USER", "root")],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // PGUSER and PGDATABASE are honoured as libpq honours them.
+    let out = score(
+        "postgres:///?host=/var/run/postgresql".into(),
+        &[("PGUSER", "root"), ("PGDATABASE", db.as_str())],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = score(
+        format!("postgres:///{db}?host=/var/run/postgresql"),
+        &[("USER", "no_such_role_here")],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(78),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("role \"no_such_role_here\" does not exist") && err.contains("CREATE ROLE"),
+        "{err}"
+    );
+    let out = score(
+        "postgres://root@localhost/no_such_database_here?host=/var/run/postgresql".into(),
+        &[],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(78),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("does not exist") && err.contains("createdb"),
+        "{err}"
+    );
+}
