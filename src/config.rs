@@ -216,6 +216,11 @@ pub struct QueuesConfig {
     /// Time limit of one reorder run. Default `10m`.
     #[serde(with = "humantime_serde")]
     pub reorder_timeout: Duration,
+    /// How long an item may wait before `LoyaltydQueueBacklog` fires: exported
+    /// as `loyaltyd_queue_oldest_item_bound_seconds`, which the alert compares
+    /// with each queue's oldest item. Default `4h`.
+    #[serde(with = "humantime_serde")]
+    pub oldest_item_bound: Duration,
 }
 
 impl Default for QueuesConfig {
@@ -223,6 +228,7 @@ impl Default for QueuesConfig {
         QueuesConfig {
             reorder_schedule: "0 */5 * * * *".into(),
             reorder_timeout: Duration::from_secs(600),
+            oldest_item_bound: Duration::from_secs(4 * 3600),
         }
     }
 }
@@ -419,6 +425,7 @@ impl Config {
         positive("sweep.timeout", self.sweep.timeout)?;
         parse_cron(&self.queues.reorder_schedule).map_err(|e| ("queues.reorder_schedule", e))?;
         positive("queues.reorder_timeout", self.queues.reorder_timeout)?;
+        positive("queues.oldest_item_bound", self.queues.oldest_item_bound)?;
         tracing_subscriber::EnvFilter::builder()
             .parse(&self.log.level)
             .map_err(|e| ("log.level", format!("not a log filter: {e}")))?;

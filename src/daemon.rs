@@ -71,7 +71,11 @@ pub async fn run(config: Config, reload: Reload) -> Result<()> {
     let instance = instance_name();
     // Job ticks: they run to their end (or their cancel) across reloads.
     let tracker = TaskTracker::new();
-    let mut current = Generation::start(&ctx, &instance, &shutdown, &tracker).await?;
+    // The event count outlives a reload: no event is counted twice or missed.
+    let events = std::sync::Arc::new(tokio::sync::Mutex::new(
+        crate::backlog::EventCount::default(),
+    ));
+    let mut current = Generation::start(&ctx, &instance, &shutdown, &tracker, &events).await?;
 
     let _ = sd_notify::notify(&[NotifyState::Ready]);
     if let Some(every) = sd_notify::watchdog_enabled() {
@@ -93,7 +97,7 @@ pub async fn run(config: Config, reload: Reload) -> Result<()> {
             Ok(next) => {
                 // Built before the running generation stops: a schedule
                 // the scheduler refuses leaves the running one in place.
-                match Generation::start(&next, &instance, &shutdown, &tracker).await {
+                match Generation::start(&next, &instance, &shutdown, &tracker, &events).await {
                     Err(e) => tracing::error!(
                         error = %e.one_line(),
                         "SIGHUP: the new configuration is refused; the running one stays"
@@ -182,6 +186,7 @@ impl Generation {
         instance: &str,
         shutdown: &CancellationToken,
         tracker: &TaskTracker,
+        events: &std::sync::Arc<tokio::sync::Mutex<crate::backlog::EventCount>>,
     ) -> Result<Generation> {
         let stop = shutdown.child_token();
         let loops = TaskTracker::new();
@@ -227,6 +232,7 @@ impl Generation {
             tracker.clone(),
         ));
         loops.spawn(sync_loop(ctx.clone(), stop.clone()));
+        loops.spawn(forum_watch(ctx.clone(), events.clone(), stop.clone()));
         if ctx.config.leaderboard.live {
             loops.spawn(board_upkeep(ctx.clone(), stop.clone()));
         }
@@ -334,6 +340,39 @@ async fn sync_loop(ctx: Context, shutdown: CancellationToken) {
             if last_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
                 last_logged = Some(std::time::Instant::now());
                 tracing::warn!(error = %why, "cache sync did not complete; retrying every sync interval");
+            }
+        }
+    }
+}
+
+/// The forum's backlog and traffic (see [`crate::backlog`]), every
+/// [`crate::backlog::CHECK`]; a failure is logged at most once a minute and
+/// the next check reads again.
+async fn forum_watch(
+    ctx: Context,
+    events: std::sync::Arc<tokio::sync::Mutex<crate::backlog::EventCount>>,
+    stop: CancellationToken,
+) {
+    telemetry::queue_oldest_bound(ctx.config.queues.oldest_item_bound);
+    let mut ticks = tokio::time::interval(crate::backlog::CHECK);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_logged: Option<std::time::Instant> = None;
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        let queues = crate::backlog::observe_queues(&ctx.pool).await;
+        let counted = events.lock().await.observe(&ctx.pool).await;
+        if ctx.config.leaderboard.live
+            && let Some(n) = ctx.cache.live_count().await
+        {
+            telemetry::live_board_users(n);
+        }
+        if let Err(e) = queues.and(counted) {
+            if last_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                last_logged = Some(std::time::Instant::now());
+                tracing::warn!(error = %e.one_line(), "could not read the forum's backlog and traffic; retrying");
             }
         }
     }

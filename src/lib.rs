@@ -16,11 +16,13 @@
 //!   SQL, its Redis keys and its invariants. [`sweep`] checks and repairs
 //!   what the services keep. [`demo`] serves `demo seed`.
 //! * [`jobs`]: the scheduled work and the runner that guards each tick;
-//!   [`sync`]: the daemon's cache sync for writers that bypass loyaltyd.
+//!   [`sync`]: the daemon's cache sync for writers that bypass loyaltyd;
+//!   [`backlog`]: the forum's traffic and backlog as metrics, whoever writes.
 //! * [`adopt`]: the online upgrade of a database of the original design.
 //! * [`daemon`], [`cli`]: the entry points.
 
 pub mod adopt;
+pub mod backlog;
 pub mod cache;
 pub mod cli;
 pub mod config;

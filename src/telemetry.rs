@@ -51,6 +51,22 @@ pub const CACHE_SYNC_FAILURES: &str = "loyaltyd_cache_sync_failures_total";
 pub const LAGGING_READS: &str = "loyaltyd_lagging_reads_total";
 /// Gauge: each replica's replay lag as last checked, label `replica`.
 pub const REPLICA_LAG: &str = "loyaltyd_replica_lag_seconds";
+/// Gauge: items waiting, label `queue` (the forum's backlog, whoever wrote it).
+pub const QUEUE_ITEMS: &str = "loyaltyd_queue_items";
+/// Gauge: items in the longest scope of each queue, label `queue`.
+pub const QUEUE_LONGEST_SCOPE: &str = "loyaltyd_queue_longest_scope_items";
+/// Gauge: age of the oldest waiting item, label `queue` (0 when empty).
+pub const QUEUE_OLDEST_AGE: &str = "loyaltyd_queue_oldest_item_age_seconds";
+/// Gauge: `queues.oldest_item_bound`, what the backlog alert compares with.
+pub const QUEUE_OLDEST_BOUND: &str = "loyaltyd_queue_oldest_item_bound_seconds";
+/// Counter: items added to and removed from each queue by any writer,
+/// labels `queue`, `change` (`added`, `removed`).
+pub const QUEUE_CHANGES: &str = "loyaltyd_queue_changes_total";
+/// Counter: moderation events recorded by any writer, labels
+/// `content_type`, `outcome`.
+pub const FORUM_EVENTS: &str = "loyaltyd_forum_events_total";
+/// Gauge: users ranked on the live board in Redis.
+pub const LIVE_BOARD_USERS: &str = "loyaltyd_live_board_users";
 /// Gauge: always 1, label `version`.
 pub const BUILD_INFO: &str = "loyaltyd_build_info";
 
@@ -70,11 +86,53 @@ pub const METRICS: &[&str] = &[
     CACHE_SYNC_FAILURES,
     LAGGING_READS,
     REPLICA_LAG,
+    QUEUE_ITEMS,
+    QUEUE_LONGEST_SCOPE,
+    QUEUE_OLDEST_AGE,
+    QUEUE_OLDEST_BOUND,
+    QUEUE_CHANGES,
+    FORUM_EVENTS,
+    LIVE_BOARD_USERS,
     BUILD_INFO,
 ];
 
 /// The HELP text of every metric, and its unit.
 pub const DESCRIPTIONS: &[(&str, Unit, &str)] = &[
+    (
+        QUEUE_ITEMS,
+        Unit::Count,
+        "Items waiting in each moderation queue, whoever added them (the forum-wide backlog: the same on every daemon).",
+    ),
+    (
+        QUEUE_LONGEST_SCOPE,
+        Unit::Count,
+        "Items in the longest scope (topic, conversation) of each queue.",
+    ),
+    (
+        QUEUE_OLDEST_AGE,
+        Unit::Seconds,
+        "How long the oldest item of each queue has waited (0 when the queue is empty).",
+    ),
+    (
+        QUEUE_OLDEST_BOUND,
+        Unit::Seconds,
+        "queues.oldest_item_bound: how long an item may wait before LoyaltydQueueBacklog fires.",
+    ),
+    (
+        QUEUE_CHANGES,
+        Unit::Count,
+        "Items added to and removed from each queue by any writer (PostgreSQL's table statistics; rolled-back writes count too), by queue and change.",
+    ),
+    (
+        FORUM_EVENTS,
+        Unit::Count,
+        "Moderation events committed by any writer since the daemon started, by content type and outcome.",
+    ),
+    (
+        LIVE_BOARD_USERS,
+        Unit::Count,
+        "Users ranked on the live leaderboard in Redis.",
+    ),
     (
         OPERATION_DURATION,
         Unit::Seconds,
@@ -397,10 +455,56 @@ pub fn export_startup_series() {
     counter!(PERF_DROPPED).increment(0);
     let _ = histogram!(CACHE_SYNC_DELAY);
     counter!(CACHE_SYNC_FAILURES).increment(0);
+    for q in QueueKind::ALL {
+        gauge!(QUEUE_ITEMS, "queue" => q.as_str()).set(0.0);
+        gauge!(QUEUE_LONGEST_SCOPE, "queue" => q.as_str()).set(0.0);
+        gauge!(QUEUE_OLDEST_AGE, "queue" => q.as_str()).set(0.0);
+        for change in ["added", "removed"] {
+            counter!(QUEUE_CHANGES, "queue" => q.as_str(), "change" => change).increment(0);
+        }
+    }
+    for content_type in ["post", "topic", "private_message"] {
+        for outcome in ["approved", "rejected", "calibrated"] {
+            counter!(FORUM_EVENTS, "content_type" => content_type, "outcome" => outcome)
+                .increment(0);
+        }
+    }
+    gauge!(LIVE_BOARD_USERS).set(0.0);
     counter!(LAGGING_READS, "target" => "replica", "reason" => "ok").increment(0);
     for reason in ["no_replica", "lag", "down", "error"] {
         counter!(LAGGING_READS, "target" => "primary", "reason" => reason).increment(0);
     }
+}
+
+/// The forum's backlog of one queue: items, its longest scope, its oldest
+/// item's age.
+pub fn queue_backlog(queue: QueueKind, items: i64, longest: i64, oldest: Duration) {
+    gauge!(QUEUE_ITEMS, "queue" => queue.as_str()).set(items as f64);
+    gauge!(QUEUE_LONGEST_SCOPE, "queue" => queue.as_str()).set(longest as f64);
+    gauge!(QUEUE_OLDEST_AGE, "queue" => queue.as_str()).set(oldest.as_secs_f64());
+}
+
+/// The backlog alert's bound.
+pub fn queue_oldest_bound(bound: Duration) {
+    gauge!(QUEUE_OLDEST_BOUND).set(bound.as_secs_f64());
+}
+
+/// Items added and removed in all, by any writer (absolute: PostgreSQL's
+/// own counters).
+pub fn queue_changes(queue: QueueKind, added: u64, removed: u64) {
+    counter!(QUEUE_CHANGES, "queue" => queue.as_str(), "change" => "added").absolute(added);
+    counter!(QUEUE_CHANGES, "queue" => queue.as_str(), "change" => "removed").absolute(removed);
+}
+
+/// `n` more committed events of a content type and outcome.
+pub fn forum_events(content_type: &str, outcome: &str, n: u64) {
+    counter!(FORUM_EVENTS, "content_type" => content_type.to_owned(), "outcome" => outcome.to_owned())
+        .increment(n);
+}
+
+/// The live board's size.
+pub fn live_board_users(n: i64) {
+    gauge!(LIVE_BOARD_USERS).set(n as f64);
 }
 
 /// Counts a cache sync that did not complete.

@@ -57,6 +57,20 @@ fn the_alert_rules_pass_promtool_check_and_every_alert_has_unit_tests() {
                 && tested.contains(&format!("- name: {alert}")),
             "no promtool test for {alert}"
         );
+        // ... and silent on both healthy daemons.
+        for healthy in [
+            "a fresh healthy daemon",
+            "an idle healthy daemon over a day",
+        ] {
+            let group = tested
+                .split("- name: ")
+                .find(|g| g.starts_with(healthy))
+                .unwrap_or_else(|| panic!("no promtool group {healthy:?}"));
+            assert!(
+                group.contains(&format!("alertname: {alert}\n")),
+                "{alert} is not checked silent on {healthy}"
+            );
+        }
     }
 }
 
@@ -313,5 +327,142 @@ async fn a_real_prometheus_scrapes_the_daemon_and_every_documented_series_and_pa
         .await;
     }
     drop(prometheus);
+    drop(daemon);
+}
+
+/// A real Prometheus with the shipped rules, scraping an idle, healthy daemon
+/// (refresh checks with nothing due, a reorder with nothing to do, no sweep
+/// yet): no alert is pending or firing.
+#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+async fn an_idle_healthy_daemon_has_no_alert_pending_in_a_real_prometheus(pool: PgPool) {
+    common::users(&pool, 5).await;
+    let mut config = common::config(&pool, "prom-idle");
+    config.metrics.listen = ([127, 0, 0, 1], common::free_port()).into();
+    config.leaderboard.check_interval = Duration::from_millis(200);
+    config.queues.reorder_schedule = "* * * * * *".into();
+    let daemon = Daemon::start(&config);
+    daemon
+        .wait_for_log("loyaltyd ready", Duration::from_secs(30))
+        .await;
+    let prometheus = Prometheus::start(config.metrics.listen).await;
+    // Enough samples for every rate window the rules use, and the checks
+    // with nothing due that once counted as errors.
+    common::eventually(
+        "twenty refresh checks with nothing due, seen by Prometheus",
+        Duration::from_secs(60),
+        || async {
+            !prometheus
+                .query(
+                    r#"loyaltyd_job_runs_total{job="leaderboard_refresh",outcome="skipped"} > 20"#,
+                )
+                .await
+                .is_empty()
+                && !prometheus
+                    .query(r#"count_over_time(up{job="loyaltyd"}[1m]) > 10"#)
+                    .await
+                    .is_empty()
+        },
+    )
+    .await;
+    let rules = http_get(prometheus.port, "/api/v1/rules")
+        .await
+        .unwrap_or_default();
+    assert!(
+        rules.contains("LoyaltydOperationErrors"),
+        "the shipped rules are loaded: {rules}"
+    );
+    // Several evaluations (every second) after the data is there.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let body = http_get(prometheus.port, "/api/v1/alerts")
+        .await
+        .unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    assert_eq!(v["status"], "success", "{body}");
+    assert_eq!(
+        v["data"]["alerts"].as_array().map(Vec::len),
+        Some(0),
+        "alerts on an idle healthy daemon: {body}"
+    );
+    let errors = prometheus
+        .query(r#"sum(loyaltyd_operation_errors_total{operation="leaderboard_refresh"}) > 0"#)
+        .await;
+    assert!(
+        errors.is_empty(),
+        "skipped checks counted as errors: {errors:?}"
+    );
+    drop(prometheus);
+    drop(daemon);
+}
+
+/// The forum's backlog and traffic metrics move when plain SQL writes,
+/// through psql, with no loyaltyd call at all.
+#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+async fn backlog_and_traffic_metrics_follow_plain_sql_written_through_psql(pool: PgPool) {
+    common::users(&pool, 3).await;
+    let mut config = common::config(&pool, "backlog");
+    config.metrics.listen = ([127, 0, 0, 1], common::free_port()).into();
+    let daemon = Daemon::start(&config);
+    daemon
+        .wait_for_log("loyaltyd ready", Duration::from_secs(30))
+        .await;
+    let db: String = sqlx::query_scalar("SELECT current_database()::TEXT")
+        .fetch_one(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Let the daemon take its first look (events from before it count not).
+    tokio::time::sleep(loyaltyd::backlog::CHECK + Duration::from_secs(1)).await;
+    let out = Command::new("psql")
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "/var/run/postgresql", "-d", &db, "-c"])
+        .arg(
+            "INSERT INTO moderation_events (user_id, event_type, content_type, content_id, outcome)
+             SELECT 1 + g % 3, 'm', 'post', 'c' || g, CASE WHEN g % 4 = 0 THEN 'rejected' ELSE 'approved' END
+             FROM generate_series(1, 40) g;
+             INSERT INTO post_moderation_queue (post_id, topic_id, entered_queue_at)
+             SELECT 'p' || g, 't' || (g % 2), now() - interval '1 hour' FROM generate_series(1, 9) g;
+             INSERT INTO topic_creation_queue (topic_id) VALUES ('t-new');
+             DELETE FROM post_moderation_queue WHERE post_id = 'p1';",
+        )
+        .output()
+        .unwrap_or_else(|e| panic!("psql: {e}"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let value = |text: &str, series: &str| common::series(text, series).unwrap_or(-1.0);
+    common::eventually(
+        "the backlog and traffic metrics",
+        Duration::from_secs(30),
+        || async {
+            let text = common::scrape(config.metrics.listen)
+                .await
+                .unwrap_or_default();
+            value(
+                &text,
+                r#"loyaltyd_forum_events_total{content_type="post",outcome="approved"}"#,
+            ) == 30.0
+                && value(
+                    &text,
+                    r#"loyaltyd_forum_events_total{content_type="post",outcome="rejected"}"#,
+                ) == 10.0
+                && value(&text, r#"loyaltyd_queue_items{queue="post"}"#) == 8.0
+                && value(&text, r#"loyaltyd_queue_longest_scope_items{queue="post"}"#) == 4.0
+                && value(&text, r#"loyaltyd_queue_items{queue="topic"}"#) == 1.0
+                && value(
+                    &text,
+                    r#"loyaltyd_queue_oldest_item_age_seconds{queue="post"}"#,
+                ) >= 3600.0
+                && value(
+                    &text,
+                    r#"loyaltyd_queue_changes_total{queue="post",change="added"}"#,
+                ) >= 9.0
+                && value(
+                    &text,
+                    r#"loyaltyd_queue_changes_total{queue="post",change="removed"}"#,
+                ) >= 1.0
+                && value(&text, "loyaltyd_queue_oldest_item_bound_seconds") == 14400.0
+        },
+    )
+    .await;
     drop(daemon);
 }
