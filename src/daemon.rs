@@ -369,11 +369,11 @@ async fn forum_watch(
         {
             telemetry::live_board_users(n);
         }
-        if let Err(e) = queues.and(counted) {
-            if last_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
-                last_logged = Some(std::time::Instant::now());
-                tracing::warn!(error = %e.one_line(), "could not read the forum's backlog and traffic; retrying");
-            }
+        if let Err(e) = queues.and(counted)
+            && last_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
+        {
+            last_logged = Some(std::time::Instant::now());
+            tracing::warn!(error = %e.one_line(), "could not read the forum's backlog and traffic; retrying");
         }
     }
 }
