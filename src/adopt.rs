@@ -1333,8 +1333,10 @@ impl Adoption<'_> {
         for m in crate::db::MIGRATOR.iter() {
             let mut todo = Vec::new();
             for stmt in split_statements(m.sql.as_str()) {
-                if superseded(&stmt, m.version, &dropped) {
-                    continue;
+                match superseded(&stmt, m.version, &dropped) {
+                    Superseded::Skip => continue,
+                    Superseded::DropFirst(drop) => todo.push(drop),
+                    Superseded::No => {}
                 }
                 if let Some(s) = self.still_needed(&stmt).await? {
                     todo.push(s);
@@ -1795,19 +1797,42 @@ fn dropped_later() -> Vec<(String, i64)> {
     out
 }
 
-/// Whether `stmt` of migration `version` creates what a later migration drops.
-fn superseded(stmt: &str, version: i64, dropped: &[(String, i64)]) -> bool {
+/// What to do with `stmt` of migration `version` when a later migration
+/// drops what it creates: a trigger is not created (the later migration's
+/// replaces it); a function is dropped first and created as this migration
+/// has it (statements of this migration may name it; the later migration
+/// drops it again and makes its own, whose result type may differ).
+enum Superseded {
+    No,
+    Skip,
+    DropFirst(String),
+}
+
+fn superseded(stmt: &str, version: i64, dropped: &[(String, i64)]) -> Superseded {
     let upper = normalize(stmt);
-    let created = [
-        ("CREATE TRIGGER ", "DROP TRIGGER IF EXISTS "),
-        ("CREATE FUNCTION ", "DROP FUNCTION IF EXISTS "),
-    ]
-    .into_iter()
-    .find_map(|(create, drop)| {
-        let name = upper.strip_prefix(create)?.split(['(', ' ']).next()?;
-        Some(format!("{drop}{name}"))
-    });
-    created.is_some_and(|c| dropped.iter().any(|(d, v)| *d == c && *v > version))
+    let later = |drop: String| dropped.iter().any(|(d, v)| *d == drop && *v > version);
+    let name_after = |prefix: &str| {
+        upper
+            .strip_prefix(prefix)
+            .and_then(|r| r.split(['(', ' ']).next())
+            .map(str::to_owned)
+    };
+    if let Some(name) = name_after("CREATE TRIGGER ")
+        && later(format!("DROP TRIGGER IF EXISTS {name}"))
+    {
+        return Superseded::Skip;
+    }
+    for prefix in ["CREATE FUNCTION ", "CREATE OR REPLACE FUNCTION "] {
+        if let Some(name) = name_after(prefix)
+            && later(format!("DROP FUNCTION IF EXISTS {name}"))
+        {
+            return Superseded::DropFirst(format!(
+                "DROP FUNCTION IF EXISTS {}",
+                name.to_lowercase()
+            ));
+        }
+    }
+    Superseded::No
 }
 
 /// The text of migration `version`.

@@ -580,12 +580,18 @@ impl Render for queues::Placed {
     fn text(&self) -> String {
         match &self.scope {
             Some(scope) => format!(
-                "{} queue {scope:?}: {} at position {}",
-                self.queue, self.content_id, self.position
+                "{} queue {scope:?}: {} at position {}, {}",
+                self.queue,
+                self.content_id,
+                self.position,
+                self.wait.describe()
             ),
             None => format!(
-                "{} queue: {} at position {}",
-                self.queue, self.content_id, self.position
+                "{} queue: {} at position {}, {}",
+                self.queue,
+                self.content_id,
+                self.position,
+                self.wait.describe()
             ),
         }
     }
@@ -600,12 +606,18 @@ impl Render for queues::Removed {
 impl Render for queues::Listing {
     fn text(&self) -> String {
         let mut out = format!("{} queue: {} items", self.queue, self.length);
+        if let Some(first) = self.items.first() {
+            out.push_str(&format!("; head: {}", first.wait.describe()));
+        }
         for i in &self.items {
             out.push_str(&format!(
-                "\n{:>8}  {:>10}  {}  {}",
+                "\n{:>8}  {:>10}  {}  {:>9}  {}",
                 i.position,
                 i.priority_score,
                 i.entered_queue_at.format("%Y-%m-%d %H:%M:%S%.3f"),
+                i.wait
+                    .expected_wait_seconds
+                    .map_or_else(|| "unknown".to_owned(), |w| format!("{w:.0}s")),
                 i.content_id
             ));
         }

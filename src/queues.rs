@@ -70,6 +70,63 @@ pub struct Placed {
     pub priority_score: f64,
     /// When it entered the queue.
     pub entered_queue_at: chrono::DateTime<chrono::Utc>,
+    /// How long it is expected to wait, and on what.
+    #[serde(flatten)]
+    pub wait: Wait,
+}
+
+/// An item's expected wait (migration 9): its position times its scope's
+/// time per removed item, over the last hour or so (an exponentially decayed
+/// count of removals, whoever removed). All `None` ("unknown") when neither
+/// the scope nor its queue has seen enough removals: never a made-up number.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, sqlx::FromRow)]
+pub struct Wait {
+    /// Expected seconds until the item is taken off the queue.
+    pub expected_wait_seconds: Option<f64>,
+    /// `scope` (the item's own topic or conversation), or `queue` (the
+    /// typical pace of the queue's active scopes, for a new or quiet scope).
+    pub wait_source: Option<String>,
+    /// The (decayed) length of time the pace was measured over, in seconds.
+    pub wait_window_seconds: Option<f64>,
+    /// The (decayed) number of removals it rests on.
+    pub wait_items_seen: Option<f64>,
+}
+
+impl Wait {
+    /// "usually within 40 minutes (the topic's pace: 57 removals in the last hour)",
+    /// or why there is no estimate.
+    pub fn describe(&self) -> String {
+        match (
+            self.expected_wait_seconds,
+            self.wait_source.as_deref(),
+            self.wait_window_seconds,
+            self.wait_items_seen,
+        ) {
+            (Some(wait), Some(source), Some(window), Some(seen)) => format!(
+                "expected wait {} ({} pace: {:.0} removals over {})",
+                human_duration(wait),
+                if source == "scope" {
+                    "its scope's"
+                } else {
+                    "the queue's typical"
+                },
+                seen,
+                human_duration(window)
+            ),
+            _ => "expected wait unknown (too few removals seen yet)".to_owned(),
+        }
+    }
+}
+
+/// A duration for people: "40 s", "12 min", "3.5 h".
+fn human_duration(secs: f64) -> String {
+    if secs < 90.0 {
+        format!("{secs:.0} s")
+    } else if secs < 5400.0 {
+        format!("{:.0} min", secs / 60.0)
+    } else {
+        format!("{:.1} h", secs / 3600.0)
+    }
 }
 
 /// An item removed from a queue.
@@ -95,6 +152,10 @@ pub struct Item {
     pub priority_score: f64,
     /// When it entered the queue.
     pub entered_queue_at: chrono::DateTime<chrono::Utc>,
+    /// How long it is expected to wait, and on what.
+    #[serde(flatten)]
+    #[sqlx(flatten)]
+    pub wait: Wait,
 }
 
 /// The head of a queue scope.
@@ -206,8 +267,14 @@ pub async fn add(
 ) -> Result<Placed> {
     check_scope(queue, scope)?;
     let timer = Timer::start(&ctx.perf, Operation::QueueAdd, Some(queue));
-    let (position, entered): (i64, chrono::DateTime<chrono::Utc>) =
-        sqlx::query_as("SELECT * FROM queue_add($1, $2, $3, $4)")
+    // The add, then (a later call in the same statement, after the add's
+    // triggers) its scope's pace: one round trip.
+    let row: AddedRow = sqlx::query_as(
+        "SELECT a.position, a.entered_queue_at, a.position * p.per_item_seconds AS expected_wait_seconds,
+                p.source AS wait_source, p.window_seconds AS wait_window_seconds, p.items_seen AS wait_items_seen
+         FROM queue_add($1, $2, $3, $4) a
+         CROSS JOIN LATERAL queue_pace($1, CASE WHEN $1 = 'topic' THEN '' ELSE $3 END) p",
+    )
             .bind(queue.as_str())
             .bind(item.as_str())
             .bind(scope.key())
@@ -226,10 +293,31 @@ pub async fn add(
         queue,
         content_id: item.to_string(),
         scope: scope_name(queue, scope.key().to_owned()),
-        position,
+        position: row.position,
         priority_score: priority.get(),
-        entered_queue_at: entered,
+        entered_queue_at: row.entered_queue_at,
+        wait: row.wait,
     })
+}
+
+/// What `queue_add` and the scope's pace answer.
+#[derive(sqlx::FromRow)]
+struct AddedRow {
+    position: i64,
+    entered_queue_at: chrono::DateTime<chrono::Utc>,
+    #[sqlx(flatten)]
+    wait: Wait,
+}
+
+/// What `queue_position` answers.
+#[derive(sqlx::FromRow)]
+struct PositionRow {
+    scope: String,
+    position: i64,
+    priority_score: f64,
+    entered_queue_at: chrono::DateTime<chrono::Utc>,
+    #[sqlx(flatten)]
+    wait: Wait,
 }
 
 /// Removes an item; the items behind it move up by one.
@@ -252,22 +340,22 @@ pub async fn remove(ctx: &Context, queue: QueueKind, item: &Ident) -> Result<Rem
 /// An item's exact position in its scope.
 pub async fn position(ctx: &Context, queue: QueueKind, item: &Ident) -> Result<Placed> {
     let timer = Timer::start(&ctx.perf, Operation::QueuePosition, Some(queue));
-    let row: Option<(String, i64, f64, chrono::DateTime<chrono::Utc>)> =
-        sqlx::query_as("SELECT * FROM queue_position($1, $2)")
-            .bind(queue.as_str())
-            .bind(item.as_str())
-            .fetch_optional(&ctx.pool)
-            .await
-            .db("reading the queue position")?;
-    let (scope, position, priority, entered) = row.ok_or_else(|| unknown(queue, item))?;
+    let row: Option<PositionRow> = sqlx::query_as("SELECT * FROM queue_position($1, $2)")
+        .bind(queue.as_str())
+        .bind(item.as_str())
+        .fetch_optional(&ctx.pool)
+        .await
+        .db("reading the queue position")?;
+    let row = row.ok_or_else(|| unknown(queue, item))?;
     timer.ok(None);
     Ok(Placed {
         queue,
         content_id: item.to_string(),
-        scope: scope_name(queue, scope),
-        position,
-        priority_score: priority,
-        entered_queue_at: entered,
+        scope: scope_name(queue, row.scope),
+        position: row.position,
+        priority_score: row.priority_score,
+        entered_queue_at: row.entered_queue_at,
+        wait: row.wait,
     })
 }
 
@@ -400,9 +488,29 @@ async fn rekey_locked(
             .fetch_one(&mut *tx)
             .await
             .db("reordering the queue")?;
-        // The old key range's blocks are empty now.
+        // The old key range's blocks are empty now: dropped, their pace
+        // (migration 9's decayed removal counts, decayed to now) carried
+        // over to the scope's first block in the new range, so a reorder
+        // keeps the scope's wait estimates.
         sqlx::query(
-            "DELETE FROM queue_blocks WHERE queue = $1 AND scope = ANY($2) AND item_count = 0",
+            "WITH gone AS (
+                 DELETE FROM queue_blocks WHERE queue = $1 AND scope = ANY($2) AND item_count = 0
+                 RETURNING scope, pace_since,
+                           removed_decayed * exp(-GREATEST(EXTRACT(EPOCH FROM now() - removed_at), 0)
+                                                 / queue_pace_window()) AS d
+             ), per_scope AS (
+                 SELECT scope, sum(d) AS d, min(pace_since) AS since FROM gone WHERE d IS NOT NULL GROUP BY scope
+             )
+             UPDATE queue_blocks b
+             SET removed_decayed = b.removed_decayed
+                     * exp(-GREATEST(EXTRACT(EPOCH FROM now() - COALESCE(b.removed_at, now())), 0) / queue_pace_window())
+                     + p.d,
+                 removed_at = now(),
+                 pace_since = LEAST(b.pace_since, p.since)
+             FROM per_scope p
+             WHERE b.queue = $1 AND b.scope = p.scope
+               AND b.block = (SELECT min(x.block) FROM queue_blocks x
+                              WHERE x.queue = $1 AND x.scope = p.scope AND x.item_count > 0)",
         )
         .bind(queue.as_str())
         .bind(&locked)

@@ -26,4 +26,5 @@ mod reliability;
 mod replicas;
 mod schema;
 mod telemetry;
+mod waits;
 mod writers;
