@@ -58,7 +58,7 @@ BEGIN
         UPDATE queue_blocks
         SET item_count = item_count - 1,
             removed_decayed = removed_decayed
-                * exp(-GREATEST(EXTRACT(EPOCH FROM now() - COALESCE(removed_at, now())), 0) / queue_pace_window())
+                * exp(-GREATEST(date_part('epoch', now() - COALESCE(removed_at, now())), 0) / queue_pace_window())
                 + 1,
             removed_at = now(),
             pace_since = COALESCE(pace_since, now())
@@ -83,13 +83,13 @@ DECLARE
 BEGIN
     -- Each block's count decayed to now; the window is the decayed length
     -- of the time observed (short history: its own length; long: tau).
-    SELECT sum(b.removed_decayed * exp(-GREATEST(EXTRACT(EPOCH FROM now() - b.removed_at), 0) / tau)),
+    SELECT sum(b.removed_decayed * exp(-GREATEST(date_part('epoch', now() - b.removed_at), 0) / tau)),
            min(b.pace_since)
     INTO items_seen, since
     FROM queue_blocks b
     WHERE b.queue = p_queue AND b.scope = p_scope AND b.removed_at IS NOT NULL;
     IF items_seen >= queue_pace_min_items() THEN
-        window_seconds := tau * (1 - exp(-GREATEST(EXTRACT(EPOCH FROM now() - since), 0) / tau));
+        window_seconds := tau * (1 - exp(-GREATEST(date_part('epoch', now() - since), 0) / tau));
         per_item_seconds := window_seconds / items_seen;
         source := 'scope';
         RETURN;
@@ -99,13 +99,13 @@ BEGIN
         SELECT sum(d), count(*) FILTER (WHERE d >= 1), min(first)
         INTO items_seen, scopes, since
         FROM (SELECT b.scope,
-                     sum(b.removed_decayed * exp(-GREATEST(EXTRACT(EPOCH FROM now() - b.removed_at), 0) / tau)) AS d,
+                     sum(b.removed_decayed * exp(-GREATEST(date_part('epoch', now() - b.removed_at), 0) / tau)) AS d,
                      min(b.pace_since) AS first
               FROM queue_blocks b
               WHERE b.queue = p_queue AND b.removed_at IS NOT NULL
               GROUP BY b.scope) per_scope;
         IF items_seen >= queue_pace_min_items() AND scopes > 0 THEN
-            window_seconds := tau * (1 - exp(-GREATEST(EXTRACT(EPOCH FROM now() - since), 0) / tau));
+            window_seconds := tau * (1 - exp(-GREATEST(date_part('epoch', now() - since), 0) / tau));
             per_item_seconds := window_seconds * scopes / items_seen;
             source := 'queue';
             RETURN;
@@ -125,54 +125,105 @@ DROP FUNCTION IF EXISTS queue_position(TEXT, TEXT);
 DROP FUNCTION IF EXISTS queue_head(TEXT, TEXT, INTEGER);
 
 -- An item's exact, dense, 1-based position (migration 5: the counts of the
--- blocks before the item's block plus its rank inside its block), and its
+-- blocks before the item's block plus its rank inside its block) and its
 -- expected wait: position × its scope's time per item (NULL: no history).
+-- One pass over the scope's blocks gives both the counts before the item
+-- and the scope's decayed removals; the queue's typical pace (queue_pace)
+-- is read only when the scope has too little history.
 CREATE FUNCTION queue_position(p_queue TEXT, p_content_id TEXT)
     RETURNS TABLE (scope TEXT, "position" BIGINT, priority_score FLOAT8, entered_queue_at TIMESTAMPTZ,
                    expected_wait_seconds FLOAT8, wait_source TEXT, wait_window_seconds FLOAT8,
                    wait_items_seen FLOAT8)
     LANGUAGE plpgsql STABLE SECURITY DEFINER AS $$
-DECLARE
-    r RECORD;
-    pace RECORD;
 BEGIN
     PERFORM loyaltyd_check_queue(p_queue);
     IF p_queue = 'topic' THEN
-        SELECT ''::TEXT AS scope,
-               (SELECT COALESCE(sum(b.item_count), 0) FROM queue_blocks b
-                 WHERE b.queue = 'topic' AND b.scope = '' AND b.block < queue_block(i.position_in_queue))::BIGINT
-             + (SELECT count(*) FROM topic_creation_queue j
-                 WHERE j.position_in_queue >= queue_block_first_key(queue_block(i.position_in_queue))
-                   AND j.position_in_queue <= i.position_in_queue) AS pos,
-               i.priority_score, i.entered_queue_at
-        INTO r FROM topic_creation_queue i WHERE i.topic_id = p_content_id;
+        RETURN QUERY
+        SELECT ''::TEXT, x.pos, x.priority_score, x.entered_queue_at, w.*
+        FROM (SELECT i.priority_score, i.entered_queue_at, agg.seen, agg.since,
+                     agg.before + (SELECT count(*) FROM topic_creation_queue j
+                                   WHERE j.position_in_queue >= queue_block_first_key(queue_block(i.position_in_queue))
+                                     AND j.position_in_queue <= i.position_in_queue) AS pos
+              FROM topic_creation_queue i
+              CROSS JOIN LATERAL (
+                  SELECT COALESCE(sum(b.item_count) FILTER (WHERE b.block < queue_block(i.position_in_queue)), 0)::BIGINT AS before,
+                         sum(b.removed_decayed * exp(-GREATEST(date_part('epoch', now() - b.removed_at), 0)
+                                                     / queue_pace_window())) AS seen,
+                         min(b.pace_since) AS since
+                  FROM queue_blocks b WHERE b.queue = 'topic' AND b.scope = '') agg
+              WHERE i.topic_id = p_content_id) x
+        CROSS JOIN LATERAL (
+            SELECT x.pos * y.per_item, y.source, y.window_seconds, y.items_seen
+            FROM (SELECT x.seen >= queue_pace_min_items() AS own,
+                         queue_pace_window() * (1 - exp(-GREATEST(date_part('epoch', now() - x.since), 0)
+                                                        / queue_pace_window())) AS span) o
+            CROSS JOIN LATERAL (
+                SELECT o.span / x.seen AS per_item, 'scope'::TEXT AS source, o.span AS window_seconds,
+                       x.seen AS items_seen
+                WHERE o.own
+                UNION ALL
+                SELECT p.per_item_seconds, p.source, p.window_seconds, p.items_seen
+                FROM queue_pace('topic', '') p
+                WHERE NOT o.own OR o.own IS NULL) y) w;
     ELSIF p_queue = 'post' THEN
-        SELECT i.topic_id AS scope,
-               (SELECT COALESCE(sum(b.item_count), 0) FROM queue_blocks b
-                 WHERE b.queue = 'post' AND b.scope = i.topic_id AND b.block < queue_block(i.position_in_queue))::BIGINT
-             + (SELECT count(*) FROM post_moderation_queue j
-                 WHERE j.topic_id = i.topic_id
-                   AND j.position_in_queue >= queue_block_first_key(queue_block(i.position_in_queue))
-                   AND j.position_in_queue <= i.position_in_queue) AS pos,
-               i.priority_score, i.entered_queue_at
-        INTO r FROM post_moderation_queue i WHERE i.post_id = p_content_id;
+        RETURN QUERY
+        SELECT x.topic_id, x.pos, x.priority_score, x.entered_queue_at, w.*
+        FROM (SELECT i.topic_id, i.priority_score, i.entered_queue_at, agg.seen, agg.since,
+                     agg.before + (SELECT count(*) FROM post_moderation_queue j
+                                   WHERE j.topic_id = i.topic_id
+                                     AND j.position_in_queue >= queue_block_first_key(queue_block(i.position_in_queue))
+                                     AND j.position_in_queue <= i.position_in_queue) AS pos
+              FROM post_moderation_queue i
+              CROSS JOIN LATERAL (
+                  SELECT COALESCE(sum(b.item_count) FILTER (WHERE b.block < queue_block(i.position_in_queue)), 0)::BIGINT AS before,
+                         sum(b.removed_decayed * exp(-GREATEST(date_part('epoch', now() - b.removed_at), 0)
+                                                     / queue_pace_window())) AS seen,
+                         min(b.pace_since) AS since
+                  FROM queue_blocks b WHERE b.queue = 'post' AND b.scope = i.topic_id) agg
+              WHERE i.post_id = p_content_id) x
+        CROSS JOIN LATERAL (
+            SELECT x.pos * y.per_item, y.source, y.window_seconds, y.items_seen
+            FROM (SELECT x.seen >= queue_pace_min_items() AS own,
+                         queue_pace_window() * (1 - exp(-GREATEST(date_part('epoch', now() - x.since), 0)
+                                                        / queue_pace_window())) AS span) o
+            CROSS JOIN LATERAL (
+                SELECT o.span / x.seen AS per_item, 'scope'::TEXT AS source, o.span AS window_seconds,
+                       x.seen AS items_seen
+                WHERE o.own
+                UNION ALL
+                SELECT p.per_item_seconds, p.source, p.window_seconds, p.items_seen
+                FROM queue_pace('post', x.topic_id) p
+                WHERE NOT o.own OR o.own IS NULL) y) w;
     ELSE
-        SELECT i.conversation_id AS scope,
-               (SELECT COALESCE(sum(b.item_count), 0) FROM queue_blocks b
-                 WHERE b.queue = 'message' AND b.scope = i.conversation_id AND b.block < queue_block(i.position_in_queue))::BIGINT
-             + (SELECT count(*) FROM private_message_queue j
-                 WHERE j.conversation_id = i.conversation_id
-                   AND j.position_in_queue >= queue_block_first_key(queue_block(i.position_in_queue))
-                   AND j.position_in_queue <= i.position_in_queue) AS pos,
-               i.priority_score, i.entered_queue_at
-        INTO r FROM private_message_queue i WHERE i.message_id = p_content_id;
+        RETURN QUERY
+        SELECT x.conversation_id, x.pos, x.priority_score, x.entered_queue_at, w.*
+        FROM (SELECT i.conversation_id, i.priority_score, i.entered_queue_at, agg.seen, agg.since,
+                     agg.before + (SELECT count(*) FROM private_message_queue j
+                                   WHERE j.conversation_id = i.conversation_id
+                                     AND j.position_in_queue >= queue_block_first_key(queue_block(i.position_in_queue))
+                                     AND j.position_in_queue <= i.position_in_queue) AS pos
+              FROM private_message_queue i
+              CROSS JOIN LATERAL (
+                  SELECT COALESCE(sum(b.item_count) FILTER (WHERE b.block < queue_block(i.position_in_queue)), 0)::BIGINT AS before,
+                         sum(b.removed_decayed * exp(-GREATEST(date_part('epoch', now() - b.removed_at), 0)
+                                                     / queue_pace_window())) AS seen,
+                         min(b.pace_since) AS since
+                  FROM queue_blocks b WHERE b.queue = 'message' AND b.scope = i.conversation_id) agg
+              WHERE i.message_id = p_content_id) x
+        CROSS JOIN LATERAL (
+            SELECT x.pos * y.per_item, y.source, y.window_seconds, y.items_seen
+            FROM (SELECT x.seen >= queue_pace_min_items() AS own,
+                         queue_pace_window() * (1 - exp(-GREATEST(date_part('epoch', now() - x.since), 0)
+                                                        / queue_pace_window())) AS span) o
+            CROSS JOIN LATERAL (
+                SELECT o.span / x.seen AS per_item, 'scope'::TEXT AS source, o.span AS window_seconds,
+                       x.seen AS items_seen
+                WHERE o.own
+                UNION ALL
+                SELECT p.per_item_seconds, p.source, p.window_seconds, p.items_seen
+                FROM queue_pace('message', x.conversation_id) p
+                WHERE NOT o.own OR o.own IS NULL) y) w;
     END IF;
-    IF NOT FOUND THEN
-        RETURN;
-    END IF;
-    SELECT * INTO pace FROM queue_pace(p_queue, r.scope);
-    RETURN QUERY SELECT r.scope, r.pos, r.priority_score, r.entered_queue_at,
-                        r.pos * pace.per_item_seconds, pace.source, pace.window_seconds, pace.items_seen;
 END $$;
 
 -- The first `p_limit` items of a scope ('' for the topic queue), in order,

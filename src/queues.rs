@@ -496,14 +496,14 @@ async fn rekey_locked(
             "WITH gone AS (
                  DELETE FROM queue_blocks WHERE queue = $1 AND scope = ANY($2) AND item_count = 0
                  RETURNING scope, pace_since,
-                           removed_decayed * exp(-GREATEST(EXTRACT(EPOCH FROM now() - removed_at), 0)
+                           removed_decayed * exp(-GREATEST(date_part('epoch', now() - removed_at), 0)
                                                  / queue_pace_window()) AS d
              ), per_scope AS (
                  SELECT scope, sum(d) AS d, min(pace_since) AS since FROM gone WHERE d IS NOT NULL GROUP BY scope
              )
              UPDATE queue_blocks b
              SET removed_decayed = b.removed_decayed
-                     * exp(-GREATEST(EXTRACT(EPOCH FROM now() - COALESCE(b.removed_at, now())), 0) / queue_pace_window())
+                     * exp(-GREATEST(date_part('epoch', now() - COALESCE(b.removed_at, now())), 0) / queue_pace_window())
                      + p.d,
                  removed_at = now(),
                  pace_since = LEAST(b.pace_since, p.since)
