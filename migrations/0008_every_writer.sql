@@ -82,7 +82,7 @@ DECLARE
     delta BIGINT := NEW.loyalty_score - CASE WHEN TG_OP = 'UPDATE' THEN OLD.loyalty_score ELSE 0 END;
 BEGIN
     IF NOT (SELECT legacy_score_writes FROM loyaltyd_settings) THEN
-        RAISE EXCEPTION 'direct write of users.loyalty_score refused (user %: % by %): scores follow moderation_events',
+        RAISE EXCEPTION 'direct write of users.loyalty_score refused (user %, % by %): loyaltyd_settings.legacy_score_writes is off',
                 NEW.id, CASE WHEN TG_OP = 'UPDATE' THEN 'change' ELSE 'insert' END, delta
             USING ERRCODE = 'LY003',
                   HINT = 'insert a moderation_events row instead (the score follows it); while an application '
@@ -270,7 +270,7 @@ BEGIN
         NEW.position_in_queue := OLD.position_in_queue;
         RETURN NEW;
     END IF;
-    RAISE EXCEPTION 'update of %.position_in_queue refused: it is the ordering key the database keeps', TG_TABLE_NAME
+    RAISE EXCEPTION 'update of %.position_in_queue refused: the database keeps the ordering key (loyaltyd_settings.legacy_score_writes is off)', TG_TABLE_NAME
         USING ERRCODE = 'LY004',
               HINT = 'positions close their gaps by themselves on DELETE; reorder by priority with '
                   || '`loyaltyd queue reorder`; while an application of the original design still shifts '

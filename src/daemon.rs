@@ -38,6 +38,9 @@ use crate::telemetry::{self, Job};
 /// How long shutdown waits for running jobs before giving up on them
 /// (within systemd's default 90 s stop timeout, and the 10 s we promise).
 const STOP_GRACE: Duration = Duration::from_secs(8);
+/// How long a generation's scheduler and loops get to stop (their work is
+/// dropped at its next await; this bounds a scheduler that does not answer).
+const LOOPS_GRACE: Duration = Duration::from_secs(2);
 
 /// Re-reads the configuration (the file and the environment the process
 /// started with) on SIGHUP.
@@ -252,9 +255,18 @@ impl Generation {
 
     /// No new ticks; the loops end (a live board build in progress with them).
     async fn stop(mut self) {
-        let _ = self.scheduler.shutdown().await;
         self.stop.cancel();
-        self.loops.wait().await;
+        if tokio::time::timeout(LOOPS_GRACE, async {
+            let _ = self.scheduler.shutdown().await;
+            self.loops.wait().await;
+        })
+        .await
+        .is_err()
+        {
+            tracing::warn!(
+                "the scheduler or a loop did not stop within {LOOPS_GRACE:?}; going on without it"
+            );
+        }
     }
 }
 
@@ -328,7 +340,13 @@ async fn sync_loop(ctx: Context, shutdown: CancellationToken) {
             _ = ticks.tick() => {}
             () = shutdown.cancelled() => return,
         }
-        let failure = match crate::sync::sync_once(&ctx).await {
+        // A pass in progress is dropped when the loop is told to stop (its
+        // transaction rolls back; the next pass reads the same window).
+        let synced = tokio::select! {
+            r = crate::sync::sync_once(&ctx) => r,
+            () = shutdown.cancelled() => return,
+        };
+        let failure = match synced {
             Ok(crate::sync::Synced::RedisUnavailable) => {
                 Some("Redis unavailable; the changes stay queued in PostgreSQL".to_owned())
             }
@@ -362,14 +380,23 @@ async fn forum_watch(
             _ = ticks.tick() => {}
             () = stop.cancelled() => return,
         }
-        let queues = crate::backlog::observe_queues(&ctx.pool).await;
-        let counted = events.lock().await.observe(&ctx.pool).await;
-        if ctx.config.leaderboard.live
-            && let Some(n) = ctx.cache.live_count().await
-        {
-            telemetry::live_board_users(n);
-        }
-        if let Err(e) = queues.and(counted)
+        let observed = async {
+            let queues = crate::backlog::observe_queues(&ctx.pool).await;
+            let counted = events.lock().await.observe(&ctx.pool).await;
+            if ctx.config.leaderboard.live
+                && let Some(n) = ctx.cache.live_count().await
+            {
+                telemetry::live_board_users(n);
+            }
+            queues.and(counted)
+        };
+        // (A check cut short leaves the event count where it was: its floor
+        // and seen ids change only after a whole read.)
+        let result = tokio::select! {
+            r = observed => r,
+            () = stop.cancelled() => return,
+        };
+        if let Err(e) = result
             && last_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
         {
             last_logged = Some(std::time::Instant::now());

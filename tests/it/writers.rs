@@ -474,3 +474,55 @@ async fn the_read_api_refuses_what_the_cli_refuses_with_one_sqlstate(pool: PgPoo
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(items, 1, "nothing written by a refused call");
 }
+
+/// Outside legacy mode the original design's code is refused, never
+/// counted twice: its score UPDATE fails whole (LY003), its shifting remove's
+/// UPDATE too (LY004, after its DELETE closed the gap by itself), while
+/// event-only writers go on; afterwards every score is its events and every
+/// position dense.
+#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+async fn outside_legacy_mode_the_original_code_is_refused_and_nothing_counts_twice(
+    _o: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let pool = common::wide_pool(opts, 8).await;
+    let db = database(&pool).await;
+    common::users(&pool, 5).await;
+    let ctx = common::ctx_with(&pool, common::config(&pool, "no-legacy"), false);
+    let stop = std::env::temp_dir().join(format!("no-legacy-stop-{db}"));
+    let apps: Vec<_> = (0..2)
+        .map(|w| old_app(&ctx.config, &db, w, 3, 5, &stop.to_string_lossy()))
+        .collect();
+    for i in 0..200i64 {
+        sqlx::query(
+            "INSERT INTO moderation_events (user_id, event_type, content_type, content_id, outcome)
+             VALUES ($1, 'moderation_decision', 'post', $2, 'approved')",
+        )
+        .bind(1 + i % 5)
+        .bind(format!("new-{i}"))
+        .execute(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let mut refused = 0;
+    for app in apps {
+        let out = tokio::task::spawn_blocking(move || app.wait_with_output())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let line: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}"));
+        for (kind, n) in line["errors"].as_object().into_iter().flatten() {
+            assert!(
+                (kind.starts_with("LY003") && kind.contains("legacy_score_writes"))
+                    || kind.starts_with("LY004"),
+                "{kind}: {line}"
+            );
+            refused += n.as_i64().unwrap_or(0);
+        }
+    }
+    assert!(refused > 0, "the original code's score writes were refused");
+    assert_eq!(leftovers(&pool).await, (0, 0));
+    assert_eq!(common::sweep_drift(&ctx).await, 0);
+    common::queue_invariants(&pool, QueueKind::Post).await;
+}
