@@ -860,27 +860,7 @@ impl ForumRole {
 
     /// Runs a psql script as this role; returns (success, stdout, stderr).
     pub fn psql(&self, script: &str) -> (bool, String, String) {
-        use std::io::Write;
-        let mut child = Command::new("psql")
-            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", &self.dsn()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("psql: {e}"));
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin
-                .write_all(script.as_bytes())
-                .unwrap_or_else(|e| panic!("psql stdin: {e}"));
-        }
-        let out = child
-            .wait_with_output()
-            .unwrap_or_else(|e| panic!("psql: {e}"));
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        psql(&self.dsn(), script)
     }
 
     /// Drops the role (and what it owns) again.
@@ -895,6 +875,32 @@ impl ForumRole {
 }
 
 /// Debian's Python, which has `python3-psycopg` (the test set-up installs it).
+/// Runs a psql script on a libpq connection string (unaligned, tuples only,
+/// stopping at the first error); returns (success, stdout, stderr).
+pub fn psql(dsn: &str, script: &str) -> (bool, String, String) {
+    use std::io::Write;
+    let mut child = Command::new("psql")
+        .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", dsn])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("psql: {e}"));
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(script.as_bytes())
+            .unwrap_or_else(|e| panic!("psql stdin: {e}"));
+    }
+    let out = child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("psql: {e}"));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 pub const PYTHON: &str = "/usr/bin/python3";
 
 /// A fenced code block of README.md, found by the HTML comment that names

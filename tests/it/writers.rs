@@ -5,7 +5,6 @@
 //! and one inside it reaches the cache and the live board; the read API
 //! refuses what the CLI refuses.
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use loyaltyd::Context;
@@ -125,42 +124,23 @@ async fn the_original_code_beside_event_only_writers_counts_every_score_once_in_
     common::queue_invariants(&pool, QueueKind::Post).await;
 }
 
-/// Runs psql as the superuser (an operator, or a forum that owns its tables)
-/// on the test database: (success, stdout, stderr).
-fn psql(pool_db: &str, script: &str) -> (bool, String, String) {
-    use std::io::Write;
-    let mut child = Command::new("psql")
-        .args([
-            "-X",
-            "-q",
-            "-A",
-            "-t",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-h",
-            "/var/run/postgresql",
-            "-d",
-            pool_db,
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("psql: {e}"));
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(script.as_bytes())
-            .unwrap_or_else(|e| panic!("psql stdin: {e}"));
-    }
-    let out = child
-        .wait_with_output()
-        .unwrap_or_else(|e| panic!("psql: {e}"));
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+/// Runs psql as the superuser (an operator, or a forum that owns its
+/// tables) on the test database.
+fn psql(db: &str, script: &str) -> (bool, String, String) {
+    common::psql(&format!("host=/var/run/postgresql dbname={db}"), script)
 }
+
+/// A forum's own table with a trigger of its own that rewards each post's
+/// author the original design's way (an UPDATE of the score).
+const FORUM_REWARD_TRIGGER: &str = "
+    CREATE TABLE forum_posts (id TEXT PRIMARY KEY, author_id BIGINT REFERENCES users (id));
+    CREATE FUNCTION forum_posts_reward() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        UPDATE users SET loyalty_score = loyalty_score + 1 WHERE id = NEW.author_id;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER forum_posts_reward AFTER INSERT ON forum_posts
+        FOR EACH ROW EXECUTE FUNCTION forum_posts_reward();";
 
 #[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
 async fn outside_legacy_mode_a_direct_score_write_is_refused_whole_through_psql(pool: PgPool) {
@@ -174,18 +154,7 @@ async fn outside_legacy_mode_a_direct_score_write_is_refused_whole_through_psql(
     .await;
     // A forum's own table, with a trigger of its own that writes scores the
     // original design's way.
-    exec(
-        &pool,
-        "CREATE TABLE forum_posts (id TEXT PRIMARY KEY, author_id BIGINT REFERENCES users (id));
-         CREATE FUNCTION forum_posts_reward() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN
-             UPDATE users SET loyalty_score = loyalty_score + 1 WHERE id = NEW.author_id;
-             RETURN NULL;
-         END $$;
-         CREATE TRIGGER forum_posts_reward AFTER INSERT ON forum_posts
-             FOR EACH ROW EXECUTE FUNCTION forum_posts_reward();",
-    )
-    .await;
+    exec(&pool, FORUM_REWARD_TRIGGER).await;
     let before: Vec<(i64, i64, i64)> =
         sqlx::query_as("SELECT id, loyalty_score, score_version FROM users ORDER BY id")
             .fetch_all(&pool)
@@ -245,18 +214,7 @@ async fn in_legacy_mode_an_imported_score_and_a_forum_triggers_write_reach_the_c
         "UPDATE loyaltyd_settings SET legacy_score_writes = true",
     )
     .await;
-    exec(
-        &pool,
-        "CREATE TABLE forum_posts (id TEXT PRIMARY KEY, author_id BIGINT REFERENCES users (id));
-         CREATE FUNCTION forum_posts_reward() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN
-             UPDATE users SET loyalty_score = loyalty_score + 1 WHERE id = NEW.author_id;
-             RETURN NULL;
-         END $$;
-         CREATE TRIGGER forum_posts_reward AFTER INSERT ON forum_posts
-             FOR EACH ROW EXECUTE FUNCTION forum_posts_reward();",
-    )
-    .await;
+    exec(&pool, FORUM_REWARD_TRIGGER).await;
     // An import with a score, and the forum's trigger crediting user 2 once;
     // then the forum records that post's event (the original pattern).
     exec(
