@@ -209,6 +209,9 @@ pub enum Refusal {
     DuplicateItem,
     /// `55P03` lock not available: `lock_timeout` or `NOWAIT` gave up; retry.
     LockBusy,
+    /// `40P01` deadlock detected or `40001` serialization failure: the
+    /// transaction was rolled back and PostgreSQL asks for it to be retried.
+    Retry,
 }
 
 impl Refusal {
@@ -230,6 +233,7 @@ impl Refusal {
             Some(SQLSTATE_EVENT_ID_REUSED) => Some(Refusal::EventIdReused),
             Some("22003") => Some(Refusal::OutOfRange),
             Some("55P03") => Some(Refusal::LockBusy),
+            Some("40P01" | "40001") => Some(Refusal::Retry),
             _ => None,
         }
     }

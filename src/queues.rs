@@ -269,7 +269,7 @@ pub async fn add(
     let timer = Timer::start(&ctx.perf, Operation::QueueAdd, Some(queue));
     // The add, then (a later call in the same statement, after the add's
     // triggers) its scope's pace: one round trip.
-    let row: AddedRow = sqlx::query_as(
+    let row: AddedRow = retried(|| sqlx::query_as(
         "SELECT a.position, a.entered_queue_at, a.position * p.per_item_seconds AS expected_wait_seconds,
                 p.source AS wait_source, p.window_seconds AS wait_window_seconds, p.items_seen AS wait_items_seen
          FROM queue_add($1, $2, $3, $4) a
@@ -279,7 +279,7 @@ pub async fn add(
             .bind(item.as_str())
             .bind(scope.key())
             .bind(priority.get())
-            .fetch_one(&ctx.pool)
+            .fetch_one(&ctx.pool))
             .await
             .map_err(|e| match Refusal::of(&e) {
                 Some(Refusal::DuplicateItem) => Error::DuplicateItem {
@@ -298,6 +298,32 @@ pub async fn add(
         entered_queue_at: row.entered_queue_at,
         wait: row.wait,
     })
+}
+
+/// How often an add or a remove is tried when PostgreSQL rolls it back and
+/// asks for a retry (a deadlock with a client's own transaction, a
+/// serialization failure).
+const RETRIES: u32 = 5;
+
+/// Runs one single-statement write, again after a `40P01` or `40001` (its
+/// transaction rolled back whole, so running it again is safe), with a
+/// growing pause; any other outcome is returned as it is.
+async fn retried<T, F, Fut>(mut write: F) -> std::result::Result<T, sqlx::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<T, sqlx::Error>>,
+{
+    let mut attempt = 1;
+    loop {
+        match write().await {
+            Err(e) if Refusal::of(&e) == Some(Refusal::Retry) && attempt < RETRIES => {
+                tracing::debug!(attempt, error = %crate::error::describe(&e), "retrying a queue write");
+                tokio::time::sleep(std::time::Duration::from_millis(20 << attempt)).await;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// What `queue_add` and the scope's pace answer.
@@ -323,11 +349,13 @@ struct PositionRow {
 /// Removes an item; the items behind it move up by one.
 pub async fn remove(ctx: &Context, queue: QueueKind, item: &Ident) -> Result<Removed> {
     let timer = Timer::start(&ctx.perf, Operation::QueueRemove, Some(queue));
-    let scope: Option<String> = sqlx::query_scalar(sql(queue).remove)
-        .bind(item.as_str())
-        .fetch_optional(&ctx.pool)
-        .await
-        .db("removing from the queue")?;
+    let scope: Option<String> = retried(|| {
+        sqlx::query_scalar(sql(queue).remove)
+            .bind(item.as_str())
+            .fetch_optional(&ctx.pool)
+    })
+    .await
+    .db("removing from the queue")?;
     let scope = scope.ok_or_else(|| unknown(queue, item))?;
     timer.ok(None);
     Ok(Removed {

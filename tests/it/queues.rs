@@ -518,3 +518,79 @@ async fn random_adds_removes_and_reorders_match_an_in_memory_model(pool: PgPool)
     }
     check_invariants(&common::ctx(&pool, "prop-final"), QueueKind::Post).await;
 }
+
+/// `loyaltyd queue add` caught in a deadlock with a client's own transaction
+/// (the client removed an item of the scope's tail block, then adds to the
+/// scope; the CLI holds the scope and waits for that block): PostgreSQL
+/// aborts the CLI's transaction, which waited first, and the CLI retries it
+/// instead of failing (exit 0); both writes land and positions stay dense.
+#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+async fn a_cli_add_rolled_back_by_a_deadlock_is_retried_and_lands(pool: sqlx::PgPool) {
+    let config = common::config(&pool, "q-deadlock");
+    sqlx::query(
+        "INSERT INTO post_moderation_queue (post_id, topic_id) VALUES ('a', 't'), ('b', 't')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut client = pool.acquire().await.unwrap_or_else(|e| panic!("{e}"));
+    sqlx::raw_sql("BEGIN; DELETE FROM post_moderation_queue WHERE post_id = 'a'")
+        .execute(&mut *client)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let cli = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || {
+            common::run(
+                &config,
+                &[
+                    "--json",
+                    "queue",
+                    "add",
+                    "--queue",
+                    "post",
+                    "--content-id",
+                    "cli",
+                    "--topic",
+                    "t",
+                ],
+            )
+        })
+    };
+    // The CLI holds the scope and waits for the block row the client holds.
+    common::eventually(
+        "the CLI waiting for the client's lock",
+        Duration::from_secs(10),
+        || async {
+            sqlx::query_scalar::<_, bool>(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+                            WHERE datname = current_database() AND application_name = 'loyaltyd'
+                              AND wait_event_type = 'Lock')",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap_or(false)
+        },
+    )
+    .await;
+    // The client now wants the scope: a cycle, which PostgreSQL breaks.
+    let added =
+        sqlx::query("INSERT INTO post_moderation_queue (post_id, topic_id) VALUES ('tx', 't')")
+            .execute(&mut *client)
+            .await;
+    match added {
+        Ok(_) => sqlx::raw_sql("COMMIT").execute(&mut *client).await,
+        Err(e) => {
+            panic!("the client was chosen, not the CLI (the test needs the CLI to wait first): {e}")
+        }
+    }
+    .unwrap_or_else(|e| panic!("{e}"));
+    let out = cli.await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        out.status.success(),
+        "queue add failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let scopes = common::queue_invariants(&pool, QueueKind::Post).await;
+    assert_eq!(scopes["t"], ["b", "tx", "cli"]);
+}
