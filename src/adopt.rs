@@ -110,6 +110,9 @@ pub struct Report {
     pub redis: Vec<Problem>,
     /// Migrations recorded as applied.
     pub migrations_recorded: Vec<i64>,
+    /// True when the database was loyaltyd's, up to date, already (an
+    /// adopted or migrated one): nothing was done, and that is success.
+    pub nothing_to_do: bool,
     /// Wall time, in seconds.
     pub seconds: f64,
 }
@@ -369,7 +372,12 @@ pub async fn adopt(pool: &PgPool, cache: &crate::cache::Cache, opts: &Options) -
             ..Report::default()
         },
     };
-    a.check_adoptable().await?;
+    if a.check_adoptable().await? {
+        // Idempotent (SPEC §13): a second run finds nothing to do.
+        a.report.nothing_to_do = true;
+        a.report.seconds = started.elapsed().as_secs_f64();
+        return Ok(a.report);
+    }
     a.inspect_data().await?;
     a.report.redis = inspect_redis(cache).await;
     a.plan().await?;
@@ -389,8 +397,9 @@ struct Adoption<'a> {
 impl Adoption<'_> {
     // ------------------------------------------------------------ inspection
 
-    /// Refuses what is not the original design, or is loyaltyd's already.
-    async fn check_adoptable(&self) -> Result<()> {
+    /// Refuses what is not the original design; true when the database is
+    /// loyaltyd's already with every migration applied (nothing to do).
+    async fn check_adoptable(&mut self) -> Result<bool> {
         let recorded: Vec<i64> = if self.table_exists("_sqlx_migrations").await? {
             sqlx::query_scalar(
                 "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version",
@@ -402,8 +411,13 @@ impl Adoption<'_> {
             Vec::new()
         };
         if !recorded.is_empty() {
+            let embedded: Vec<i64> = crate::db::MIGRATOR.iter().map(|m| m.version).collect();
+            if embedded.iter().all(|v| recorded.contains(v)) {
+                self.report.migrations_recorded = recorded;
+                return Ok(true);
+            }
             return Err(Error::Adopt(format!(
-                "this database is managed by loyaltyd already (migrations {recorded:?} are recorded): run `loyaltyd migrate`"
+                "this database is managed by loyaltyd already (migrations {recorded:?} are recorded): run `loyaltyd migrate` to apply the rest"
             )));
         }
         for table in FORUM_TABLES {
@@ -440,7 +454,7 @@ impl Adoption<'_> {
                 "{bad_ids} users have an id that is not a positive integer; loyaltyd cannot move rows out of the forum's users table: fix them first"
             )));
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Counts (and samples) every data problem of the original design.

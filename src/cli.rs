@@ -655,6 +655,12 @@ impl Render for perf::Stats {
 
 impl Render for adopt::Report {
     fn text(&self) -> String {
+        if self.nothing_to_do {
+            return format!(
+                "nothing to do: this database is loyaltyd's already, migrations {:?} applied (`loyaltyd migrate` is the path from here)",
+                self.migrations_recorded
+            );
+        }
         let mut out = String::from(if self.dry_run {
             "adoption plan (dry run: nothing was changed)\n"
         } else {

@@ -278,6 +278,16 @@ async fn the_original_design_is_adopted_online_beside_its_own_code_and_resumes_a
         String::from_utf8_lossy(&out.stderr)
     );
     eprintln!("resumed adoption took {:?}", started.elapsed());
+    // Once more: nothing to do, exit 0 (SPEC §13: idempotent).
+    let again = adopt(&config, &["--json"]).await;
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&again.stdout).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(report["nothing_to_do"], true, "{report}");
     std::fs::write(&stop, b"stop").unwrap_or_else(|e| panic!("{e}"));
     let mut worst: f64 = 0.0;
     let mut kept: Vec<String> = Vec::new();
@@ -420,6 +430,29 @@ async fn adopt_refuses_an_empty_database_and_one_loyaltyd_manages_already(pool: 
         "{err}"
     );
     assert!(common::run(&config, &["migrate"]).status.success());
+    // loyaltyd's own database, up to date: nothing to do, success (SPEC §13:
+    // idempotent), for the dry run and the real one alike.
+    for args in [&["--dry-run"][..], &[]] {
+        let out = adopt(&config, args).await;
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("nothing to do"),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    // One with a migration still to apply is `migrate`'s, not adopt's.
+    sqlx::query(
+        "DELETE FROM _sqlx_migrations WHERE version = (SELECT max(version) FROM _sqlx_migrations)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
     let out = adopt(&config, &["--dry-run"]).await;
     assert_eq!(out.status.code(), Some(65));
     assert!(String::from_utf8_lossy(&out.stderr).contains("managed by loyaltyd already"));
