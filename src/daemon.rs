@@ -381,8 +381,10 @@ async fn forum_watch(
             () = stop.cancelled() => return,
         }
         let observed = async {
-            let queues = crate::backlog::observe_queues(&ctx.pool).await;
+            // Events first: a backlog gauge that moved shows the events were
+            // looked at too.
             let counted = events.lock().await.observe(&ctx.pool).await;
+            let queues = crate::backlog::observe_queues(&ctx.pool).await;
             if ctx.config.leaderboard.live
                 && let Some(n) = ctx.cache.live_count().await
             {

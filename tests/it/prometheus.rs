@@ -371,8 +371,32 @@ async fn an_idle_healthy_daemon_has_no_alert_pending_in_a_real_prometheus(pool: 
         rules.contains("LoyaltydOperationErrors"),
         "the shipped rules are loaded: {rules}"
     );
-    // Several evaluations (every second) after the data is there.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Every rule evaluated again since the data was there (every second).
+    let data_at = chrono::Utc::now() + chrono::Duration::seconds(2);
+    common::eventually(
+        "every rule evaluated since",
+        Duration::from_secs(30),
+        || async {
+            let body = http_get(prometheus.port, "/api/v1/rules")
+                .await
+                .unwrap_or_default();
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            let rules: Vec<&serde_json::Value> = v["data"]["groups"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|g| g["rules"].as_array().into_iter().flatten())
+                .collect();
+            !rules.is_empty()
+                && rules.iter().all(|r| {
+                    r["lastEvaluation"]
+                        .as_str()
+                        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                        .is_some_and(|t| t > data_at)
+                })
+        },
+    )
+    .await;
     let body = http_get(prometheus.port, "/api/v1/alerts")
         .await
         .unwrap_or_default();
@@ -399,6 +423,14 @@ async fn an_idle_healthy_daemon_has_no_alert_pending_in_a_real_prometheus(pool: 
 #[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
 async fn backlog_and_traffic_metrics_follow_plain_sql_written_through_psql(pool: PgPool) {
     common::users(&pool, 3).await;
+    // A marker: once the daemon exports it, its first look is done (events
+    // from before it are not counted).
+    sqlx::query(
+        "INSERT INTO private_message_queue (message_id, conversation_id) VALUES ('m', 'c')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
     let mut config = common::config(&pool, "backlog");
     config.metrics.listen = ([127, 0, 0, 1], common::free_port()).into();
     let daemon = Daemon::start(&config);
@@ -409,8 +441,17 @@ async fn backlog_and_traffic_metrics_follow_plain_sql_written_through_psql(pool:
         .fetch_one(&pool)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    // Let the daemon take its first look (events from before it count not).
-    tokio::time::sleep(loyaltyd::backlog::CHECK + Duration::from_secs(1)).await;
+    common::eventually(
+        "the daemon's first look",
+        Duration::from_secs(30),
+        || async {
+            let text = common::scrape(config.metrics.listen)
+                .await
+                .unwrap_or_default();
+            common::series(&text, r#"loyaltyd_queue_items{queue="message"}"#) == Some(1.0)
+        },
+    )
+    .await;
     let out = Command::new("psql")
         .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "/var/run/postgresql", "-d", &db, "-c"])
         .arg(

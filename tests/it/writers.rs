@@ -484,3 +484,91 @@ async fn outside_legacy_mode_the_original_code_is_refused_and_nothing_counts_twi
     assert_eq!(common::sweep_drift(&ctx).await, 0);
     common::queue_invariants(&pool, QueueKind::Post).await;
 }
+
+/// Every path through migration 8's scoring triggers in legacy mode, each
+/// checked against the integrity sweep: one row consuming a credit, many
+/// rows in any user order, COPY, a rolled-back write of either kind, an
+/// UPDATE and a DELETE of events, and an event-id replay.
+#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+async fn every_legacy_trigger_path_agrees_with_the_sweep(pool: PgPool) {
+    let db = database(&pool).await;
+    common::users(&pool, 4).await;
+    let ctx = common::ctx_with(&pool, common::config(&pool, "legacy-paths"), false);
+    exec(
+        &pool,
+        "UPDATE loyaltyd_settings SET legacy_score_writes = true",
+    )
+    .await;
+    let ev = "INSERT INTO moderation_events (user_id, event_type, content_type, content_id, outcome, event_id)";
+    let steps: [(&str, String, (i64, i64)); 8] = [
+        (
+            "one row consumes its credit",
+            format!("UPDATE users SET loyalty_score = loyalty_score + 1 WHERE id = 1;
+                     {ev} VALUES (1, 'd', 'post', 'a', 'approved', NULL);"),
+            (0, 0),
+        ),
+        (
+            "many rows, users out of order, each consuming",
+            format!("UPDATE users SET loyalty_score = loyalty_score + 5 WHERE id = 3;
+                     UPDATE users SET loyalty_score = loyalty_score - 1 WHERE id = 2;
+                     {ev} VALUES (3, 'd', 'topic', 'b', 'approved', NULL), (2, 'd', 'post', 'c', 'rejected', NULL),
+                                 (1, 'd', 'post', 'd', 'approved', NULL), (3, 'd', 'post', 'e', 'calibrated', NULL);"),
+            (0, 0),
+        ),
+        (
+            "COPY consumes",
+            "UPDATE users SET loyalty_score = loyalty_score + 1 WHERE id = 4;
+             COPY moderation_events (user_id, event_type, content_type, content_id, outcome) FROM STDIN;
+4\td\tpost\tf\tapproved
+2\td\tprivate_message\tg\tapproved
+\\.
+".to_owned(),
+            (0, 0),
+        ),
+        (
+            "a rolled-back direct write and event leave nothing",
+            format!("BEGIN; UPDATE users SET loyalty_score = loyalty_score + 1 WHERE id = 1;
+                     {ev} VALUES (1, 'd', 'post', 'h', 'approved', NULL); ROLLBACK;"),
+            (0, 0),
+        ),
+        (
+            "a credit whose event rolled back stays pending",
+            format!("UPDATE users SET loyalty_score = loyalty_score + 1 WHERE id = 2;
+                     BEGIN; {ev} VALUES (2, 'd', 'post', 'i', 'approved', NULL); ROLLBACK;"),
+            // The score is its events plus the credit: off its events, not drift.
+            (1, 1),
+        ),
+        (
+            "its event, later, consumes it",
+            format!("{ev} VALUES (2, 'd', 'post', 'i', 'approved', 'k-i');"),
+            (0, 0),
+        ),
+        (
+            "an event-id replay counts once",
+            format!("{ev} VALUES (2, 'd', 'post', 'i', 'approved', 'k-i')
+                     ON CONFLICT (event_id) WHERE event_id IS NOT NULL DO NOTHING;"),
+            (0, 0),
+        ),
+        (
+            "UPDATE and DELETE of events move the scores back",
+            "UPDATE moderation_events SET outcome = 'rejected' WHERE content_id IN ('a', 'f');
+             DELETE FROM moderation_events WHERE content_id IN ('b', 'g');".to_owned(),
+            (0, 0),
+        ),
+    ];
+    for (what, script, want) in steps {
+        let (ok, _, err) = psql(&db, &script);
+        assert!(ok, "{what}: {err}");
+        assert_eq!(
+            leftovers(&pool).await,
+            want,
+            "{what}: (users off, credits left)"
+        );
+        let report = common::sweep(&ctx, 100).await;
+        assert_eq!(
+            (report.drifted_users, report.pending_credits),
+            (0, want.1 as u64),
+            "{what}: {report:?}"
+        );
+    }
+}
