@@ -60,6 +60,12 @@ pub struct Options {
     /// Turn on `loyaltyd_settings.legacy_score_writes`: the forum's
     /// application still runs the original code (it writes scores itself).
     pub legacy_writers: bool,
+    /// Change the forum's column types to migrate's too (INTEGER to BIGINT,
+    /// VARCHAR to TEXT, ...). Off by default: a type change fails every
+    /// prepared statement of the application that reads the column
+    /// ("cached plan must not change result type"), so it belongs in the
+    /// application's restart window, not in the online path.
+    pub change_types: bool,
 }
 
 impl Default for Options {
@@ -69,6 +75,7 @@ impl Default for Options {
             batch_size: 20_000,
             lock_timeout: Duration::from_millis(500),
             legacy_writers: true,
+            change_types: false,
         }
     }
 }
@@ -108,6 +115,12 @@ pub struct Report {
     pub problems: Vec<Problem>,
     /// Redis keys the original design left, by kind, and what happens to them.
     pub redis: Vec<Problem>,
+    /// The forum's columns whose type stays as the forum made it (a type
+    /// loyaltyd reads in place of migrate's), and why.
+    pub kept_types: Vec<KeptType>,
+    /// Objects of the forum's own that depend on the columns adoption
+    /// touches, and what becomes of each.
+    pub dependents: Vec<Dependent>,
     /// Migrations recorded as applied.
     pub migrations_recorded: Vec<i64>,
     /// True when the database was loyaltyd's, up to date, already (an
@@ -115,6 +128,39 @@ pub struct Report {
     pub nothing_to_do: bool,
     /// Wall time, in seconds.
     pub seconds: f64,
+}
+
+/// What a swap drops, creates again, and validates after.
+#[derive(Default)]
+struct SwapDependents {
+    drops: Vec<String>,
+    creates: Vec<String>,
+    validates: Vec<String>,
+}
+
+/// A forum column kept at its own type.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct KeptType {
+    /// `table.column`.
+    pub column: String,
+    /// Its type, as the forum made it.
+    pub sql_type: String,
+    /// The type `migrate` gives it.
+    pub migrate_type: String,
+    /// Why it stays.
+    pub reason: String,
+}
+
+/// An object of the forum's own on a column adoption touches.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Dependent {
+    /// `table.column` it depends on.
+    pub column: String,
+    /// The object, as PostgreSQL describes it (`view top_posters`, `policy
+    /// own_rows on table users`, ...).
+    pub object: String,
+    /// What adoption does to it.
+    pub action: String,
 }
 
 /// A column of a forum table as it is now.
@@ -373,11 +419,26 @@ pub async fn adopt(pool: &PgPool, cache: &crate::cache::Cache, opts: &Options) -
         },
     };
     if a.check_adoptable().await? {
-        // Idempotent (SPEC §13): a second run finds nothing to do.
+        // Adopted (or migrated) already. With --change-types, what is left
+        // is the column types an online adoption kept, in the application's
+        // restart window; else, idempotent (SPEC §13): nothing to do.
+        if opts.change_types {
+            a.inspect_columns().await?;
+            if a.retyped().await? {
+                a.report.migrations_recorded.clear();
+                a.plan_types();
+                if !opts.dry_run {
+                    a.change_types().await?;
+                }
+                a.report.seconds = started.elapsed().as_secs_f64();
+                return Ok(a.report);
+            }
+        }
         a.report.nothing_to_do = true;
         a.report.seconds = started.elapsed().as_secs_f64();
         return Ok(a.report);
     }
+    a.inspect_columns().await?;
     a.inspect_data().await?;
     a.report.redis = inspect_redis(cache).await;
     a.plan().await?;
@@ -455,6 +516,174 @@ impl Adoption<'_> {
             )));
         }
         Ok(false)
+    }
+
+    /// The forum's columns whose type differs from migrate's, and the
+    /// forum's own objects on the columns adoption touches.
+    ///
+    /// Online, no existing column changes its type: PostgreSQL fails every
+    /// prepared statement that reads a column whose type changed ("cached
+    /// plan must not change result type"), on every call, until the
+    /// application prepares it again, and a binary-coercible change
+    /// (VARCHAR to TEXT) does so too. loyaltyd reads the original's types in
+    /// place of its own (casts in its SQL), so they stay; `--change-types`
+    /// changes them in the application's restart window, and leaves any
+    /// column a forum object depends on as it is (never drops the object).
+    async fn inspect_columns(&mut self) -> Result<()> {
+        for table in FORUM_TABLES {
+            let have = self.columns(table).await?;
+            let dependents = self.dependents(table).await?;
+            for want in WANTED.iter().filter(|w| w.table == table) {
+                let Some(c) = have.get(want.column) else {
+                    continue;
+                };
+                let name = format!("{table}.{}", want.column);
+                let on_it: Vec<&(String, String, bool)> = dependents
+                    .iter()
+                    .filter(|(col, _, _)| col == want.column)
+                    .collect();
+                let same =
+                    c.sql_type == want.sql_type || (c.generated && want.column == "score_delta");
+                // With --change-types a column changes when everything on it
+                // can be dropped and created again in the swap; otherwise it
+                // keeps its type (the forum's object is never lost).
+                let blocking: Vec<&str> = on_it
+                    .iter()
+                    .filter(|(_, _, recreatable)| !recreatable)
+                    .map(|(_, o, _)| o.as_str())
+                    .collect();
+                let changes = !same && self.opts.change_types && blocking.is_empty();
+                for (_, object, _) in &on_it {
+                    self.report.dependents.push(Dependent {
+                        column: name.clone(),
+                        object: object.clone(),
+                        action: if changes {
+                            format!("dropped and created again in the swap that changes {name} to {} (definition, owner, grants and comment kept)", want.sql_type)
+                        } else {
+                            "kept as it is (the column's type does not change)".to_owned()
+                        },
+                    });
+                }
+                if same || changes {
+                    continue;
+                }
+                let blocked = blocking.join(", ");
+                if !compatible(&c.sql_type, want.sql_type) {
+                    return Err(Error::Adopt(format!(
+                        "column {name} is {}, which loyaltyd cannot read as {}: {}",
+                        c.sql_type,
+                        want.sql_type,
+                        if blocking.is_empty() {
+                            "run `loyaltyd adopt --change-types` in the application's restart window".to_owned()
+                        } else {
+                            format!(
+                                "change its type (the forum's {blocked} depend on it) and run `loyaltyd adopt` again"
+                            )
+                        }
+                    )));
+                }
+                self.report.kept_types.push(KeptType {
+                    column: name,
+                    sql_type: c.sql_type.clone(),
+                    migrate_type: want.sql_type.to_owned(),
+                    reason: if !self.opts.change_types {
+                        "the application's prepared statements read it (a type change fails them): `adopt --change-types` changes it, in a restart window".into()
+                    } else {
+                        format!("the forum's {blocked} depend on it, which a swap cannot create again: loyaltyd does not drop the forum's objects")
+                    },
+                });
+            }
+        }
+        // The original's leaderboard view is rebuilt (migrations 2 and 7):
+        // an object of the forum's on it would stop that rebuild halfway.
+        let on_view: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT CASE WHEN d.classid = 'pg_rewrite'::REGCLASS THEN
+                                 (SELECT CASE v.relkind WHEN 'm' THEN 'materialized view ' ELSE 'view ' END || v.oid::REGCLASS::TEXT
+                                  FROM pg_rewrite r JOIN pg_class v ON v.oid = r.ev_class WHERE r.oid = d.objid)
+                             ELSE pg_describe_object(d.classid, d.objid, d.objsubid) END
+             FROM pg_depend d
+             WHERE d.refclassid = 'pg_class'::REGCLASS AND d.refobjid = to_regclass('user_leaderboard')
+               AND d.deptype = 'n' AND d.classid <> 'pg_class'::REGCLASS
+               AND NOT (d.classid = 'pg_rewrite'::REGCLASS
+                        AND (SELECT r.ev_class FROM pg_rewrite r WHERE r.oid = d.objid) = to_regclass('user_leaderboard'))",
+        )
+        .fetch_all(self.pool)
+        .await
+        .db("reading what depends on user_leaderboard")?;
+        if !on_view.is_empty() {
+            return Err(Error::Adopt(format!(
+                "the forum's {} depend on the materialized view user_leaderboard, which adoption rebuilds (and the leaderboard refresh swaps): move them onto the function leaderboard_page() or the users table, then run `loyaltyd adopt` again (nothing was changed)",
+                on_view.join(", ")
+            )));
+        }
+        Ok(())
+    }
+
+    /// The forum's own objects that depend on columns of `table`: views,
+    /// materialized views, foreign keys, checks, policies, triggers,
+    /// generated columns, SQL-bodied functions — loyaltyd's own objects
+    /// (a resumed adoption's) and the original's leaderboard view left out.
+    async fn dependents(&self, table: &str) -> Result<Vec<(String, String, bool)>> {
+        let rows: Vec<(String, String, String, bool)> = sqlx::query_as(
+            "SELECT DISTINCT a.attname::TEXT,
+                    CASE WHEN d.classid = 'pg_rewrite'::REGCLASS THEN
+                             (SELECT CASE v.relkind WHEN 'm' THEN 'materialized view ' ELSE 'view ' END || v.oid::REGCLASS::TEXT
+                              FROM pg_rewrite r JOIN pg_class v ON v.oid = r.ev_class WHERE r.oid = d.objid)
+                         ELSE pg_describe_object(d.classid, d.objid, d.objsubid) END,
+                    CASE d.classid
+                         WHEN 'pg_rewrite'::REGCLASS THEN (SELECT r.ev_class::REGCLASS::TEXT FROM pg_rewrite r WHERE r.oid = d.objid)
+                         WHEN 'pg_trigger'::REGCLASS THEN (SELECT t.tgname::TEXT FROM pg_trigger t WHERE t.oid = d.objid)
+                         WHEN 'pg_constraint'::REGCLASS THEN (SELECT c.conname::TEXT FROM pg_constraint c WHERE c.oid = d.objid)
+                         WHEN 'pg_policy'::REGCLASS THEN (SELECT p.polname::TEXT FROM pg_policy p WHERE p.oid = d.objid)
+                         WHEN 'pg_proc'::REGCLASS THEN (SELECT p.proname::TEXT FROM pg_proc p WHERE p.oid = d.objid)
+                         ELSE '' END,
+                    -- What a type change's swap can drop and create again
+                    -- (expand_contract): a plain view no other view reads,
+                    -- a trigger, a CHECK or a foreign key.
+                    CASE d.classid
+                         WHEN 'pg_rewrite'::REGCLASS THEN
+                             (SELECT v.relkind = 'v' AND NOT EXISTS (
+                                         SELECT 1 FROM pg_depend d2 JOIN pg_rewrite r2 ON r2.oid = d2.objid
+                                         WHERE d2.classid = 'pg_rewrite'::REGCLASS AND d2.refobjid = v.oid
+                                           AND r2.ev_class <> v.oid)
+                              FROM pg_rewrite r JOIN pg_class v ON v.oid = r.ev_class WHERE r.oid = d.objid)
+                         WHEN 'pg_trigger'::REGCLASS THEN true
+                         WHEN 'pg_constraint'::REGCLASS THEN
+                             (SELECT c.contype IN ('c', 'f') FROM pg_constraint c WHERE c.oid = d.objid)
+                         ELSE false END
+             FROM pg_depend d
+             JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
+             WHERE d.refclassid = 'pg_class'::REGCLASS AND d.refobjid = to_regclass($1)
+               AND d.refobjsubid > 0 AND d.deptype = 'n'
+               AND NOT (d.classid = 'pg_rewrite'::REGCLASS
+                        AND (SELECT r.ev_class FROM pg_rewrite r WHERE r.oid = d.objid) = to_regclass($1))
+             ORDER BY 1, 2",
+        )
+        .bind(table)
+        .fetch_all(self.pool)
+        .await
+        .db("reading what depends on the forum's columns")?;
+        let ours = |name: &str| {
+            name == "user_leaderboard"
+                || name.ends_with("__new_not_null")
+                || name.ends_with("_loyaltyd_widen")
+                || CHECKS.iter().any(|(_, n, _)| *n == name)
+                || crate::db::MIGRATOR.iter().any(|m| {
+                    let sql = m.sql.as_str();
+                    [
+                        format!("CREATE TRIGGER {name} "),
+                        format!("CREATE VIEW {name} "),
+                        format!("CONSTRAINT {name} "),
+                    ]
+                    .iter()
+                    .any(|p| sql.contains(p.as_str()))
+                })
+        };
+        Ok(rows
+            .into_iter()
+            .filter(|(_, _, name, _)| !ours(name))
+            .map(|(column, object, _, recreatable)| (column, object, recreatable))
+            .collect())
     }
 
     /// Counts (and samples) every data problem of the original design.
@@ -623,6 +852,7 @@ impl Adoption<'_> {
                         lock: short.clone(),
                     }),
                     Some(c) if c.sql_type == want.sql_type || (c.sql_type == "integer" && want.column == "score_delta") => {}
+                    Some(_) if self.kept(table, want.column) => {}
                     Some(c) if binary_coercible(&c.sql_type, want.sql_type) => steps.push(Step {
                         step: format!("{table}.{}: {} to {} (no rewrite)", want.column, c.sql_type, want.sql_type),
                         rows: 0,
@@ -638,6 +868,16 @@ impl Adoption<'_> {
                     }),
                 }
             }
+        }
+        if !self.report.kept_types.is_empty() {
+            steps.push(Step {
+                step: format!(
+                    "keep {} columns at the forum's own types, which loyaltyd reads in place of its own (see kept_types)",
+                    self.report.kept_types.len()
+                ),
+                rows: 0,
+                lock: "none".into(),
+            });
         }
         let events = rows("moderation_events").await?;
         steps.push(Step {
@@ -704,6 +944,64 @@ impl Adoption<'_> {
         Ok(())
     }
 
+    // ------------------------------------------------------------ types only
+
+    /// True when a column of a forum table has another type than migrate's
+    /// and will change (not kept).
+    async fn retyped(&self) -> Result<bool> {
+        for table in FORUM_TABLES {
+            let have = self.columns(table).await?;
+            for want in WANTED.iter().filter(|w| w.table == table) {
+                if have.get(want.column).is_some_and(|c| {
+                    c.sql_type != want.sql_type
+                        && !(c.generated && want.column == "score_delta")
+                        && !self.kept(table, want.column)
+                }) {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// The plan of `adopt --change-types` on an adopted database.
+    fn plan_types(&mut self) {
+        self.report.steps = vec![
+            Step {
+                step: format!(
+                    "change the forum columns' types to migrate's by expand and contract (new column kept in step by a trigger, back-filled in batches of {}, indexed concurrently, swapped by renames with the views, triggers and checks on them created again in the swap)",
+                    self.opts.batch_size
+                ),
+                rows: 0,
+                lock: format!(
+                    "ACCESS EXCLUSIVE for each swap (waits at most {} ms, then retries); the application's prepared statements that read these columns fail until it prepares them again: run it in the application's restart window",
+                    self.opts.lock_timeout.as_millis()
+                ),
+            },
+            Step {
+                step: "run the migrations' statements again, skipping what exists (loyaltyd's leaderboard view and anything the swaps replaced)".into(),
+                rows: 0,
+                lock: "ACCESS EXCLUSIVE for one metadata change at a time".into(),
+            },
+            Step {
+                step: "add loyaltyd's named CHECK constraints on the new columns NOT VALID, then VALIDATE".into(),
+                rows: 0,
+                lock: "SHARE UPDATE EXCLUSIVE while validating".into(),
+            },
+        ];
+    }
+
+    /// `adopt --change-types` on an adopted database: the kept types.
+    async fn change_types(&mut self) -> Result<()> {
+        for table in FORUM_TABLES {
+            self.shape_columns(table).await?;
+        }
+        self.run_migrations(false).await?;
+        self.constraints().await?;
+        self.report.migrations_recorded = crate::db::MIGRATOR.iter().map(|m| m.version).collect();
+        Ok(())
+    }
+
     // ------------------------------------------------------------ the run
 
     async fn run(&mut self) -> Result<()> {
@@ -716,7 +1014,7 @@ impl Adoption<'_> {
         self.clean_queues().await?;
         self.constraints().await?;
         self.indexes().await?;
-        self.run_migrations().await?;
+        self.run_migrations(true).await?;
         self.queue_bookkeeping().await?;
         self.repair_scores().await?;
         self.record_migrations().await?;
@@ -747,7 +1045,9 @@ impl Adoption<'_> {
         let have = self.columns(table).await?;
         let retype = WANTED.iter().filter(|w| w.table == table).any(|w| {
             have.get(w.column).is_some_and(|c| {
-                c.sql_type != w.sql_type && !(c.generated && w.column == "score_delta")
+                c.sql_type != w.sql_type
+                    && !(c.generated && w.column == "score_delta")
+                    && !self.kept(table, w.column)
             })
         });
         if table == "users" && retype {
@@ -760,6 +1060,7 @@ impl Adoption<'_> {
             .await?;
         }
         let mut expand = Vec::new();
+        let mut coerce = Vec::new();
         for want in WANTED.iter().filter(|w| w.table == table) {
             match have.get(want.column) {
                 None => {
@@ -787,17 +1088,26 @@ impl Adoption<'_> {
                     .await?;
                 }
                 Some(c) if c.sql_type == want.sql_type => {}
-                Some(c) if binary_coercible(&c.sql_type, want.sql_type) => {
-                    self.ddl(
-                        &mut conn,
-                        &format!(
-                            "ALTER TABLE {table} ALTER COLUMN {} TYPE {}",
-                            want.column, want.sql_type
-                        ),
-                    )
-                    .await?;
-                }
+                Some(_) if self.kept(table, want.column) => {}
+                Some(c) if binary_coercible(&c.sql_type, want.sql_type) => coerce.push(want),
                 Some(_) => expand.push(want),
+            }
+        }
+        if !coerce.is_empty() {
+            // No rewrite, but the views and triggers on the columns must go
+            // and come back around the change: one transaction.
+            let columns: Vec<String> = coerce.iter().map(|w| w.column.to_owned()).collect();
+            let again = self.swap_dependents(table, &columns, "").await?;
+            let alter: Vec<String> = coerce
+                .iter()
+                .map(|w| format!("ALTER COLUMN {} TYPE {}", w.column, w.sql_type))
+                .collect();
+            let mut stmts = again.drops.clone();
+            stmts.push(format!("ALTER TABLE {table} {}", alter.join(", ")));
+            stmts.extend(again.creates.iter().cloned());
+            self.transaction(&stmts).await?;
+            for v in &again.validates {
+                self.ddl(&mut conn, v).await?;
             }
         }
         if !expand.is_empty() {
@@ -830,7 +1140,7 @@ impl Adoption<'_> {
                 .await?;
             }
         }
-        if table == "moderation_events" {
+        if table == "moderation_events" && !self.kept(table, "id") {
             self.ddl(
                 &mut conn,
                 "ALTER SEQUENCE IF EXISTS moderation_events_id_seq AS BIGINT",
@@ -841,6 +1151,7 @@ impl Adoption<'_> {
         // the forum creates its users) grows with the column.
         if let Some(seq) = have
             .get("id")
+            .filter(|_| table == "users" && !self.kept(table, "id"))
             .and_then(|c| c.default.as_deref())
             .and_then(sequence_of)
         {
@@ -1007,6 +1318,10 @@ impl Adoption<'_> {
             }
         }
         swap.push(format!("DROP TRIGGER IF EXISTS {sync_fn} ON {table}"));
+        // Views, triggers and CHECKs on the old columns (the forum's and
+        // loyaltyd's): dropped here and created again below, on the new ones.
+        let again = self.swap_dependents(table, &watched, &sync_fn).await?;
+        swap.extend(again.drops.iter().cloned());
         for want in wants {
             let default = self
                 .columns(table)
@@ -1018,10 +1333,9 @@ impl Adoption<'_> {
                 // Dropping the column would drop the sequence it owns.
                 swap.push(format!("ALTER SEQUENCE {seq} OWNED BY NONE"));
             }
-            swap.push(format!(
-                "ALTER TABLE {table} DROP COLUMN {} CASCADE",
-                want.column
-            ));
+            // No CASCADE: what depends on the column was dropped above to be
+            // created again; anything else makes the swap fail whole.
+            swap.push(format!("ALTER TABLE {table} DROP COLUMN {}", want.column));
             swap.push(format!(
                 "ALTER TABLE {table} RENAME COLUMN {}__new TO {}",
                 want.column, want.column
@@ -1060,7 +1374,11 @@ impl Adoption<'_> {
                 "ALTER TABLE {on} ADD CONSTRAINT {name} {def} NOT VALID"
             ));
         }
+        swap.extend(again.creates.iter().cloned());
         self.transaction(&swap).await?;
+        for v in &again.validates {
+            self.ddl(&mut conn, v).await?;
+        }
         for (name, on, _) in &fks {
             self.ddl(
                 &mut conn,
@@ -1071,6 +1389,97 @@ impl Adoption<'_> {
         self.ddl(&mut conn, &format!("DROP FUNCTION IF EXISTS {sync_fn}()"))
             .await?;
         Ok(())
+    }
+
+    /// What a type change's swap drops and creates again for `columns` of
+    /// `table`: plain views (with their options, owner, grants and comment),
+    /// triggers (with their comment) and CHECK constraints (re-added NOT
+    /// VALID, validated after the swap; loyaltyd's own come back from
+    /// [`CHECKS`] in [`Adoption::constraints`]). The statements are built by
+    /// PostgreSQL itself (`pg_get_viewdef`, `pg_get_triggerdef`,
+    /// `pg_get_constraintdef`, `format('%I')`), so names are quoted and the
+    /// definitions are the catalog's. A view another view reads is not
+    /// here: `inspect_columns` keeps such a column's type.
+    async fn swap_dependents(
+        &self,
+        table: &str,
+        columns: &[String],
+        skip_trigger: &str,
+    ) -> Result<SwapDependents> {
+        let views: Vec<(String, Vec<String>)> = sqlx::query_as(
+            "SELECT DISTINCT format('DROP VIEW %s', v.oid::REGCLASS),
+                    ARRAY[format('CREATE VIEW %s%s AS %s', v.oid::REGCLASS,
+                                 COALESCE(' WITH (' || array_to_string(v.reloptions, ', ') || ')', ''),
+                                 rtrim(pg_get_viewdef(v.oid), ';')),
+                          format('ALTER VIEW %s OWNER TO %I', v.oid::REGCLASS, pg_get_userbyid(v.relowner))]
+                    || COALESCE((SELECT array_agg(format('COMMENT ON VIEW %s IS %L', v.oid::REGCLASS, x.c))
+                                 FROM (SELECT obj_description(v.oid, 'pg_class') AS c) x WHERE x.c IS NOT NULL), '{}')
+                    || COALESCE((SELECT array_agg(format('GRANT %s ON %s TO %s', a.privilege_type, v.oid::REGCLASS,
+                                                         CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(r.rolname) END))
+                                 FROM aclexplode(v.relacl) a LEFT JOIN pg_roles r ON r.oid = a.grantee
+                                 WHERE a.grantee <> v.relowner), '{}')
+             FROM pg_depend d
+             JOIN pg_rewrite rw ON rw.oid = d.objid
+             JOIN pg_class v ON v.oid = rw.ev_class
+             JOIN pg_attribute att ON att.attrelid = d.refobjid AND att.attnum = d.refobjsubid
+             WHERE d.classid = 'pg_rewrite'::REGCLASS AND d.refobjid = $1::REGCLASS
+               AND att.attname = ANY($2) AND v.relkind = 'v' AND v.oid <> $1::REGCLASS",
+        )
+        .bind(table)
+        .bind(columns)
+        .fetch_all(self.pool)
+        .await
+        .db("reading the views on the columns")?;
+        let triggers: Vec<(String, Vec<String>)> = sqlx::query_as(
+            "SELECT format('DROP TRIGGER %I ON %s', t.tgname, t.tgrelid::REGCLASS),
+                    ARRAY[pg_get_triggerdef(t.oid)]
+                    || COALESCE((SELECT array_agg(format('COMMENT ON TRIGGER %I ON %s IS %L', t.tgname, t.tgrelid::REGCLASS, x.c))
+                                 FROM (SELECT obj_description(t.oid, 'pg_trigger') AS c) x WHERE x.c IS NOT NULL), '{}')
+             FROM pg_trigger t
+             WHERE t.tgrelid = $1::REGCLASS AND NOT t.tgisinternal AND t.tgname <> $3
+               AND EXISTS (SELECT 1 FROM pg_depend d
+                           JOIN pg_attribute att ON att.attrelid = d.refobjid AND att.attnum = d.refobjsubid
+                           WHERE d.classid = 'pg_trigger'::REGCLASS AND d.objid = t.oid
+                             AND d.refobjid = $1::REGCLASS AND att.attname = ANY($2))
+             ORDER BY t.tgname",
+        )
+        .bind(table)
+        .bind(columns)
+        .bind(skip_trigger)
+        .fetch_all(self.pool)
+        .await
+        .db("reading the triggers on the columns")?;
+        let ours: Vec<&str> = CHECKS.iter().map(|(_, n, _)| *n).collect();
+        let checks: Vec<(String, Option<String>, Option<String>)> = sqlx::query_as(
+            "SELECT format('ALTER TABLE %s DROP CONSTRAINT %I', c.conrelid::REGCLASS, c.conname),
+                    CASE WHEN c.conname <> ALL($3) THEN
+                        format('ALTER TABLE %s ADD CONSTRAINT %I %s NOT VALID', c.conrelid::REGCLASS, c.conname,
+                               pg_get_constraintdef(c.oid)) END,
+                    CASE WHEN c.conname <> ALL($3) THEN
+                        format('ALTER TABLE %s VALIDATE CONSTRAINT %I', c.conrelid::REGCLASS, c.conname) END
+             FROM pg_constraint c
+             WHERE c.conrelid = $1::REGCLASS AND c.contype = 'c'
+               AND c.conkey && (SELECT array_agg(attnum) FROM pg_attribute
+                                WHERE attrelid = $1::REGCLASS AND attname = ANY($2))
+             ORDER BY c.conname",
+        )
+        .bind(table)
+        .bind(columns)
+        .bind(&ours)
+        .fetch_all(self.pool)
+        .await
+        .db("reading the checks on the columns")?;
+        let mut out = SwapDependents::default();
+        for (drop, creates) in views.into_iter().chain(triggers) {
+            out.drops.push(drop);
+            out.creates.extend(creates);
+        }
+        for (drop, create, validate) in checks {
+            out.drops.push(drop);
+            out.creates.extend(create);
+            out.validates.extend(validate);
+        }
+        Ok(out)
     }
 
     /// score_delta for the rows written before the trigger: in batches.
@@ -1342,7 +1751,7 @@ impl Adoption<'_> {
 
     /// Runs every migration's statements that are not there yet, one
     /// transaction per migration (see the module docs).
-    async fn run_migrations(&self) -> Result<()> {
+    async fn run_migrations(&self, set_legacy: bool) -> Result<()> {
         let dropped = dropped_later();
         for m in crate::db::MIGRATOR.iter() {
             let mut todo = Vec::new();
@@ -1356,7 +1765,7 @@ impl Adoption<'_> {
                     todo.push(s);
                 }
             }
-            if m.version == 5 {
+            if m.version == 5 && set_legacy {
                 // The legacy switch, in the transaction that installs the
                 // triggers: the original's writes count once from the
                 // first moment the triggers do.
@@ -1510,7 +1919,7 @@ impl Adoption<'_> {
     /// recorded with the value before.
     async fn repair_scores(&self) -> Result<()> {
         let drifted: Vec<i64> = sqlx::query_scalar(
-            "SELECT u.id FROM users u
+            "SELECT u.id::BIGINT FROM users u
              LEFT JOIN (SELECT user_id, SUM(score_delta) AS truth FROM moderation_events GROUP BY user_id) t ON t.user_id = u.id
              WHERE u.loyalty_score <> COALESCE(t.truth, 0) ORDER BY u.id",
         )
@@ -1568,6 +1977,13 @@ impl Adoption<'_> {
     }
 
     // ------------------------------------------------------------ helpers
+
+    /// True when `table.column` keeps the forum's type (see
+    /// [`Adoption::inspect_columns`]).
+    fn kept(&self, table: &str, column: &str) -> bool {
+        let name = format!("{table}.{column}");
+        self.report.kept_types.iter().any(|k| k.column == name)
+    }
 
     async fn conn(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>> {
         let mut conn = self.pool.acquire().await.db("connecting")?;
@@ -1981,6 +2397,22 @@ fn same_index(existing: &str, stmt: &str) -> bool {
             .to_lowercase()
     };
     squash(existing) == squash(stmt)
+}
+
+/// True when loyaltyd reads a column of the forum's type `have` in place of
+/// migrate's `want` (its SQL casts where it matters): the original's
+/// narrower integers, VARCHARs, timestamps without time zone and REALs.
+fn compatible(have: &str, want: &str) -> bool {
+    match want {
+        "bigint" => matches!(have, "integer" | "smallint"),
+        "integer" => have == "smallint",
+        "text" => have.starts_with("character varying"),
+        "timestamp with time zone" => {
+            have.starts_with("timestamp") && have.ends_with("without time zone")
+        }
+        "double precision" => have == "real",
+        _ => false,
+    }
 }
 
 /// True when PostgreSQL changes `from` to `to` without touching the rows.

@@ -50,11 +50,11 @@ pub async fn observe_queues(pool: &PgPool) -> Result<()> {
         ), per_queue AS (
             SELECT queue, sum(n)::BIGINT AS items, max(n)::BIGINT AS longest FROM scopes GROUP BY queue
         ), tables (queue, tbl, oldest) AS (
-            SELECT 'topic', 'topic_creation_queue'::REGCLASS, (SELECT min(entered_queue_at) FROM topic_creation_queue)
+            SELECT 'topic', 'topic_creation_queue'::REGCLASS, (SELECT min(entered_queue_at)::TIMESTAMPTZ FROM topic_creation_queue)
             UNION ALL
-            SELECT 'post', 'post_moderation_queue'::REGCLASS, (SELECT min(entered_queue_at) FROM post_moderation_queue)
+            SELECT 'post', 'post_moderation_queue'::REGCLASS, (SELECT min(entered_queue_at)::TIMESTAMPTZ FROM post_moderation_queue)
             UNION ALL
-            SELECT 'message', 'private_message_queue'::REGCLASS, (SELECT min(entered_queue_at) FROM private_message_queue)
+            SELECT 'message', 'private_message_queue'::REGCLASS, (SELECT min(entered_queue_at)::TIMESTAMPTZ FROM private_message_queue)
         )
         SELECT t.queue, COALESCE(p.items, 0), COALESCE(p.longest, 0),
                COALESCE(EXTRACT(EPOCH FROM now() - t.oldest), 0)::FLOAT8,
@@ -100,16 +100,17 @@ impl EventCount {
         let floor = match self.floor {
             Some(f) => f,
             None => {
-                let max: i64 =
-                    sqlx::query_scalar("SELECT COALESCE(max(id), 0) FROM moderation_events")
-                        .fetch_one(pool)
-                        .await
-                        .db("reading the newest event")?;
+                let max: i64 = sqlx::query_scalar(
+                    "SELECT COALESCE(max(id), 0)::BIGINT FROM moderation_events",
+                )
+                .fetch_one(pool)
+                .await
+                .db("reading the newest event")?;
                 max - WINDOW
             }
         };
         let rows: Vec<(i64, String, String)> = sqlx::query_as(
-            "SELECT id, content_type, outcome FROM moderation_events WHERE id > $1 ORDER BY id LIMIT $2",
+            "SELECT id::BIGINT, content_type, outcome FROM moderation_events WHERE id > $1 ORDER BY id LIMIT $2",
         )
         .bind(floor)
         .bind(BATCH)

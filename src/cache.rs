@@ -255,9 +255,20 @@ pub struct VersionedScore {
     pub created_us: i64,
 }
 
+/// The select list of a [`VersionedScore`] row of `users`, for
+/// [`VersionedScore::from_row`] (in `concat!`). The casts let an adopted
+/// forum's columns of its own types (INTEGER ids and scores) read as BIGINT.
+#[macro_export]
+macro_rules! score_columns {
+    () => {
+        "id::BIGINT, loyalty_score::BIGINT, score_version, (EXTRACT(EPOCH FROM created_at) * 1000000)::BIGINT"
+    };
+}
+
 impl VersionedScore {
     /// From a row `(id, loyalty_score, score_version, created_us)`, the
-    /// shape every score read selects; `None` for an id that is not a user id.
+    /// shape every score read selects ([`score_columns!`]); `None` for an id
+    /// that is not a user id.
     pub fn from_row((id, score, version, created_us): (i64, i64, i64, i64)) -> Option<Self> {
         Some(VersionedScore {
             user: UserId::new(id).ok()?,

@@ -77,6 +77,10 @@ pub struct AdoptArgs {
     /// The forum's application no longer runs the original code (it only inserts events)
     #[arg(long)]
     no_legacy_writers: bool,
+    /// Also change the forum's column types to migrate's (INTEGER to BIGINT, VARCHAR to TEXT, ...):
+    /// this fails the application's prepared statements that read them, so run it in a restart window
+    #[arg(long)]
+    change_types: bool,
 }
 
 /// `event ...`
@@ -294,6 +298,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 batch_size: args.batch_size,
                 lock_timeout: args.lock_timeout,
                 legacy_writers: !args.no_legacy_writers,
+                change_types: args.change_types,
             };
             emit(json, &adopt::adopt(&pool, &cache, &opts).await?)
         }
@@ -675,6 +680,21 @@ impl Render for adopt::Report {
                 s.rows,
                 s.lock
             ));
+        }
+        if !self.kept_types.is_empty() {
+            out.push_str("\ncolumns that keep the forum's type:\n");
+            for k in &self.kept_types {
+                out.push_str(&format!(
+                    "  {} {} (migrate's: {}): {}\n",
+                    k.column, k.sql_type, k.migrate_type, k.reason
+                ));
+            }
+        }
+        if !self.dependents.is_empty() {
+            out.push_str("\nthe forum's own objects on these columns:\n");
+            for d in &self.dependents {
+                out.push_str(&format!("  {} on {}: {}\n", d.object, d.column, d.action));
+            }
         }
         out.push_str("\ndata problems:\n");
         for p in self.problems.iter().chain(&self.redis) {

@@ -183,11 +183,13 @@ pub async fn page(ctx: &Context, limit: i64, offset: i64) -> Result<Page> {
             .read(&ctx.pool, |pool| {
                 let ids = &ids;
                 async move {
-                    sqlx::query_as("SELECT id, username FROM users WHERE id = ANY($1)")
-                        .bind(ids)
-                        .fetch_all(&pool)
-                        .await
-                        .db("reading user names")
+                    sqlx::query_as(
+                        "SELECT id::BIGINT, username::TEXT FROM users WHERE id = ANY($1)",
+                    )
+                    .bind(ids)
+                    .fetch_all(&pool)
+                    .await
+                    .db("reading user names")
                 }
             })
             .await?;
@@ -218,7 +220,7 @@ pub async fn page(ctx: &Context, limit: i64, offset: i64) -> Result<Page> {
         .replicas
         .read(&ctx.pool, |pool| async move {
             sqlx::query_as(
-                "SELECT user_id, username, loyalty_score, rank, can_create_topics \
+                "SELECT user_id::BIGINT, username::TEXT, loyalty_score::BIGINT, rank, can_create_topics \
                  FROM user_leaderboard WHERE rank > $1 ORDER BY rank LIMIT $2",
             )
             .bind(offset)
@@ -257,7 +259,7 @@ pub async fn rank(ctx: &Context, user: UserId) -> Result<Standing> {
             LiveRank::Unranked { .. } => {
                 // Not on the board: an unknown user, or a score of 0 or less.
                 let score: Option<i64> =
-                    sqlx::query_scalar("SELECT loyalty_score FROM users WHERE id = $1")
+                    sqlx::query_scalar("SELECT loyalty_score::BIGINT FROM users WHERE id = $1")
                         .bind(user.get())
                         .fetch_optional(&ctx.pool)
                         .await
@@ -279,7 +281,7 @@ pub async fn rank(ctx: &Context, user: UserId) -> Result<Standing> {
         .replicas
         .read(&ctx.pool, |pool| async move {
             sqlx::query_as(
-                "SELECT u.loyalty_score, l.rank, l.loyalty_score, l.can_create_topics \
+                "SELECT u.loyalty_score::BIGINT, l.rank, l.loyalty_score::BIGINT, l.can_create_topics \
                  FROM users u LEFT JOIN user_leaderboard l ON l.user_id = u.id WHERE u.id = $1",
             )
             .bind(user.get())
@@ -341,10 +343,11 @@ pub async fn build_live_board(ctx: &Context) -> Result<u64> {
     db::set_local_timeout(&mut tx, ctx.config.sweep.timeout).await?;
     let mut written = 0u64;
     {
-        let mut chunks = sqlx::query_as::<_, (i64, i64, i64, i64)>(
-            "SELECT id, loyalty_score, score_version, (EXTRACT(EPOCH FROM created_at) * 1000000)::BIGINT
-             FROM users WHERE loyalty_score > 0",
-        )
+        let mut chunks = sqlx::query_as::<_, (i64, i64, i64, i64)>(concat!(
+            "SELECT ",
+            crate::score_columns!(),
+            " FROM users WHERE loyalty_score > 0"
+        ))
         .fetch(&mut *tx)
         .try_chunks(BOARD_BATCH);
         while let Some(chunk) = chunks

@@ -254,7 +254,7 @@ pub async fn get_score(ctx: &Context, user: UserId) -> Result<Score> {
 /// A user's score and its version; unknown users are an error.
 async fn read_score<'c>(conn: impl sqlx::PgExecutor<'c>, user: UserId) -> Result<VersionedScore> {
     let row: Option<(i64, i64, i64)> = sqlx::query_as(
-        "SELECT loyalty_score, score_version, (EXTRACT(EPOCH FROM created_at) * 1000000)::BIGINT
+        "SELECT loyalty_score::BIGINT, score_version, (EXTRACT(EPOCH FROM created_at) * 1000000)::BIGINT
          FROM users WHERE id = $1",
     )
     .bind(user.get())
@@ -331,7 +331,9 @@ pub(crate) async fn repair(
                 score_xid = pg_current_xact_id(), updated_at = now()
             FROM truth t
             WHERE u.id = t.id AND u.loyalty_score <> t.score
-            RETURNING u.id, u.loyalty_score, u.score_version, t.previous,
+            -- (Casts: an adopted forum's id and score may be INTEGER.)
+            RETURNING u.id::BIGINT AS id, u.loyalty_score::BIGINT AS loyalty_score, u.score_version,
+                      t.previous::BIGINT AS previous,
                       (EXTRACT(EPOCH FROM u.created_at) * 1000000)::BIGINT AS created_us
         ), counted AS (
             -- A repaired score moves the leaderboard like any other change

@@ -171,7 +171,7 @@ async fn find_drift(ctx: &Context, cancel: &CancellationToken) -> Result<(u64, V
     // sum: 1.2 x the bare aggregate instead of 1.0 x at 200,000 users.
     const SQL: &str = r#"
         SELECT count(*),
-               COALESCE(array_agg(u.id ORDER BY u.id)
+               COALESCE(array_agg(u.id::BIGINT ORDER BY u.id)
                             FILTER (WHERE u.loyalty_score <> COALESCE(t.truth, 0)), '{}')
         FROM users u
         LEFT JOIN (SELECT user_id, SUM(score_delta) AS truth
@@ -232,9 +232,10 @@ async fn cached_scores_differing(
     let mut differing = Vec::new();
     let mut checked = true;
     {
-        let mut chunks = sqlx::query_as::<_, (i64, i64)>("SELECT id, loyalty_score FROM users")
-            .fetch(&mut *tx)
-            .try_chunks(batch.max(1) as usize);
+        let mut chunks =
+            sqlx::query_as::<_, (i64, i64)>("SELECT id::BIGINT, loyalty_score::BIGINT FROM users")
+                .fetch(&mut *tx)
+                .try_chunks(batch.max(1) as usize);
         while let Some(chunk) = chunks
             .try_next()
             .await
@@ -286,9 +287,11 @@ async fn verify_live_board(ctx: &Context, batch: u32, cancel: &CancellationToken
     db::set_local_timeout(&mut tx, ctx.config.sweep.timeout).await?;
     let (mut repaired, mut ranked) = (0u64, 0i64);
     {
-        let mut chunks = sqlx::query_as::<_, (i64, i64, i64, i64)>(
-            "SELECT id, loyalty_score, score_version, (EXTRACT(EPOCH FROM created_at) * 1000000)::BIGINT FROM users",
-        )
+        let mut chunks = sqlx::query_as::<_, (i64, i64, i64, i64)>(concat!(
+            "SELECT ",
+            crate::score_columns!(),
+            " FROM users"
+        ))
         .fetch(&mut *tx)
         .try_chunks(batch.max(1) as usize);
         while let Some(chunk) = chunks
@@ -368,10 +371,11 @@ async fn remove_unranked_from_board(
 /// Several users' scores and versions (unknown ids are left out).
 async fn read_scores(pool: &PgPool, users: &[UserId]) -> Result<Vec<VersionedScore>> {
     let ids: Vec<i64> = users.iter().map(|u| u.get()).collect();
-    let rows: Vec<(i64, i64, i64, i64)> = sqlx::query_as(
-        "SELECT id, loyalty_score, score_version, (EXTRACT(EPOCH FROM created_at) * 1000000)::BIGINT
-         FROM users WHERE id = ANY($1)",
-    )
+    let rows: Vec<(i64, i64, i64, i64)> = sqlx::query_as(concat!(
+        "SELECT ",
+        crate::score_columns!(),
+        " FROM users WHERE id = ANY($1)"
+    ))
     .bind(&ids)
     .fetch_all(pool)
     .await

@@ -88,10 +88,11 @@ async fn sync_in(ctx: &Context, tx: &mut sqlx::PgConnection) -> Result<Synced> {
         WITH snap AS (
             SELECT pg_current_snapshot() AS s
         ), changed AS (
-            SELECT id, loyalty_score, score_version, created_at FROM users
+            -- (Casts: an adopted forum's id and score may be INTEGER.)
+            SELECT id::BIGINT AS id, loyalty_score::BIGINT AS loyalty_score, score_version, created_at FROM users
             WHERE score_xid >= $1::xid8
             UNION
-            SELECT id, loyalty_score, score_version, created_at FROM users
+            SELECT id::BIGINT, loyalty_score::BIGINT, score_version, created_at FROM users
             WHERE score_xid = ANY($2::xid8[])
         )
         SELECT (SELECT pg_snapshot_xmax(s)::TEXT FROM snap),
@@ -158,10 +159,11 @@ pub async fn resync_recent(ctx: &Context, window: Duration) -> Result<Option<usi
         .map_or(0, |d| d.as_micros() as i64)
         - window.as_micros() as i64;
     // A sequential scan: it runs once per failover, not per write.
-    let rows: Vec<(i64, i64, i64, i64)> = sqlx::query_as(
-        "SELECT id, loyalty_score, score_version, (EXTRACT(EPOCH FROM created_at) * 1000000)::BIGINT
-         FROM users WHERE score_version >= $1",
-    )
+    let rows: Vec<(i64, i64, i64, i64)> = sqlx::query_as(concat!(
+        "SELECT ",
+        crate::score_columns!(),
+        " FROM users WHERE score_version >= $1"
+    ))
     .bind(since_us)
     .fetch_all(&ctx.pool)
     .await

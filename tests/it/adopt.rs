@@ -229,6 +229,11 @@ async fn the_original_design_is_adopted_online_beside_its_own_code_and_resumes_a
         report["steps"].as_array().is_some_and(|s| s.len() > 5),
         "{report}"
     );
+    assert_eq!(
+        report["kept_types"].as_array().map(Vec::len),
+        Some(26),
+        "every column of another type is kept online: {report}"
+    );
     // The queues' order as the original left it (position, entry, id).
     let old_order: Vec<(String, String)> = sqlx::query_as(
         "SELECT topic_id::TEXT, post_id::TEXT FROM post_moderation_queue WHERE topic_id IS NOT NULL
@@ -278,6 +283,8 @@ async fn the_original_design_is_adopted_online_beside_its_own_code_and_resumes_a
         String::from_utf8_lossy(&out.stderr)
     );
     eprintln!("resumed adoption took {:?}", started.elapsed());
+    let resumed: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}"));
     // Once more: nothing to do, exit 0 (SPEC §13: idempotent).
     let again = adopt(&config, &["--json"]).await;
     assert!(
@@ -311,7 +318,29 @@ async fn the_original_design_is_adopted_online_beside_its_own_code_and_resumes_a
     eprintln!("the original code's worst latency during the adoption: {worst} ms");
     let _ = std::fs::remove_file(&stop);
 
-    // The schema is what `migrate` builds, and `migrate` is the path now.
+    // Online, no column changed its type (the forum's prepared statements
+    // read them); in the restart window `--change-types` changes them, and
+    // then the schema is what `migrate` builds, and `migrate` is the path.
+    let kept_types: Vec<String> = resumed["kept_types"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|k| k["column"].as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        kept_types.contains(&"users.loyalty_score".to_owned()) && kept_types.len() == 26,
+        "{kept_types:?}"
+    );
+    let retyped = adopt(&config, &["--change-types", "--json"]).await;
+    assert!(
+        retyped.status.success(),
+        "--change-types: {}",
+        String::from_utf8_lossy(&retyped.stderr)
+    );
+    let again = adopt(&config, &["--change-types", "--json"]).await;
+    let report: serde_json::Value =
+        serde_json::from_slice(&again.stdout).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(report["nothing_to_do"], true, "{report}");
     let fresh = common::migrated_database(&pool, "fresh").await;
     let (adopted, migrated) = (schema(&pool, FORUM_OWN).await, schema(&fresh, &[]).await);
     let only_adopted: Vec<_> = adopted.difference(&migrated).collect();
