@@ -38,6 +38,8 @@ use sqlx::{PgConnection, PgPool};
 
 use crate::error::{DbContext, Error, Refusal, Result, describe};
 
+mod rules;
+
 /// The forum's tables the original design defines.
 pub const FORUM_TABLES: [&str; 5] = [
     "users",
@@ -102,6 +104,10 @@ pub struct Problem {
     pub action: String,
     /// A few of them, as found.
     pub examples: Vec<String>,
+    /// Where the adoption records each row it repairs or moves for this
+    /// problem (`adoption_repairs: <kind>`, `adoption_quarantine: <reason>`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recorded_as: Option<String>,
 }
 
 /// What `adopt` found and did.
@@ -121,6 +127,8 @@ pub struct Report {
     /// Objects of the forum's own that depend on the columns adoption
     /// touches, and what becomes of each.
     pub dependents: Vec<Dependent>,
+    /// Cached scores of repaired users rewritten with the repaired score.
+    pub cache_rewritten: i64,
     /// Migrations recorded as applied.
     pub migrations_recorded: Vec<i64>,
     /// True when the database was loyaltyd's, up to date, already (an
@@ -444,6 +452,7 @@ pub async fn adopt(pool: &PgPool, cache: &crate::cache::Cache, opts: &Options) -
     a.plan().await?;
     if !opts.dry_run {
         a.run().await?;
+        a.rewrite_cache(cache).await?;
     }
     a.report.seconds = started.elapsed().as_secs_f64();
     Ok(a.report)
@@ -688,49 +697,31 @@ impl Adoption<'_> {
 
     /// Counts (and samples) every data problem of the original design.
     async fn inspect_data(&mut self) -> Result<()> {
-        let events_ok = "content_type IN ('post', 'topic', 'private_message')";
-        let outcomes_ok = "outcome IN ('approved', 'rejected', 'calibrated')";
-        let probes: Vec<(String, String, String)> = vec![
-            (
-                "events whose content type is spelt otherwise (case, spaces)".into(),
-                format!("NOT ({events_ok}) AND lower(btrim(content_type)) IN ('post', 'topic', 'private_message')"),
-                "normalized (the value before is in adoption_repairs)".into(),
-            ),
-            (
-                "events whose outcome is spelt otherwise (case, spaces)".into(),
-                format!("NOT ({outcomes_ok}) AND lower(btrim(outcome)) IN ('approved', 'rejected', 'calibrated')"),
-                "normalized (the value before is in adoption_repairs)".into(),
-            ),
-            (
-                "events with a content type no rule scores".into(),
-                "content_type IS NULL OR lower(btrim(content_type)) NOT IN ('post', 'topic', 'private_message')".into(),
-                "moved to adoption_quarantine".into(),
-            ),
-            (
-                "events with an outcome no rule scores".into(),
-                "outcome IS NULL OR lower(btrim(outcome)) NOT IN ('approved', 'rejected', 'calibrated')".into(),
-                "moved to adoption_quarantine".into(),
-            ),
-            (
-                "events without a valid event type or content id (empty, over 255 bytes)".into(),
-                "event_type IS NULL OR octet_length(event_type) NOT BETWEEN 1 AND 255 OR content_id IS NULL OR octet_length(content_id::TEXT) NOT BETWEEN 1 AND 255".into(),
-                "moved to adoption_quarantine".into(),
-            ),
-            (
-                "events of users that no longer exist".into(),
-                "user_id IS NULL OR NOT EXISTS (SELECT 1 FROM users u WHERE u.id = e.user_id)".into(),
-                "moved to adoption_quarantine".into(),
-            ),
-        ];
-        for (problem, cond, action) in probes {
+        // Every rule of rules.rs, counted and sampled as the adoption will
+        // apply it.
+        let event_id = self
+            .columns("moderation_events")
+            .await?
+            .contains_key("event_id");
+        for rule in rules::rules(event_id) {
+            let (table, when, example) = (rule.table, &rule.when, &rule.example);
             let sql = format!(
-                "SELECT count(*), (SELECT COALESCE(array_agg(x), '{{}}') FROM (SELECT format('id %s: user %s, %s %s, %s', e.id, e.user_id, quote_nullable(e.content_type::TEXT), quote_nullable(e.content_id::TEXT), quote_nullable(e.outcome::TEXT)) AS x FROM moderation_events e WHERE {cond} ORDER BY e.id LIMIT 5) s) FROM moderation_events e WHERE {cond}"
+                "SELECT count(*), (SELECT COALESCE(array_agg(x), '{{}}') FROM (
+                     SELECT {example} AS x FROM {table} WHERE {when} ORDER BY {key} LIMIT 5) s)
+                 FROM {table} WHERE {when}",
+                key = rule.key
             );
             let (count, examples): (i64, Vec<String>) = sqlx::query_as(sqlx::AssertSqlSafe(sql))
                 .fetch_one(self.pool)
                 .await
-                .db("inspecting events")?;
-            self.problem(problem, count, action, examples);
+                .db("inspecting the data")?;
+            self.report.problems.push(Problem {
+                problem: rule.problem.clone(),
+                count,
+                action: rule.action(),
+                examples,
+                recorded_as: Some(rule.recorded_as()),
+            });
         }
         // Scores against the events that will count (valid, of existing users).
         let (count, examples): (i64, Vec<String>) = sqlx::query_as(
@@ -745,7 +736,7 @@ impl Adoption<'_> {
              ), drifted AS (
                  SELECT u.id, u.loyalty_score, COALESCE(t.score, 0) AS score
                  FROM users u LEFT JOIN truth t ON t.user_id = u.id
-                 WHERE u.loyalty_score IS DISTINCT FROM COALESCE(t.score, 0)
+                 WHERE u.loyalty_score IS NOT NULL AND u.loyalty_score <> COALESCE(t.score, 0)
              )
              SELECT count(*), (SELECT COALESCE(array_agg(x), '{}') FROM (
                  SELECT format('user %s: stored %s, events say %s', id, loyalty_score, score) AS x FROM drifted ORDER BY id LIMIT 5) s)
@@ -760,7 +751,7 @@ impl Adoption<'_> {
             "recomputed from the events (the stored value is in adoption_repairs)".into(),
             examples,
         );
-        for (queue, table, item, scope) in QUEUES {
+        for (queue, table, _, scope) in QUEUES {
             let sql = format!(
                 "WITH d AS (SELECT {scope}::TEXT AS scope, position_in_queue, count(*) AS n FROM {table}
                             GROUP BY 1, 2 HAVING count(*) > 1)
@@ -793,25 +784,6 @@ impl Adoption<'_> {
                 "nothing to do: positions are read as ranks, dense whatever the gaps".into(),
                 Vec::new(),
             );
-            let sql = format!(
-                "SELECT count(*), (SELECT COALESCE(array_agg(x), '{{}}') FROM (SELECT format('%s', quote_nullable({item}::TEXT)) AS x
-                     FROM {table} WHERE {item} IS NULL OR octet_length({item}::TEXT) NOT BETWEEN 1 AND 255 OR {scope}::TEXT IS NULL
-                        OR octet_length({scope}::TEXT) > 255 OR ({scope}::TEXT = '' AND '{queue}' <> 'topic')
-                        OR priority_score::FLOAT8 IN ('NaN', 'Infinity', '-Infinity') LIMIT 5) s)
-                 FROM {table} WHERE {item} IS NULL OR octet_length({item}::TEXT) NOT BETWEEN 1 AND 255 OR {scope}::TEXT IS NULL
-                    OR octet_length({scope}::TEXT) > 255 OR ({scope}::TEXT = '' AND '{queue}' <> 'topic')
-                    OR priority_score::FLOAT8 IN ('NaN', 'Infinity', '-Infinity')"
-            );
-            let (count, examples): (i64, Vec<String>) = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-                .fetch_one(self.pool)
-                .await
-                .db("inspecting queue items")?;
-            self.problem(
-                format!("{queue} queue items with an invalid id, scope or priority"),
-                count,
-                "moved to adoption_quarantine".into(),
-                examples,
-            );
         }
         Ok(())
     }
@@ -822,6 +794,7 @@ impl Adoption<'_> {
             count,
             action,
             examples,
+            recorded_as: None,
         });
     }
 
@@ -944,6 +917,47 @@ impl Adoption<'_> {
         Ok(())
     }
 
+    /// The original's cached `loyalty:<id>` entries of every user whose
+    /// score adoption repaired hold the score before: rewritten (versioned,
+    /// and on the live board where there is one) with the score now, so
+    /// `score get` agrees with the database without a daemon. Redis away
+    /// is reported, not fatal: the daemon's sync or `score recalc --all`
+    /// rewrites them later.
+    async fn rewrite_cache(&mut self, cache: &crate::cache::Cache) -> Result<()> {
+        let rows: Vec<(i64, i64, i64, i64)> = sqlx::query_as(concat!(
+            "SELECT ",
+            crate::score_columns!(),
+            " FROM users WHERE id IN (SELECT substr(subject, 6)::BIGINT FROM adoption_repairs
+                                      WHERE kind LIKE 'users.loyalty_score%' AND subject LIKE 'user %')"
+        ))
+        .fetch_all(self.pool)
+        .await
+        .db("reading the repaired scores")?;
+        let scores: Vec<crate::cache::VersionedScore> = rows
+            .into_iter()
+            .filter_map(crate::cache::VersionedScore::from_row)
+            .collect();
+        let mut written = 0;
+        let mut failed = false;
+        for chunk in scores.chunks(1000) {
+            if cache.set_scores(chunk).await {
+                written += chunk.len() as i64;
+            } else {
+                failed = true;
+            }
+        }
+        self.report.cache_rewritten = written;
+        if failed {
+            self.problem(
+                "cached scores of repaired users".into(),
+                scores.len() as i64 - written,
+                "Redis unavailable: not rewritten; start the daemon (its cache sync) or run `loyaltyd score recalc --all`".into(),
+                Vec::new(),
+            );
+        }
+        Ok(())
+    }
+
     // ------------------------------------------------------------ types only
 
     /// True when a column of a forum table has another type than migrate's
@@ -1010,8 +1024,7 @@ impl Adoption<'_> {
             self.shape_columns(table).await?;
         }
         self.backfill_score_delta().await?;
-        self.clean_events().await?;
-        self.clean_queues().await?;
+        self.clean().await?;
         self.constraints().await?;
         self.indexes().await?;
         self.run_migrations(true).await?;
@@ -1251,7 +1264,10 @@ impl Adoption<'_> {
         //    column, built on the new one beside it.
         for want in wants {
             let new = format!("{}__new", want.column);
-            if have.get(want.column).is_some_and(|c| c.not_null) || want.not_null {
+            // Only a NOT NULL the column has already: a NULL the original
+            // allows is repaired or quarantined by the data rules first, and
+            // the NOT NULL loyaltyd wants comes with the constraints after.
+            if have.get(want.column).is_some_and(|c| c.not_null) {
                 let check = format!("{table}_{new}_not_null");
                 if !self.constraint_exists(table, &check).await? {
                     self.ddl(&mut conn, &format!("ALTER TABLE {table} ADD CONSTRAINT {check} CHECK ({new} IS NOT NULL) NOT VALID"))
@@ -1508,105 +1524,39 @@ impl Adoption<'_> {
         .await
     }
 
-    /// Normalizes what is spelt otherwise, quarantines what no rule scores.
-    async fn clean_events(&self) -> Result<()> {
-        for (column, valid) in [
-            ("content_type", "('post', 'topic', 'private_message')"),
-            ("outcome", "('approved', 'rejected', 'calibrated')"),
-        ] {
-            self.in_batches(
-                "moderation_events",
-                &format!(
+    /// Applies every rule of rules.rs, in order: repairs recorded with the
+    /// value before, quarantined rows moved with their reason.
+    async fn clean(&self) -> Result<()> {
+        let event_id = self
+            .columns("moderation_events")
+            .await?
+            .contains_key("event_id");
+        for rule in rules::rules(event_id) {
+            let (table, key, when, subject) = (rule.table, rule.key, &rule.when, &rule.subject);
+            let sql = match &rule.fix {
+                rules::Fix::Set {
+                    column,
+                    value,
+                    kind,
+                } => format!(
                     "WITH fixed AS (
-                         UPDATE moderation_events e SET {column} = lower(btrim(e.{column}))
-                         FROM (SELECT id, {column} AS before FROM moderation_events
-                               WHERE {{range}} AND {column} NOT IN {valid} AND lower(btrim({column})) IN {valid}) o
-                         WHERE e.id = o.id RETURNING e.id, o.before, e.{column} AS after)
+                         UPDATE {table} SET {column} = {value}
+                         FROM (SELECT {key} AS k, {column} AS before, {subject} AS subject FROM {table}
+                               WHERE {{range}} AND ({when})) o
+                         WHERE {table}.{key} = o.k RETURNING o.subject, o.before, {table}.{column} AS after)
                      INSERT INTO adoption_repairs (kind, subject, before, after)
-                     SELECT 'moderation_events.{column}', 'event ' || id, to_jsonb(before), to_jsonb(after) FROM fixed"
+                     SELECT {kind}, subject, to_jsonb(before), to_jsonb(after) FROM fixed",
+                    kind = quote(kind)
                 ),
-            )
-            .await?;
-        }
-        let reasons = [
-            (
-                "a content type no rule scores",
-                "content_type IS NULL OR content_type NOT IN ('post', 'topic', 'private_message')",
-            ),
-            (
-                "an outcome no rule scores",
-                "outcome IS NULL OR outcome NOT IN ('approved', 'rejected', 'calibrated')",
-            ),
-            (
-                "no valid event type or content id",
-                "event_type IS NULL OR octet_length(event_type) NOT BETWEEN 1 AND 255 OR content_id IS NULL OR octet_length(content_id) NOT BETWEEN 1 AND 255",
-            ),
-            (
-                "an event id that is empty or over 255 bytes",
-                "event_id IS NOT NULL AND octet_length(event_id) NOT BETWEEN 1 AND 255",
-            ),
-            (
-                "the user no longer exists",
-                "user_id IS NULL OR NOT EXISTS (SELECT 1 FROM users u WHERE u.id = moderation_events.user_id)",
-            ),
-        ];
-        for (reason, cond) in reasons {
-            self.in_batches(
-                "moderation_events",
-                &format!(
-                    "WITH moved AS (DELETE FROM moderation_events WHERE {{range}} AND ({cond}) RETURNING *)
+                rules::Fix::Quarantine { reason } => format!(
+                    "WITH moved AS (DELETE FROM {table} WHERE {{range}} AND ({when}) RETURNING *)
                      INSERT INTO adoption_quarantine (source_table, reason, original)
-                     SELECT 'moderation_events', '{reason}', to_jsonb(moved) FROM moved"
+                     SELECT '{table}', {reason}, to_jsonb(moved) FROM moved",
+                    reason = quote(reason)
                 ),
-            )
-            .await?;
+            };
+            self.in_batches(table, &sql).await?;
         }
-        Ok(())
-    }
-
-    /// Quarantines queue items that cannot be queued; defaults what is missing.
-    async fn clean_queues(&self) -> Result<()> {
-        for (queue, table, item, scope) in QUEUES {
-            let cond = format!(
-                "{item} IS NULL OR octet_length({item}) NOT BETWEEN 1 AND 255 OR {scope}::TEXT IS NULL
-                 OR octet_length({scope}::TEXT) > 255 OR ({scope}::TEXT = '' AND '{queue}' <> 'topic')
-                 OR priority_score IN ('NaN', 'Infinity', '-Infinity')"
-            );
-            self.exec(&format!(
-                "WITH moved AS (DELETE FROM {table} WHERE {cond} RETURNING *)
-                 INSERT INTO adoption_quarantine (source_table, reason, original)
-                 SELECT '{table}', 'an id, scope or priority that cannot be queued', to_jsonb(moved) FROM moved"
-            ))
-            .await?;
-            for (column, value) in [("priority_score", "0"), ("entered_queue_at", "now()")] {
-                self.exec(&format!(
-                    "WITH fixed AS (UPDATE {table} SET {column} = {value} WHERE {column} IS NULL RETURNING {item})
-                     INSERT INTO adoption_repairs (kind, subject, before, after)
-                     SELECT '{table}.{column}', {item}, 'null'::JSONB, to_jsonb({value}) FROM fixed"
-                ))
-                .await?;
-            }
-            // An item without a position goes behind the others of its scope.
-            self.exec(&format!(
-                "WITH tail AS (SELECT {scope}::TEXT AS scope, COALESCE(max(position_in_queue), 0) AS last FROM {table} GROUP BY 1),
-                 fixed AS (
-                     UPDATE {table} q SET position_in_queue = t.last + n.rn
-                     FROM (SELECT {item} AS id, {scope}::TEXT AS scope,
-                                  row_number() OVER (PARTITION BY {scope}::TEXT ORDER BY entered_queue_at, {item}) AS rn
-                           FROM {table} WHERE position_in_queue IS NULL) n
-                     JOIN tail t ON t.scope = n.scope
-                     WHERE q.{item} = n.id RETURNING q.{item}, q.position_in_queue)
-                 INSERT INTO adoption_repairs (kind, subject, before, after)
-                 SELECT '{table}.position_in_queue', {item}, 'null'::JSONB, to_jsonb(position_in_queue) FROM fixed"
-            ))
-            .await?;
-        }
-        self.exec(
-                "WITH fixed AS (UPDATE users SET username = 'user-' || id WHERE username IS NULL RETURNING id, username)
-                 INSERT INTO adoption_repairs (kind, subject, before, after)
-                 SELECT 'users.username', 'user ' || id, 'null'::JSONB, to_jsonb(username) FROM fixed",
-            )
-            .await?;
         Ok(())
     }
 
@@ -1921,12 +1871,23 @@ impl Adoption<'_> {
         let drifted: Vec<i64> = sqlx::query_scalar(
             "SELECT u.id::BIGINT FROM users u
              LEFT JOIN (SELECT user_id, SUM(score_delta) AS truth FROM moderation_events GROUP BY user_id) t ON t.user_id = u.id
-             WHERE u.loyalty_score <> COALESCE(t.truth, 0) ORDER BY u.id",
+             WHERE u.loyalty_score IS DISTINCT FROM COALESCE(t.truth, 0) ORDER BY u.id",
         )
         .fetch_all(self.pool)
         .await
         .db("finding drifted scores")?;
-        for batch in drifted.chunks(self.opts.batch_size.max(1) as usize) {
+        // A repair holds its users' row locks until it commits, and the
+        // forum's writes of those users wait for them: batches are sized by
+        // time, so one takes a fraction of the lock timeout (a writer never
+        // waits longer than the timeout the README promises), from 100
+        // users up to --batch-size.
+        let budget = self.opts.lock_timeout / 5;
+        let mut size = 100usize.min(self.opts.batch_size.max(1) as usize);
+        let mut rest: &[i64] = &drifted;
+        while !rest.is_empty() {
+            let (batch, after) = rest.split_at(size.min(rest.len()));
+            rest = after;
+            let began = Instant::now();
             let mut tx = self.pool.begin().await.db("starting a repair")?;
             let repaired = crate::loyalty::repair_users(&mut tx, batch).await?;
             let (ids, befores, afters): (Vec<i64>, Vec<i64>, Vec<i64>) = repaired.iter().fold(
@@ -1950,6 +1911,12 @@ impl Adoption<'_> {
             .await
             .db("recording repaired scores")?;
             tx.commit().await.db("committing a repair")?;
+            let took = began.elapsed();
+            if took > budget {
+                size = (size / 2).max(10);
+            } else if took < budget / 4 {
+                size = (size * 2).min(self.opts.batch_size.max(1) as usize);
+            }
         }
         Ok(())
     }
@@ -2200,6 +2167,7 @@ async fn inspect_redis(cache: &crate::cache::Cache) -> Vec<Problem> {
                 action.into()
             },
             examples,
+            recorded_as: None,
         });
     }
     found

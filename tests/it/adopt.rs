@@ -486,3 +486,358 @@ async fn adopt_refuses_an_empty_database_and_one_loyaltyd_manages_already(pool: 
     assert_eq!(out.status.code(), Some(65));
     assert!(String::from_utf8_lossy(&out.stderr).contains("managed by loyaltyd already"));
 }
+
+/// The role the real forum's fixture grants its view to (roles are the
+/// cluster's: one per test database).
+fn reader_role(db: &str) -> String {
+    format!("forum_reader_{}", &db[db.len().saturating_sub(16)..]).to_lowercase()
+}
+
+/// Loads tests/fixtures/real_forum.sql on top of the original design's.
+fn load_real_forum(db: &str) {
+    let role = reader_role(db);
+    let _ = Command::new("psql")
+        .args(["-X", "-q", "-h", "/var/run/postgresql", "-d", db, "-c"])
+        .arg(format!("DROP ROLE IF EXISTS {role}"))
+        .output();
+    let out = Command::new("psql")
+        .args([
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-v",
+            &format!("role={role}"),
+        ])
+        .args(["-h", "/var/run/postgresql", "-d", db, "-f"])
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/real_forum.sql"
+        ))
+        .output()
+        .unwrap_or_else(|e| panic!("psql: {e}"));
+    assert!(
+        out.status.success(),
+        "real forum fixture: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The forum's plain-SQL handlers through asyncpg (tests/fixtures/asyncpg_app.py).
+fn asyncpg_app(db: &str, tasks: usize, seconds: u32, stop: &str) -> Child {
+    Command::new(common::PYTHON)
+        .args([
+            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/asyncpg_app.py"),
+            &format!("postgresql://root@/{db}?host=/var/run/postgresql"),
+            &tasks.to_string(),
+            &seconds.to_string(),
+            &USERS.to_string(),
+            stop,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("python3: {e}"))
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_real_forum_keeps_its_objects_and_its_requests_succeed_through_an_adoption_killed_three_times(
+    _o: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let pool = common::wide_pool(opts, 8).await;
+    let db = database(&pool).await;
+    load_fixture(&db);
+    load_real_forum(&db);
+    let config = common::config(&pool, "forum");
+
+    // The plan: every object of the forum's on the columns, every NULL.
+    let out = adopt(&config, &["--dry-run", "--json"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plan: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}"));
+    let dependents: Vec<String> = plan["dependents"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d["object"].as_str().map(str::to_owned))
+        .collect();
+    for object in [
+        "view top_posters",
+        "view recent_decisions",
+        "materialized view user_activity",
+        "function is_trusted",
+        "trigger users_score_audit",
+        "policy users_visible",
+        "forum_posts_author_fkey",
+        "forum_badges_user_id_fkey",
+    ] {
+        assert!(
+            dependents.iter().any(|d| d.contains(object)),
+            "{object} is not in the plan's dependents: {dependents:#?}"
+        );
+    }
+    let planned: Vec<(String, String, i64)> = plan["problems"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| {
+            Some((
+                p["problem"].as_str()?.to_owned(),
+                p["recorded_as"].as_str()?.to_owned(),
+                p["count"].as_i64()?,
+            ))
+        })
+        .collect();
+    let count = |needle: &str| {
+        planned
+            .iter()
+            .find(|(p, _, _)| p.starts_with(needle))
+            .map(|(_, _, n)| *n)
+            .unwrap_or_else(|| panic!("no problem {needle:?} in {planned:#?}"))
+    };
+    // The NULLs the fixture plants (real_forum.sql), with the original's own problems.
+    assert_eq!(count("users without a score"), 4);
+    assert_eq!(count("users without a sign-up time"), 2);
+    assert_eq!(count("users without an update time"), 3);
+    assert_eq!(count("events of users that no longer exist"), 6 + 3);
+    assert_eq!(count("events without a valid event type"), 2 + 2);
+    assert_eq!(count("events without a time"), 4);
+    assert_eq!(count("topic queue items without a position"), 2);
+    assert_eq!(count("topic queue items without a priority"), 1);
+    assert_eq!(count("topic queue items without an entry time"), 2);
+    assert_eq!(count("post queue items without a position"), 3);
+    assert_eq!(count("post queue items without a priority"), 2);
+    assert_eq!(count("post queue items without an entry time"), 1);
+    assert_eq!(count("message queue items without a position"), 1);
+    assert_eq!(count("message queue items without a priority"), 2);
+    assert_eq!(count("message queue items without an entry time"), 3);
+
+    // The forum's application writes and reads throughout: the original
+    // code through psycopg (every statement prepared) and plain-SQL
+    // handlers through asyncpg (which prepares everything), 8 + 8.
+    let stop = std::env::temp_dir().join(format!("forum-stop-{db}"));
+    let _ = std::fs::remove_file(&stop);
+    let stop_path = stop.to_string_lossy().into_owned();
+    let mut apps = Apps(
+        (0..8)
+            .map(|w| old_app(&config, &db, w, 300, USERS, &stop_path))
+            .collect(),
+    );
+    apps.0.push(asyncpg_app(&db, 8, 300, &stop_path));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // SIGKILLed three times at different moments, then run to its end.
+    for after in [400u64, 1300, 2600] {
+        let mut run = common::loyaltyd(&config)
+            .args(["adopt", "--batch-size", "2000"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{e}"));
+        tokio::time::sleep(Duration::from_millis(after)).await;
+        let _ = run.kill(); // SIGKILL
+        let _ = run.wait();
+    }
+    let out = adopt(&config, &["--batch-size", "2000", "--json"]).await;
+    assert!(
+        out.status.success(),
+        "resumed adoption: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let done: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}"));
+    // Let the application go on a little on the adopted database.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    std::fs::write(&stop, b"stop").unwrap_or_else(|e| panic!("{e}"));
+    let mut worst: f64 = 0.0;
+    for app in std::mem::take(&mut apps.0) {
+        let line = finish(app).await;
+        assert_eq!(
+            line["errors"],
+            serde_json::json!({}),
+            "a request of the forum's failed: {line}"
+        );
+        assert!(line["done"].as_i64().unwrap_or(0) > 10, "{line}");
+        worst = worst.max(line["worst_ms"].as_f64().unwrap_or(0.0));
+    }
+    eprintln!("the forum's worst request during the adoption: {worst} ms");
+    let _ = std::fs::remove_file(&stop);
+    let again = adopt(&config, &["--json"]).await;
+    assert!(again.status.success());
+    let again: serde_json::Value =
+        serde_json::from_slice(&again.stdout).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(again["nothing_to_do"], true, "{again}");
+
+    // The plan and the outcome agree, rule by rule.
+    for (problem, recorded_as, n) in &planned {
+        let parts: Vec<&str> = recorded_as.splitn(3, ": ").collect();
+        let (sql, a, b) = match parts[..] {
+            ["adoption_repairs", kind] => (
+                "SELECT count(*) FROM adoption_repairs WHERE kind = $1 AND $2 = ''",
+                kind,
+                "",
+            ),
+            ["adoption_quarantine", table, reason] => (
+                "SELECT count(*) FROM adoption_quarantine WHERE source_table = $1 AND reason = $2",
+                table,
+                reason,
+            ),
+            _ => panic!("{recorded_as}"),
+        };
+        let got: i64 = sqlx::query_scalar(sql)
+            .bind(a)
+            .bind(b)
+            .fetch_one(&pool)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(got, *n, "{problem}: planned {n}, done {got}");
+    }
+
+    // Every object of the forum's is there and works.
+    let checks: Vec<(&str, &str)> = vec![
+        ("SELECT count(*) >= 0 FROM top_posters", "the view"),
+        (
+            "SELECT count(*) > 0 FROM recent_decisions",
+            "the events view",
+        ),
+        ("SELECT is_trusted(3) IS NOT NULL", "the function"),
+        (
+            "SELECT obj_description('top_posters'::REGCLASS, 'pg_class') = 'the forum''s sidebar'",
+            "the view's comment",
+        ),
+        (
+            "SELECT count(*) = 1 FROM pg_policy WHERE polname = 'users_visible'",
+            "the policy",
+        ),
+        (
+            "SELECT relrowsecurity FROM pg_class WHERE oid = 'users'::REGCLASS",
+            "row-level security on users",
+        ),
+        (
+            "SELECT bool_and(convalidated) AND count(*) = 2 FROM pg_constraint
+             WHERE conname IN ('forum_posts_author_fkey', 'forum_badges_user_id_fkey')",
+            "the foreign keys",
+        ),
+        (
+            "SELECT count(*) > 0 FROM score_audit",
+            "the audit trigger fired",
+        ),
+    ];
+    for (sql, what) in &checks {
+        let ok: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
+            .fetch_one(&pool)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(ok, "{what}");
+    }
+    sqlx::query("REFRESH MATERIALIZED VIEW user_activity")
+        .execute(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("the materialized view: {e}"));
+
+    // Scores equal their events, positions dense, the sweep finds nothing;
+    // and the cache agrees with the database for every repaired user,
+    // without a daemon.
+    let ctx = common::ctx_with(&pool, config.clone(), false);
+    let off: Vec<(i64, Option<i64>, i64, i64)> = sqlx::query_as(
+        "SELECT u.id::BIGINT, u.loyalty_score::BIGINT,
+                COALESCE((SELECT sum(score_delta) FROM moderation_events e WHERE e.user_id = u.id), 0)::BIGINT,
+                COALESCE((SELECT sum(delta) FROM legacy_score_credits c WHERE c.user_id = u.id), 0)::BIGINT
+         FROM users u WHERE u.loyalty_score IS DISTINCT FROM
+               COALESCE((SELECT sum(score_delta) FROM moderation_events e WHERE e.user_id = u.id), 0)",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        off.is_empty(),
+        "(user, score, events, credits) off: {off:?}"
+    );
+    assert_eq!(common::sweep_drift(&ctx).await, 0);
+    for q in QueueKind::ALL {
+        common::queue_invariants(&pool, q).await;
+    }
+    assert!(done["cache_rewritten"].as_i64().unwrap_or(0) >= 4, "{done}");
+    let repaired: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT id::BIGINT, loyalty_score::BIGINT FROM users WHERE id IN (
+             SELECT substr(subject, 6)::BIGINT FROM adoption_repairs WHERE kind LIKE 'users.loyalty_score%')",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(repaired.len() >= 4 + 9, "{repaired:?}");
+    for (id, score) in &repaired {
+        let got = common::run_json(&config, &["score", "get", "--user", &id.to_string()]);
+        assert_eq!(got["loyalty_score"], *score, "user {id}: {got}");
+    }
+
+    // The restart window: --change-types changes what nothing of the
+    // forum's blocks, creates the forum's view again with its comment and
+    // grant, and keeps the columns a function, policy or materialized view
+    // of the forum's reads.
+    let out = adopt(&config, &["--change-types", "--json"]).await;
+    assert!(
+        out.status.success(),
+        "--change-types: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let retyped: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}"));
+    let kept: Vec<&str> = retyped["kept_types"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|k| k["column"].as_str())
+        .collect();
+    for column in [
+        "users.id",
+        "users.loyalty_score",
+        "moderation_events.user_id",
+    ] {
+        assert!(kept.contains(&column), "{column} kept: {retyped}");
+    }
+    let types: Vec<(String, String)> = sqlx::query_as(
+        "SELECT table_name::TEXT || '.' || column_name::TEXT, data_type::TEXT FROM information_schema.columns
+         WHERE table_name IN ('users', 'top_posters') AND column_name IN ('username', 'loyalty_score')
+         ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        types,
+        vec![
+            ("top_posters.loyalty_score".to_owned(), "integer".to_owned()),
+            ("top_posters.username".to_owned(), "text".to_owned()),
+            ("users.loyalty_score".to_owned(), "integer".to_owned()),
+            ("users.username".to_owned(), "text".to_owned()),
+        ]
+    );
+    for (sql, what) in &checks {
+        let ok: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
+            .fetch_one(&pool)
+            .await
+            .unwrap_or_else(|e| panic!("{what}, after --change-types: {e}"));
+        assert!(ok, "{what}, after --change-types");
+    }
+    let granted: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT has_table_privilege('{}', 'top_posters', 'SELECT')",
+        reader_role(&db)
+    )))
+    .fetch_one(&pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(granted, "the view's grant kept");
+    assert_eq!(common::sweep_drift(&ctx).await, 0);
+    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP OWNED BY {role}; DROP ROLE {role}",
+        role = reader_role(&db)
+    )))
+    .execute(&pool)
+    .await;
+}
