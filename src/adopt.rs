@@ -1871,7 +1871,12 @@ impl Adoption<'_> {
         let drifted: Vec<i64> = sqlx::query_scalar(
             "SELECT u.id::BIGINT FROM users u
              LEFT JOIN (SELECT user_id, SUM(score_delta) AS truth FROM moderation_events GROUP BY user_id) t ON t.user_id = u.id
-             WHERE u.loyalty_score IS DISTINCT FROM COALESCE(t.truth, 0) ORDER BY u.id",
+             WHERE u.loyalty_score IS DISTINCT FROM COALESCE(t.truth, 0)
+                -- A legacy credit pending (the original code's UPDATE done, its
+                -- event on its way) can hide drift of the same size: such a
+                -- user is looked at too (the repair counts the credit).
+                OR EXISTS (SELECT 1 FROM legacy_score_credits c WHERE c.user_id = u.id)
+             ORDER BY u.id",
         )
         .fetch_all(self.pool)
         .await
