@@ -776,6 +776,33 @@ async fn a_real_forum_keeps_its_objects_and_its_requests_succeed_through_an_adop
         assert_eq!(got["loyalty_score"], *score, "user {id}: {got}");
     }
 
+    // The SQL API on the forum's own column types (migration 10's casts):
+    // each function answers, and what the batch writes the sweep agrees with.
+    let batch: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT user_id, events FROM record_moderation_events(ARRAY[7, 3, 7]::BIGINT[],
+             ARRAY['m', 'm', 'm'], ARRAY['post', 'topic', 'post'], ARRAY['api-1', 'api-2', 'api-3'],
+             ARRAY['approved', 'rejected', 'approved'], ARRAY[NULL, NULL, NULL]::TEXT[])",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap_or_else(|e| panic!("record_moderation_events: {e}"));
+    assert_eq!(batch, vec![(3, 1), (7, 2)]);
+    for sql in [
+        "SELECT count(*) = 1 FROM record_moderation_event(5, 'm', 'post', 'api-4', 'approved')",
+        "SELECT count(*) = 1 FROM loyalty_standing(3)",
+        "SELECT count(*) = 2 FROM leaderboard_page(2)",
+        "SELECT count(*) = 1 FROM queue_position('post', 'p-30')",
+        "SELECT count(*) = 3 FROM queue_head('message', 'conv-1', 3)",
+        "SELECT count(*) = 1 FROM queue_position('topic', 't-40')",
+    ] {
+        let ok: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .fetch_one(&pool)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        assert!(ok, "{sql}");
+    }
+    assert_eq!(common::sweep_drift(&ctx).await, 0);
+
     // The restart window: --change-types changes what nothing of the
     // forum's blocks, creates the forum's view again with its comment and
     // grant, and keeps the columns a function, policy or materialized view
