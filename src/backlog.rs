@@ -4,8 +4,10 @@
 //! own operation counters cannot see them. The daemon derives them instead,
 //! every [`CHECK`], from what the schema already keeps, adding nothing to
 //! any write path:
-//! - per queue, the items waiting and the longest scope from `queue_blocks`
-//!   (one row per 512 items of a scope), and the oldest item's age from the
+//! - per queue, the items waiting and the longest scope from the counters
+//!   (`queue_scope_lengths()`: superblocks and unfolded changes), after
+//!   folding the changes written since the last check (migration 11: the
+//!   daemon is what keeps them few), and the oldest item's age from the
 //!   queue table (an aggregate over it: a scan of the table, about 10 ms at
 //!   100,000 items, every ten seconds);
 //! - items added and removed from PostgreSQL's own table statistics
@@ -42,11 +44,20 @@ const BATCH: i64 = 200_000;
 /// Reads every queue's backlog and its add and remove counts, in one
 /// statement, and exports them.
 pub async fn observe_queues(pool: &PgPool) -> Result<()> {
+    // The queues' changes into their counters first: one transaction per
+    // queue (each scope only if no writer is folding it).
+    for queue in QueueKind::ALL {
+        sqlx::query("SELECT queue_fold($1)")
+            .bind(queue.as_str())
+            .execute(pool)
+            .await
+            .db("folding queue changes")?;
+    }
     // Per scope the sum of its blocks, then per queue; beside it each
     // queue's oldest entry time and its table's insert and delete counts.
     const SQL: &str = r#"
         WITH scopes AS (
-            SELECT queue, sum(item_count) AS n FROM queue_blocks GROUP BY queue, scope
+            SELECT queue, items AS n FROM queue_scope_lengths()
         ), per_queue AS (
             SELECT queue, sum(n)::BIGINT AS items, max(n)::BIGINT AS longest FROM scopes GROUP BY queue
         ), tables (queue, tbl, oldest) AS (

@@ -21,23 +21,28 @@
 //!   entries, one statement, one snapshot, so always exact and dense.
 //!
 //! # Who keeps the bookkeeping
-//! The triggers of migration 5, for every writer: a plain `INSERT` into a
-//! queue table gets the scope's tail key (MAX + 1, under the scope's row lock
-//! in `queue_scopes`, so adds of one scope are serialized and commit in key
-//! order), and every INSERT, DELETE or UPDATE keeps `queue_scopes` and
-//! `queue_blocks` exact in the writer's transaction. This module's add and
-//! remove are such an INSERT and DELETE (the add through `queue_add`, which
-//! answers with the position in the same round trip); position and list are
-//! the read API's `queue_position` and `queue_head`.
+//! The triggers, for every writer (migrations 5 and 11): a plain `INSERT`
+//! into a queue table gets its key from one sequence (so it lands behind
+//! every item added before it, without a lock), and every INSERT, DELETE or
+//! key/scope UPDATE appends a row to `queue_changes` in the writer's
+//! transaction. A *fold* moves committed changes into the counters
+//! (`queue_blocks`, `queue_superblocks`, each scope's pace in
+//! `queue_scopes`) under a per-scope advisory lock taken only if free at
+//! once. So writers never wait for each other's bookkeeping, in any row
+//! order: the only locks they hold are those of their own rows. Positions
+//! and lengths add the unfolded changes to the counters, exact whenever the
+//! fold runs; the daemon folds on its backlog check and one write in 32
+//! folds its own scope. This module's add and remove are such an INSERT and
+//! DELETE (the add through `queue_add`, which answers with the position in
+//! the same round trip); position and list are the read API's
+//! `queue_position` and `queue_head`.
 //!
 //! A reorder re-keys a scope by priority (desc), entry time (asc) and old
-//! order, into a fresh key range above every old key; the UPDATE's trigger
-//! moves the block counts. It takes the scope's lock and then the items'
-//! without waiting (`NOWAIT`): a writer that deletes an item locks the item
-//! before the scope, so a reorder that waited for items while holding the
-//! scope could deadlock with it. A busy scope is tried again shortly, and
-//! [`reorder_all`] skips scopes being written (`SKIP LOCKED`) until its next
-//! run.
+//! order, into a fresh key range below every old key (adds that run
+//! meanwhile stay behind). It takes the scopes' fold locks and then the
+//! items' row locks without waiting (`NOWAIT`), so it never waits while it
+//! holds anything a writer could want: a busy scope is tried again shortly,
+//! and [`reorder_all`] leaves it for its next run.
 //!
 //! `position_in_queue` therefore holds no dense position; the read API and
 //! the views `*_positions` give SQL consumers dense positions.
@@ -201,17 +206,19 @@ macro_rules! queue_sql {
             lock_items: concat!(
                 "SELECT 1 FROM ", $table, " WHERE ", $s, " = ANY($1) FOR UPDATE NOWAIT"
             ),
-            // Runs after the scopes and their items are locked, in a new
-            // snapshot that sees every committed change of them. New keys
-            // start at the block boundary above the scope's highest key, so
-            // the unique (scope, key) index never sees two rows on one key
-            // while the statement runs; the trigger moves the block counts.
+            // Runs after the scopes' fold locks and their items are taken,
+            // in a new snapshot that sees every committed change of them.
+            // New keys go below the scope's lowest block, in blocks of their
+            // own: the unique (scope, key) index never sees two rows on one
+            // key, and an add that runs meanwhile (its key from the
+            // sequence, above every key) stays behind them. The trigger
+            // records the moves for the fold.
             rekey: concat!(
                 "WITH target AS (
                     SELECT s.scope,
-                           queue_block_first_key(queue_block(COALESCE(
-                               (SELECT max(m.position_in_queue) FROM ", $table, " m WHERE ", $s_m, " = s.scope), 0)) + 1) - 1 AS base
-                    FROM queue_scopes s WHERE s.queue = '", $queue, "' AND s.scope = ANY($1)
+                           queue_block_first_key(queue_block(min(m.position_in_queue)) - count(*) / 512 - 2) AS base
+                    FROM unnest($1::TEXT[]) AS s(scope) JOIN ", $table, " m ON ", $s_m, " = s.scope
+                    GROUP BY s.scope
                 ), ranked AS (
                     SELECT q.", $id, " AS id, t.base,
                            ROW_NUMBER() OVER (PARTITION BY t.scope
@@ -223,7 +230,7 @@ macro_rules! queue_sql {
                     RETURNING 1
                 ), flagged AS (
                     UPDATE queue_scopes s SET needs_reorder = false
-                    FROM target t WHERE s.queue = '", $queue, "' AND s.scope = t.scope
+                    WHERE s.queue = '", $queue, "' AND s.scope = ANY($1)
                 )
                 SELECT (SELECT count(*) FROM target), (SELECT count(*) FROM moved)"
             ),
@@ -475,22 +482,46 @@ async fn rekey_locked(
             .execute(&mut *tx)
             .await
             .db("starting the reorder")?;
+        // The scopes' fold locks, without waiting (a writer folding a
+        // scope holds its lock to its commit): a scope someone holds is
+        // tried again (one scope) or left for the next run (every changed
+        // scope). Changes not folded yet are folded first, so the flags
+        // are current.
         let locked: Vec<String> = match scopes {
-            ScopeSet::One(scope) => sqlx::query_scalar(
-                "SELECT scope FROM queue_scopes WHERE queue = $1 AND scope = $2 FOR UPDATE",
-            )
-            .bind(queue.as_str())
-            .bind(scope),
-            ScopeSet::Changed => sqlx::query_scalar(
-                "SELECT scope FROM queue_scopes WHERE queue = $1 AND needs_reorder
-                 ORDER BY scope FOR UPDATE SKIP LOCKED",
-            )
-            .bind(queue.as_str()),
+            ScopeSet::One(scope) => {
+                sqlx::query_scalar("SELECT $2::TEXT WHERE queue_fold_lock($1, $2)")
+                    .bind(queue.as_str())
+                    .bind(scope)
+                    .fetch_all(&mut *tx)
+                    .await
+            }
+            ScopeSet::Changed => {
+                // Two statements: the second's snapshot sees the flags the
+                // fold set.
+                sqlx::query("SELECT queue_fold($1)")
+                    .bind(queue.as_str())
+                    .execute(&mut *tx)
+                    .await
+                    .db("folding queue changes")?;
+                sqlx::query_scalar(
+                    "SELECT s.scope FROM queue_scopes s
+                     WHERE s.queue = $1 AND s.needs_reorder AND queue_fold_lock($1, s.scope)",
+                )
+                .bind(queue.as_str())
+                .fetch_all(&mut *tx)
+                .await
+            }
         }
-        .fetch_all(&mut *tx)
-        .await
         .db("locking queue scopes")?;
         if locked.is_empty() {
+            if let ScopeSet::One(_) = scopes {
+                if attempt == REKEY_ATTEMPTS {
+                    break;
+                }
+                drop(tx.rollback().await);
+                tokio::time::sleep(std::time::Duration::from_millis(25 * u64::from(attempt))).await;
+                continue;
+            }
             return Ok(Reordered {
                 queue,
                 scopes: 0,
@@ -511,40 +542,28 @@ async fn rekey_locked(
             }
             Err(e) => return Err(from_sqlx("locking the queue's items", e)),
         }
+        if let ScopeSet::One(_) = scopes {
+            // This scope's changes folded first (its flag current).
+            sqlx::query("SELECT queue_fold($1, $2)")
+                .bind(queue.as_str())
+                .bind(&locked[0])
+                .execute(&mut *tx)
+                .await
+                .db("folding queue changes")?;
+        }
         let (scopes, items): (i64, i64) = sqlx::query_as(q.rekey)
             .bind(&locked)
             .fetch_one(&mut *tx)
             .await
             .db("reordering the queue")?;
-        // The old key range's blocks are empty now: dropped, their pace
-        // (migration 9's decayed removal counts, decayed to now) carried
-        // over to the scope's first block in the new range, so a reorder
-        // keeps the scope's wait estimates.
-        sqlx::query(
-            "WITH gone AS (
-                 DELETE FROM queue_blocks WHERE queue = $1 AND scope = ANY($2) AND item_count = 0
-                 RETURNING scope, pace_since,
-                           removed_decayed * exp(-GREATEST(date_part('epoch', now() - removed_at), 0)
-                                                 / queue_pace_window()) AS d
-             ), per_scope AS (
-                 SELECT scope, sum(d) AS d, min(pace_since) AS since FROM gone WHERE d IS NOT NULL GROUP BY scope
-             )
-             UPDATE queue_blocks b
-             SET removed_decayed = b.removed_decayed
-                     * exp(-GREATEST(date_part('epoch', now() - COALESCE(b.removed_at, now())), 0) / queue_pace_window())
-                     + p.d,
-                 removed_at = now(),
-                 pace_since = LEAST(b.pace_since, p.since)
-             FROM per_scope p
-             WHERE b.queue = $1 AND b.scope = p.scope
-               AND b.block = (SELECT min(x.block) FROM queue_blocks x
-                              WHERE x.queue = $1 AND x.scope = p.scope AND x.item_count > 0)",
-        )
-        .bind(queue.as_str())
-        .bind(&locked)
-        .execute(&mut *tx)
-        .await
-        .db("clearing empty queue blocks")?;
+        // The moves into the counters (the old key range's blocks drain
+        // and are dropped; each scope's pace is the scope's, untouched).
+        sqlx::query("SELECT queue_fold($1, s) FROM unnest($2::TEXT[]) AS s")
+            .bind(queue.as_str())
+            .bind(&locked)
+            .execute(&mut *tx)
+            .await
+            .db("folding the reorder's moves")?;
         tx.commit().await.db("committing the reorder")?;
         return Ok(Reordered {
             queue,
@@ -553,7 +572,7 @@ async fn rekey_locked(
         });
     }
     Err(Error::Runtime(format!(
-        "the {queue} queue's items stayed locked by writers; the reorder will try again"
+        "the {queue} queue's scope or its items stayed held by writers; the reorder will try again"
     )))
 }
 

@@ -20,12 +20,12 @@ async fn the_benchmark_runs_in_small_mode_and_reports_every_row() {
         .await
         .unwrap_or_else(|e| panic!("benchmark: {e}"));
     let expected = [
-        ("Event recording (1 client)", "record one event", 8),
-        ("Event recording (bulk)", "a batch of 500 events", 3),
+        ("Event recording (1 client)", "record one event", 9),
+        ("Event recording (bulk)", "a batch of 500 events", 4),
         (
             "Event recording (16 concurrent clients)",
             "record one event",
-            4,
+            6,
         ),
         ("Telemetry overhead", "record one event", 3),
         ("Integrity sweep", "every score against its events", 3),

@@ -724,8 +724,10 @@ pub async fn queue_invariants(
     assert_eq!(wrong, vec![], "positions of the {q} queue");
     let bad_lengths: Vec<(String, i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT s.scope, queue_length('{q}', s.scope), (SELECT count(*) FROM {table} t WHERE {scope} = s.scope)
-         FROM queue_scopes s WHERE s.queue = '{q}'
-           AND queue_length('{q}', s.scope) <> (SELECT count(*) FROM {table} t WHERE {scope} = s.scope)"
+         FROM (SELECT scope FROM queue_scopes WHERE queue = '{q}'
+               UNION SELECT scope FROM queue_changes WHERE queue = '{q}'
+               UNION SELECT {scope}::TEXT FROM {table}) s
+         WHERE queue_length('{q}', s.scope) <> (SELECT count(*) FROM {table} t WHERE {scope} = s.scope)"
     )))
     .fetch_all(pool)
     .await
@@ -734,7 +736,12 @@ pub async fn queue_invariants(
     let bad_blocks: Vec<(String, i64, i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "WITH actual AS (SELECT {scope}::TEXT AS scope, queue_block(position_in_queue) AS block, count(*) AS n
                          FROM {table} GROUP BY 1, 2),
-              stored AS (SELECT scope, block, item_count::BIGINT AS n FROM queue_blocks WHERE queue = '{q}')
+              stored AS (SELECT scope, block, sum(n)::BIGINT AS n
+                         FROM (SELECT scope, block, item_count::BIGINT AS n FROM queue_blocks WHERE queue = '{q}'
+                               UNION ALL
+                               SELECT scope, queue_block(key), CASE WHEN kind > 0 THEN 1 ELSE -1 END
+                               FROM queue_changes WHERE queue = '{q}') c
+                         GROUP BY 1, 2 HAVING sum(n) <> 0)
          SELECT COALESCE(a.scope, s.scope), COALESCE(a.block, s.block), COALESCE(a.n, 0), COALESCE(s.n, 0)
          FROM actual a FULL JOIN stored s USING (scope, block)
          WHERE COALESCE(a.n, 0) <> COALESCE(s.n, 0)"
@@ -743,6 +750,23 @@ pub async fn queue_invariants(
     .await
     .unwrap_or_else(|e| panic!("blocks: {e}"));
     assert_eq!(bad_blocks, vec![], "block counts of the {q} queue");
+    // Superblocks: the blocks' sums (both as folded; no stored zero).
+    let bad_superblocks: Vec<(String, i64, i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "WITH summed AS (SELECT scope, block >> 7 AS superblock, sum(item_count)::BIGINT AS n
+                         FROM queue_blocks WHERE queue = '{q}' GROUP BY 1, 2),
+              stored AS (SELECT scope, superblock, item_count::BIGINT AS n FROM queue_superblocks WHERE queue = '{q}')
+         SELECT COALESCE(a.scope, s.scope), COALESCE(a.superblock, s.superblock), COALESCE(a.n, -1), COALESCE(s.n, -1)
+         FROM summed a FULL JOIN stored s USING (scope, superblock)
+         WHERE a.n IS DISTINCT FROM s.n OR s.n = 0"
+    )))
+    .fetch_all(pool)
+    .await
+    .unwrap_or_else(|e| panic!("superblocks: {e}"));
+    assert_eq!(
+        bad_superblocks,
+        vec![],
+        "superblock counts of the {q} queue"
+    );
     let rows: Vec<(String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {scope}::TEXT, {item} FROM {table} ORDER BY 1, position_in_queue"
     )))

@@ -13,6 +13,7 @@ mod cluster;
 mod config;
 mod contract;
 mod daemon;
+mod deadlocks;
 mod engines;
 mod faults;
 mod hostile;
