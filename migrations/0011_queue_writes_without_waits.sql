@@ -27,12 +27,14 @@
 --    backlog check (10 s), and one write in 32 at READ COMMITTED folds its
 --    own scope (so a forum without the daemon keeps the unfolded rows few);
 --  * with keys from a sequence shared by every scope, one scope's keys are
---    spread among the others'. Blocks of 512 keys stay, and superblocks of
---    65,536 keys (128 blocks) count them: a position is the superblocks
---    before the item's, the blocks of its superblock before its block, the
---    unfolded changes before its block, and the items of its block up to it.
---    Drained blocks and superblocks are deleted by the fold, so what a
---    position reads is bounded by the items waiting, not by history.
+--    spread among the others'. Blocks of 128 keys (512 before) and
+--    superblocks of 4,096 keys (32 blocks) count them: a position is the
+--    superblocks before the item's, the blocks of its superblock before its
+--    block, the unfolded changes before its block, and the items of its
+--    block up to it (at 100,000 items in one scope: at most 25 + 31 rows
+--    and 128 index entries, where it was 196 rows and 512 entries). Drained
+--    blocks and superblocks are deleted by the fold, so what a position
+--    reads is bounded by the items waiting, not by history.
 --
 -- The price, stated: an item's transaction that commits after a later add's
 -- has the earlier key, so the later item's position grows by one when it
@@ -44,17 +46,18 @@
 
 CREATE SEQUENCE IF NOT EXISTS queue_item_keys AS BIGINT;
 
--- Above every key there is (a key taken meanwhile counts too).
-SELECT setval('queue_item_keys', GREATEST(
-    (SELECT COALESCE(max(position_in_queue), 0) FROM topic_creation_queue),
-    (SELECT COALESCE(max(position_in_queue), 0) FROM post_moderation_queue),
-    (SELECT COALESCE(max(position_in_queue), 0) FROM private_message_queue),
-    nextval('queue_item_keys')) + 1, false);
 
--- The superblock of a key: 128 blocks, 65,536 keys.
+-- Blocks of 128 keys, and superblocks of 32 blocks: the sizes live here
+-- only (queue_block_first_key follows queue_block).
+CREATE OR REPLACE FUNCTION queue_block(key BIGINT) RETURNS BIGINT
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    RETURN key >> 7;
+CREATE OR REPLACE FUNCTION queue_block_first_key(block BIGINT) RETURNS BIGINT
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    RETURN block << 7;
 CREATE FUNCTION queue_superblock(key BIGINT) RETURNS BIGINT
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
-    RETURN key >> 16;
+    RETURN queue_block(key) >> 5;
 
 -- BEFORE INSERT, and BEFORE UPDATE of the scope column (a move to another
 -- scope puts the item at that scope's tail), each row: the next key. A key
@@ -96,9 +99,6 @@ CREATE TABLE queue_superblocks (
 );
 ALTER TABLE queue_superblocks SET (fillfactor = 50);
 
-INSERT INTO queue_superblocks (queue, scope, superblock, item_count)
-SELECT queue, scope, block >> 7, sum(item_count) FROM queue_blocks GROUP BY 1, 2, 3 HAVING sum(item_count) > 0;
-
 -- Each scope's pace (migration 9's decayed removal count), kept per scope
 -- now: the fold is its only writer, so it needs no row of the write path.
 ALTER TABLE queue_scopes ADD COLUMN removed_decayed FLOAT8 NOT NULL DEFAULT 0;
@@ -117,7 +117,47 @@ ON CONFLICT (queue, scope) DO UPDATE
 SET removed_decayed = EXCLUDED.removed_decayed, removed_at = EXCLUDED.removed_at, pace_since = EXCLUDED.pace_since;
 
 ALTER TABLE queue_blocks DROP COLUMN removed_decayed, DROP COLUMN removed_at, DROP COLUMN pace_since;
-DELETE FROM queue_blocks WHERE item_count = 0;
+
+-- A queue's counters counted again from its items (the truth), its changes
+-- dropped (the count has them), and the key sequence above its keys: what
+-- this migration does at the new block sizes, and what `loyaltyd adopt`
+-- does after moving the original's data. The queue's table is locked
+-- against writers meanwhile (readers go on): a write between the
+-- statements would be counted twice or not at all.
+CREATE FUNCTION queue_recount(p_queue TEXT) RETURNS void
+    LANGUAGE plpgsql AS $$
+DECLARE
+    tbl CONSTANT REGCLASS := CASE p_queue WHEN 'topic' THEN 'topic_creation_queue'::REGCLASS
+                                          WHEN 'post' THEN 'post_moderation_queue'::REGCLASS
+                                          ELSE 'private_message_queue'::REGCLASS END;
+BEGIN
+    PERFORM loyaltyd_check_queue(p_queue);
+    EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', tbl);
+    DELETE FROM queue_changes WHERE queue = p_queue;
+    DELETE FROM queue_blocks WHERE queue = p_queue;
+    DELETE FROM queue_superblocks WHERE queue = p_queue;
+    IF p_queue = 'topic' THEN
+        INSERT INTO queue_blocks (queue, scope, block, item_count)
+        SELECT p_queue, '', queue_block(position_in_queue), count(*) FROM topic_creation_queue GROUP BY 3;
+    ELSIF p_queue = 'post' THEN
+        INSERT INTO queue_blocks (queue, scope, block, item_count)
+        SELECT p_queue, topic_id, queue_block(position_in_queue), count(*) FROM post_moderation_queue GROUP BY 2, 3;
+    ELSE
+        INSERT INTO queue_blocks (queue, scope, block, item_count)
+        SELECT p_queue, conversation_id, queue_block(position_in_queue), count(*) FROM private_message_queue GROUP BY 2, 3;
+    END IF;
+    INSERT INTO queue_superblocks (queue, scope, superblock, item_count)
+    SELECT p_queue, scope, block >> 5, sum(item_count) FROM queue_blocks WHERE queue = p_queue GROUP BY 2, 3;
+    INSERT INTO queue_scopes (queue, scope, needs_reorder)
+    SELECT DISTINCT p_queue, scope, true FROM queue_blocks WHERE queue = p_queue
+    ON CONFLICT (queue, scope) DO NOTHING;
+    -- Keys above the highest block counted (the block's last key).
+    PERFORM setval('queue_item_keys',
+                   GREATEST((SELECT COALESCE(max(block), 0) + 1 FROM queue_blocks WHERE queue = p_queue) << 7,
+                            nextval('queue_item_keys')), false);
+END $$;
+
+SELECT queue_recount('topic'), queue_recount('post'), queue_recount('message');
 
 -- AFTER INSERT or DELETE, each row: one change row. One write in 32 at READ
 -- COMMITTED then folds its scope. (Not at REPEATABLE READ or SERIALIZABLE:
@@ -298,27 +338,28 @@ END $$;
 
 -- ---------------------------------------------------------------- reading
 
--- The items of a scope before block `block`: the superblocks before its
--- superblock, its superblock's blocks before it, and the changes not yet
--- folded before it. Three index range reads; bounded by the items waiting.
-CREATE FUNCTION queue_items_before(p_queue TEXT, p_scope TEXT, p_block BIGINT) RETURNS BIGINT
-    LANGUAGE sql STABLE
-    RETURN COALESCE((SELECT sum(x.item_count) FROM queue_superblocks x
-                     WHERE x.queue = p_queue AND x.scope = p_scope AND x.superblock < p_block >> 7), 0)
-         + COALESCE((SELECT sum(b.item_count) FROM queue_blocks b
-                     WHERE b.queue = p_queue AND b.scope = p_scope
-                       AND b.block >= (p_block >> 7) << 7 AND b.block < p_block), 0)
-         + COALESCE((SELECT sum(CASE WHEN c.kind > 0 THEN 1 ELSE -1 END) FROM queue_changes c
-                     WHERE c.queue = p_queue AND c.scope = p_scope AND c.key < queue_block_first_key(p_block)), 0);
-
--- The dense, 1-based position of key `p_key` in its scope: the items
--- before its block, and those of its block up to it.
+-- The dense, 1-based position of key `p_key` in its scope, in one
+-- statement: the superblocks before its superblock, its superblock's blocks
+-- before its block, the changes not yet folded before its block, and the
+-- items of its block up to it. Index range reads, bounded by the items
+-- waiting. (PL/pgSQL, as every helper here: its plans are cached per
+-- session; a SQL function that is not inlined is planned again on every
+-- call, which cost several times the reads themselves.)
 CREATE FUNCTION queue_rank(p_queue TEXT, p_scope TEXT, p_key BIGINT) RETURNS BIGINT
     LANGUAGE plpgsql STABLE AS $$
 DECLARE
+    blk CONSTANT BIGINT := queue_block(p_key);
     first CONSTANT BIGINT := queue_block_first_key(queue_block(p_key));
+    counted BIGINT;
     inside BIGINT;
 BEGIN
+    SELECT COALESCE((SELECT sum(x.item_count) FROM queue_superblocks x
+                     WHERE x.queue = p_queue AND x.scope = p_scope AND x.superblock < blk >> 5), 0)
+         + COALESCE((SELECT sum(b.item_count) FROM queue_blocks b
+                     WHERE b.queue = p_queue AND b.scope = p_scope AND b.block >= (blk >> 5) << 5 AND b.block < blk), 0)
+         + COALESCE((SELECT sum(CASE WHEN c.kind > 0 THEN 1 ELSE -1 END) FROM queue_changes c
+                     WHERE c.queue = p_queue AND c.scope = p_scope AND c.key < first), 0)
+    INTO counted;
     IF p_queue = 'topic' THEN
         SELECT count(*) INTO inside FROM topic_creation_queue j
         WHERE j.position_in_queue >= first AND j.position_in_queue <= p_key;
@@ -329,24 +370,8 @@ BEGIN
         SELECT count(*) INTO inside FROM private_message_queue j
         WHERE j.conversation_id = p_scope AND j.position_in_queue >= first AND j.position_in_queue <= p_key;
     END IF;
-    RETURN inside + queue_items_before(p_queue, p_scope, queue_block(p_key));
+    RETURN counted + inside;
 END $$;
-
--- A scope's removals, decayed to now: the folded count and the changes
--- not yet folded; and since when it has seen removals.
-CREATE FUNCTION queue_scope_removals(p_queue TEXT, p_scope TEXT, OUT seen FLOAT8, OUT since TIMESTAMPTZ)
-    LANGUAGE sql STABLE AS $$
-        SELECT COALESCE(s.d, 0) + COALESCE(c.d, 0), LEAST(s.since, c.since)
-        FROM (SELECT) one
-        LEFT JOIN (SELECT sc.removed_decayed * exp(-GREATEST(date_part('epoch', now() - sc.removed_at), 0)
-                                                   / queue_pace_window()) AS d, sc.pace_since AS since
-                   FROM queue_scopes sc
-                   WHERE sc.queue = p_queue AND sc.scope = p_scope AND sc.removed_at IS NOT NULL) s ON true
-        LEFT JOIN (SELECT sum(exp(-GREATEST(date_part('epoch', now() - x.at), 0) / queue_pace_window())) AS d,
-                          min(x.at) AS since
-                   FROM queue_changes x
-                   WHERE x.queue = p_queue AND x.scope = p_scope AND x.kind = -1) c ON true
-    $$;
 
 -- Migration 9's pace, from the scopes' counts.
 CREATE OR REPLACE FUNCTION queue_pace(p_queue TEXT, p_scope TEXT,
@@ -358,7 +383,15 @@ DECLARE
     since TIMESTAMPTZ;
     scopes BIGINT;
 BEGIN
-    SELECT r.seen, r.since INTO items_seen, since FROM queue_scope_removals(p_queue, p_scope) r;
+    -- The scope's removals decayed to now: the folded count, and the
+    -- changes not folded yet.
+    SELECT sc.removed_decayed * exp(-GREATEST(date_part('epoch', now() - sc.removed_at), 0) / tau), sc.pace_since
+    INTO items_seen, since
+    FROM queue_scopes sc WHERE sc.queue = p_queue AND sc.scope = p_scope AND sc.removed_at IS NOT NULL;
+    SELECT COALESCE(items_seen, 0) + COALESCE(sum(exp(-GREATEST(date_part('epoch', now() - x.at), 0) / tau)), 0),
+           LEAST(since, min(x.at))
+    INTO items_seen, since
+    FROM queue_changes x WHERE x.queue = p_queue AND x.scope = p_scope AND x.kind = -1;
     IF items_seen >= queue_pace_min_items() THEN
         window_seconds := tau * (1 - exp(-GREATEST(date_part('epoch', now() - since), 0) / tau));
         per_item_seconds := window_seconds / items_seen;
@@ -399,31 +432,33 @@ CREATE OR REPLACE FUNCTION queue_position(p_queue TEXT, p_content_id TEXT)
                    expected_wait_seconds FLOAT8, wait_source TEXT, wait_window_seconds FLOAT8,
                    wait_items_seen FLOAT8)
     LANGUAGE plpgsql STABLE SECURITY DEFINER AS $$
+#variable_conflict use_variable
 DECLARE
-    s TEXT;
     k BIGINT;
-    pr FLOAT8;
-    entered TIMESTAMPTZ;
-    pos BIGINT;
+    pace RECORD;
 BEGIN
-    PERFORM loyaltyd_check_queue(p_queue);
     IF p_queue = 'topic' THEN
-        SELECT '', i.position_in_queue, i.priority_score, i.entered_queue_at INTO s, k, pr, entered
+        SELECT '', i.position_in_queue, i.priority_score, i.entered_queue_at INTO scope, k, priority_score, entered_queue_at
         FROM topic_creation_queue i WHERE i.topic_id = p_content_id;
     ELSIF p_queue = 'post' THEN
-        SELECT i.topic_id, i.position_in_queue, i.priority_score, i.entered_queue_at INTO s, k, pr, entered
+        SELECT i.topic_id, i.position_in_queue, i.priority_score, i.entered_queue_at INTO scope, k, priority_score, entered_queue_at
         FROM post_moderation_queue i WHERE i.post_id = p_content_id;
-    ELSE
-        SELECT i.conversation_id, i.position_in_queue, i.priority_score, i.entered_queue_at INTO s, k, pr, entered
+    ELSIF p_queue = 'message' THEN
+        SELECT i.conversation_id, i.position_in_queue, i.priority_score, i.entered_queue_at INTO scope, k, priority_score, entered_queue_at
         FROM private_message_queue i WHERE i.message_id = p_content_id;
+    ELSE
+        PERFORM loyaltyd_check_queue(p_queue);
     END IF;
-    IF NOT FOUND THEN
+    IF k IS NULL THEN
         RETURN;
     END IF;
-    pos := queue_rank(p_queue, s, k);
-    RETURN QUERY
-    SELECT s, pos, pr, entered, pos * p.per_item_seconds, p.source, p.window_seconds, p.items_seen
-    FROM queue_pace(p_queue, s) p;
+    "position" := queue_rank(p_queue, scope, k);
+    SELECT * INTO pace FROM queue_pace(p_queue, scope);
+    expected_wait_seconds := "position" * pace.per_item_seconds;
+    wait_source := pace.source;
+    wait_window_seconds := pace.window_seconds;
+    wait_items_seen := pace.items_seen;
+    RETURN NEXT;
 END $$;
 
 -- Appends an item at the tail of its scope and answers with its position
@@ -487,8 +522,8 @@ CREATE FUNCTION queue_scope_lengths() RETURNS TABLE (queue TEXT, scope TEXT, ite
     $$;
 
 REVOKE EXECUTE ON FUNCTION
-    queue_fold(TEXT, TEXT, INTEGER), queue_fold_lock(TEXT, TEXT), queue_items_before(TEXT, TEXT, BIGINT),
-    queue_rank(TEXT, TEXT, BIGINT), queue_scope_removals(TEXT, TEXT), queue_scope_lengths()
+    queue_fold(TEXT, TEXT, INTEGER), queue_fold_lock(TEXT, TEXT), queue_rank(TEXT, TEXT, BIGINT),
+    queue_scope_lengths(), queue_recount(TEXT)
     FROM PUBLIC;
 
 -- The pinned search_path of migration 5 on what this migration adds or

@@ -1840,29 +1840,10 @@ impl Adoption<'_> {
                 format!("LOCK TABLE {table} IN SHARE ROW EXCLUSIVE MODE"),
                 "SELECT set_config('loyaltyd.rekey', 'on', true)".to_owned(),
                 retie,
-                // The counters from the items (migration 11): the changes
-                // the triggers wrote so far are in the count.
-                format!("DELETE FROM queue_changes WHERE queue = '{queue}'"),
-                format!("DELETE FROM queue_blocks WHERE queue = '{queue}'"),
-                format!(
-                    "INSERT INTO queue_blocks (queue, scope, block, item_count)
-                     SELECT '{queue}', {scope}::TEXT, queue_block(position_in_queue), count(*) FROM {table} GROUP BY 2, 3"
-                ),
-                format!("DELETE FROM queue_superblocks WHERE queue = '{queue}'"),
-                format!(
-                    "INSERT INTO queue_superblocks (queue, scope, superblock, item_count)
-                     SELECT '{queue}', {scope}::TEXT, queue_superblock(position_in_queue), count(*) FROM {table} GROUP BY 2, 3"
-                ),
-                // New keys above the original's (and above any the
-                // original's MAX + 1 handed out while migrations ran).
-                format!(
-                    "SELECT setval('queue_item_keys', GREATEST((SELECT COALESCE(max(position_in_queue), 0) FROM {table}),
-                                                          nextval('queue_item_keys')) + 1, false)"
-                ),
-                format!(
-                    "INSERT INTO queue_scopes (queue, scope, needs_reorder)
-                     SELECT DISTINCT '{queue}', {scope}::TEXT, true FROM {table} ON CONFLICT DO NOTHING"
-                ),
+                // The counters counted from the items, the triggers'
+                // changes so far dropped (the count has them) and the key
+                // sequence above the original's keys (migration 11).
+                format!("SELECT queue_recount('{queue}')"),
             ];
             self.transaction(&recount).await?;
         }

@@ -14,11 +14,13 @@
 //! * positions as plain ranks, `COUNT(*)` of the keys before an item: exact
 //!   and simple, but O(position) per read (milliseconds at 100,000);
 //! * **counted blocks in PostgreSQL** (chosen): `position_in_queue` becomes a
-//!   stable ordering key. Keys are grouped in blocks of 512
-//!   (`queue_block(key)`), and `queue_blocks` counts the items in each. An
-//!   item's position is the sum of the counts of the blocks before its own plus
-//!   its rank inside its block: at most n/512 small rows plus 512 index
-//!   entries, one statement, one snapshot, so always exact and dense.
+//!   stable ordering key. Keys are grouped in blocks of 128
+//!   (`queue_block(key)`) and superblocks of 32 blocks, and
+//!   `queue_blocks`/`queue_superblocks` count the items in each. An item's
+//!   position is the counts of the superblocks before its own, of the blocks
+//!   of its superblock before its block, and its rank inside its block: a
+//!   few dozen small rows and at most 128 index entries at 100,000 items,
+//!   one snapshot, so always exact and dense.
 //!
 //! # Who keeps the bookkeeping
 //! The triggers, for every writer (migrations 5 and 11): a plain `INSERT`
@@ -208,15 +210,15 @@ macro_rules! queue_sql {
             ),
             // Runs after the scopes' fold locks and their items are taken,
             // in a new snapshot that sees every committed change of them.
-            // New keys go below the scope's lowest block, in blocks of their
-            // own: the unique (scope, key) index never sees two rows on one
-            // key, and an add that runs meanwhile (its key from the
-            // sequence, above every key) stays behind them. The trigger
+            // New keys go right below the scope's lowest key: the unique
+            // (scope, key) index never sees two rows on one key, and an add
+            // that runs meanwhile (its key from the sequence, above every
+            // key) stays behind them. The trigger
             // records the moves for the fold.
             rekey: concat!(
                 "WITH target AS (
                     SELECT s.scope,
-                           queue_block_first_key(queue_block(min(m.position_in_queue)) - count(*) / 512 - 2) AS base
+                           min(m.position_in_queue) - count(*) - 1 AS base
                     FROM unnest($1::TEXT[]) AS s(scope) JOIN ", $table, " m ON ", $s_m, " = s.scope
                     GROUP BY s.scope
                 ), ranked AS (

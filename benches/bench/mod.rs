@@ -35,7 +35,8 @@ pub struct Opts {
     pub idle: Option<u64>,
     /// Run the sustained load for this many seconds instead of the cases.
     pub soak: Option<u64>,
-    /// Run only the cases whose group name contains this (`--only sweep`);
+    /// Run only the cases whose group name contains this, or one of these
+    /// comma-separated parts (`--only sweep`, `--only "event recording,queues"`);
     /// for iterating on one part. The data is seeded either way.
     pub only: Option<String>,
     /// Install the switchable metrics recorder (off inside the test binary,
@@ -421,9 +422,11 @@ pub struct Bench {
 impl Bench {
     /// Whether the case group `name` is to run.
     pub fn wants(&self, name: &str) -> bool {
-        self.only
-            .as_deref()
-            .is_none_or(|o| name.to_lowercase().contains(o))
+        // Several groups: `--only "event recording,queues"`.
+        self.only.as_deref().is_none_or(|o| {
+            o.split(',')
+                .any(|part| name.to_lowercase().contains(part.trim()))
+        })
     }
 
     async fn create(opts: &Opts) -> Result<Bench, String> {

@@ -752,7 +752,7 @@ pub async fn queue_invariants(
     assert_eq!(bad_blocks, vec![], "block counts of the {q} queue");
     // Superblocks: the blocks' sums (both as folded; no stored zero).
     let bad_superblocks: Vec<(String, i64, i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "WITH summed AS (SELECT scope, block >> 7 AS superblock, sum(item_count)::BIGINT AS n
+        "WITH summed AS (SELECT scope, block >> 5 AS superblock, sum(item_count)::BIGINT AS n
                          FROM queue_blocks WHERE queue = '{q}' GROUP BY 1, 2),
               stored AS (SELECT scope, superblock, item_count::BIGINT AS n FROM queue_superblocks WHERE queue = '{q}')
          SELECT COALESCE(a.scope, s.scope), COALESCE(a.superblock, s.superblock), COALESCE(a.n, -1), COALESCE(s.n, -1)
