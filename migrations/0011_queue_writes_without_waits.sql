@@ -79,13 +79,16 @@ END $$;
 -- to the counters yet. `kind`: 1 added, -1 removed (counts toward the
 -- scope's pace, at `at`), 2 moved in, -2 moved out, 3 moved in by
 -- loyaltyd's reorder. Adds and moves in by others mark the scope for the
--- next reorder. No key: rows are only ever inserted by writers and deleted
--- by the fold.
+-- next reorder. `n` items: a row trigger writes one item's change; a
+-- statement that moves many (a reorder) writes one row per block, at the
+-- block's first key (what a position compares is the block). No primary
+-- key: rows are only ever inserted by writers and deleted by the fold.
 CREATE TABLE queue_changes (
     queue TEXT        NOT NULL,
     scope TEXT        NOT NULL,
     key   BIGINT      NOT NULL,
     kind  SMALLINT    NOT NULL CONSTRAINT queue_changes_kind_check CHECK (kind IN (1, -1, 2, -2, 3)),
+    n     INTEGER     NOT NULL DEFAULT 1 CONSTRAINT queue_changes_n_check CHECK (n > 0),
     at    TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 CREATE INDEX queue_changes_scope_key ON queue_changes (queue, scope, key);
@@ -160,7 +163,7 @@ END $$;
 SELECT queue_recount('topic'), queue_recount('post'), queue_recount('message');
 
 -- AFTER INSERT or DELETE, each row: one change row. One write in 32 at READ
--- COMMITTED then folds its scope. (Not at REPEATABLE READ or SERIALIZABLE:
+-- COMMITTED then folds its scope (at most once per transaction). (Not at REPEATABLE READ or SERIALIZABLE:
 -- there a fold could meet rows a concurrent fold deleted after the
 -- snapshot, and the forum's transaction would fail for loyaltyd's sake.)
 CREATE OR REPLACE FUNCTION queue_item_counted() RETURNS trigger
@@ -184,7 +187,11 @@ BEGIN
         END IF;
         INSERT INTO queue_changes (queue, scope, key, kind) VALUES (q, s, OLD.position_in_queue, -1);
     END IF;
-    IF random() < 0.03125 AND current_setting('transaction_isolation') = 'read committed' THEN
+    IF random() < 0.03125 AND current_setting('transaction_isolation') = 'read committed'
+       AND current_setting('loyaltyd.folded', true) IS DISTINCT FROM 'on' THEN
+        -- Once per transaction at most: a bulk INSERT folds once, not one
+        -- row in 32 times over.
+        PERFORM set_config('loyaltyd.folded', 'on', true);
         PERFORM queue_fold(q, s);
     END IF;
     RETURN NULL;
@@ -201,26 +208,36 @@ DECLARE
     moved_in CONSTANT SMALLINT := CASE WHEN current_setting('loyaltyd.rekey', true) = 'on' THEN 3 ELSE 2 END;
 BEGIN
     IF q = 'topic' THEN
-        INSERT INTO queue_changes (queue, scope, key, kind)
-        SELECT q, '', m.k, -2 FROM (SELECT position_in_queue AS k FROM old_items
-                                    EXCEPT ALL SELECT position_in_queue FROM new_items) m
+        INSERT INTO queue_changes (queue, scope, key, kind, n)
+        SELECT q, '', queue_block_first_key(queue_block(m.k)), -2, count(*)
+        FROM (SELECT position_in_queue AS k FROM old_items EXCEPT ALL SELECT position_in_queue FROM new_items) m
+        GROUP BY queue_block(m.k)
         UNION ALL
-        SELECT q, '', m.k, moved_in FROM (SELECT position_in_queue AS k FROM new_items
-                                          EXCEPT ALL SELECT position_in_queue FROM old_items) m;
+        SELECT q, '', queue_block_first_key(queue_block(m.k)), moved_in, count(*)
+        FROM (SELECT position_in_queue AS k FROM new_items EXCEPT ALL SELECT position_in_queue FROM old_items) m
+        GROUP BY queue_block(m.k);
     ELSIF q = 'post' THEN
-        INSERT INTO queue_changes (queue, scope, key, kind)
-        SELECT q, m.s, m.k, -2 FROM (SELECT topic_id::TEXT AS s, position_in_queue AS k FROM old_items
-                                     EXCEPT ALL SELECT topic_id::TEXT, position_in_queue FROM new_items) m
+        INSERT INTO queue_changes (queue, scope, key, kind, n)
+        SELECT q, m.s, queue_block_first_key(queue_block(m.k)), -2, count(*)
+        FROM (SELECT topic_id::TEXT AS s, position_in_queue AS k FROM old_items
+              EXCEPT ALL SELECT topic_id::TEXT, position_in_queue FROM new_items) m
+        GROUP BY m.s, queue_block(m.k)
         UNION ALL
-        SELECT q, m.s, m.k, moved_in FROM (SELECT topic_id::TEXT AS s, position_in_queue AS k FROM new_items
-                                           EXCEPT ALL SELECT topic_id::TEXT, position_in_queue FROM old_items) m;
+        SELECT q, m.s, queue_block_first_key(queue_block(m.k)), moved_in, count(*)
+        FROM (SELECT topic_id::TEXT AS s, position_in_queue AS k FROM new_items
+              EXCEPT ALL SELECT topic_id::TEXT, position_in_queue FROM old_items) m
+        GROUP BY m.s, queue_block(m.k);
     ELSE
-        INSERT INTO queue_changes (queue, scope, key, kind)
-        SELECT q, m.s, m.k, -2 FROM (SELECT conversation_id::TEXT AS s, position_in_queue AS k FROM old_items
-                                     EXCEPT ALL SELECT conversation_id::TEXT, position_in_queue FROM new_items) m
+        INSERT INTO queue_changes (queue, scope, key, kind, n)
+        SELECT q, m.s, queue_block_first_key(queue_block(m.k)), -2, count(*)
+        FROM (SELECT conversation_id::TEXT AS s, position_in_queue AS k FROM old_items
+              EXCEPT ALL SELECT conversation_id::TEXT, position_in_queue FROM new_items) m
+        GROUP BY m.s, queue_block(m.k)
         UNION ALL
-        SELECT q, m.s, m.k, moved_in FROM (SELECT conversation_id::TEXT AS s, position_in_queue AS k FROM new_items
-                                           EXCEPT ALL SELECT conversation_id::TEXT, position_in_queue FROM old_items) m;
+        SELECT q, m.s, queue_block_first_key(queue_block(m.k)), moved_in, count(*)
+        FROM (SELECT conversation_id::TEXT AS s, position_in_queue AS k FROM new_items
+              EXCEPT ALL SELECT conversation_id::TEXT, position_in_queue FROM old_items) m
+        GROUP BY m.s, queue_block(m.k);
     END IF;
     RETURN NULL;
 END $$;
@@ -259,6 +276,7 @@ DECLARE
     t_scope TEXT[];
     t_key BIGINT[];
     t_kind SMALLINT[];
+    t_n INTEGER[];
     t_at TIMESTAMPTZ[];
 BEGIN
     IF p_scope IS NOT NULL THEN
@@ -276,10 +294,10 @@ BEGIN
     END IF;
     WITH taken AS (
         DELETE FROM queue_changes c WHERE c.queue = p_queue AND c.scope = ANY(scopes)
-        RETURNING c.scope, c.key, c.kind, c.at
+        RETURNING c.scope, c.key, c.kind, c.n, c.at
     )
-    SELECT array_agg(taken.scope), array_agg(taken.key), array_agg(taken.kind), array_agg(taken.at)
-    INTO t_scope, t_key, t_kind, t_at FROM taken;
+    SELECT array_agg(taken.scope), array_agg(taken.key), array_agg(taken.kind), array_agg(taken.n), array_agg(taken.at)
+    INTO t_scope, t_key, t_kind, t_n, t_at FROM taken;
     IF t_scope IS NULL THEN
         RETURN 0;
     END IF;
@@ -288,9 +306,9 @@ BEGIN
     -- are inserted, drained ones deleted. The scope's counters have no other
     -- writer (the lock), so none of it waits. Then the same for superblocks.
     WITH net AS (
-        SELECT t.scope, queue_block(t.key) AS block, sum(CASE WHEN t.kind > 0 THEN 1 ELSE -1 END) AS n
-        FROM unnest(t_scope, t_key, t_kind) AS t(scope, key, kind)
-        GROUP BY 1, 2 HAVING sum(CASE WHEN t.kind > 0 THEN 1 ELSE -1 END) <> 0
+        SELECT t.scope, queue_block(t.key) AS block, sum(CASE WHEN t.kind > 0 THEN t.n ELSE -t.n END) AS n
+        FROM unnest(t_scope, t_key, t_kind, t_n) AS t(scope, key, kind, n)
+        GROUP BY 1, 2 HAVING sum(CASE WHEN t.kind > 0 THEN t.n ELSE -t.n END) <> 0
     ), changed AS (
         UPDATE queue_blocks b SET item_count = b.item_count + net.n
         FROM net WHERE b.queue = p_queue AND b.scope = net.scope AND b.block = net.block
@@ -301,9 +319,9 @@ BEGIN
     WHERE NOT EXISTS (SELECT 1 FROM changed c WHERE c.scope = net.scope AND c.block = net.block);
     DELETE FROM queue_blocks b WHERE b.queue = p_queue AND b.scope = ANY(scopes) AND b.item_count = 0;
     WITH net AS (
-        SELECT t.scope, queue_superblock(t.key) AS superblock, sum(CASE WHEN t.kind > 0 THEN 1 ELSE -1 END) AS n
-        FROM unnest(t_scope, t_key, t_kind) AS t(scope, key, kind)
-        GROUP BY 1, 2 HAVING sum(CASE WHEN t.kind > 0 THEN 1 ELSE -1 END) <> 0
+        SELECT t.scope, queue_superblock(t.key) AS superblock, sum(CASE WHEN t.kind > 0 THEN t.n ELSE -t.n END) AS n
+        FROM unnest(t_scope, t_key, t_kind, t_n) AS t(scope, key, kind, n)
+        GROUP BY 1, 2 HAVING sum(CASE WHEN t.kind > 0 THEN t.n ELSE -t.n END) <> 0
     ), changed AS (
         UPDATE queue_superblocks b SET item_count = b.item_count + net.n
         FROM net WHERE b.queue = p_queue AND b.scope = net.scope AND b.superblock = net.superblock
@@ -333,7 +351,7 @@ BEGIN
             END,
         removed_at = GREATEST(s.removed_at, EXCLUDED.removed_at),
         pace_since = LEAST(s.pace_since, EXCLUDED.pace_since);
-    RETURN cardinality(t_scope);
+    RETURN (SELECT sum(x) FROM unnest(t_n) AS x);
 END $$;
 
 -- ---------------------------------------------------------------- reading
@@ -351,26 +369,41 @@ DECLARE
     blk CONSTANT BIGINT := queue_block(p_key);
     first CONSTANT BIGINT := queue_block_first_key(queue_block(p_key));
     counted BIGINT;
-    inside BIGINT;
 BEGIN
-    SELECT COALESCE((SELECT sum(x.item_count) FROM queue_superblocks x
-                     WHERE x.queue = p_queue AND x.scope = p_scope AND x.superblock < blk >> 5), 0)
-         + COALESCE((SELECT sum(b.item_count) FROM queue_blocks b
-                     WHERE b.queue = p_queue AND b.scope = p_scope AND b.block >= (blk >> 5) << 5 AND b.block < blk), 0)
-         + COALESCE((SELECT sum(CASE WHEN c.kind > 0 THEN 1 ELSE -1 END) FROM queue_changes c
-                     WHERE c.queue = p_queue AND c.scope = p_scope AND c.key < first), 0)
-    INTO counted;
+    -- One statement per queue (one executor start): the item's block's
+    -- items up to it, then the counters before it.
     IF p_queue = 'topic' THEN
-        SELECT count(*) INTO inside FROM topic_creation_queue j
-        WHERE j.position_in_queue >= first AND j.position_in_queue <= p_key;
+        SELECT (SELECT count(*) FROM topic_creation_queue j
+                WHERE j.position_in_queue >= first AND j.position_in_queue <= p_key)
+             + COALESCE((SELECT sum(x.item_count) FROM queue_superblocks x
+                         WHERE x.queue = p_queue AND x.scope = p_scope AND x.superblock < blk >> 5), 0)
+             + COALESCE((SELECT sum(b.item_count) FROM queue_blocks b
+                         WHERE b.queue = p_queue AND b.scope = p_scope AND b.block >= (blk >> 5) << 5 AND b.block < blk), 0)
+             + COALESCE((SELECT sum(CASE WHEN c.kind > 0 THEN c.n ELSE -c.n END) FROM queue_changes c
+                         WHERE c.queue = p_queue AND c.scope = p_scope AND c.key < first), 0)
+        INTO counted;
     ELSIF p_queue = 'post' THEN
-        SELECT count(*) INTO inside FROM post_moderation_queue j
-        WHERE j.topic_id = p_scope AND j.position_in_queue >= first AND j.position_in_queue <= p_key;
+        SELECT (SELECT count(*) FROM post_moderation_queue j
+                WHERE j.topic_id = p_scope AND j.position_in_queue >= first AND j.position_in_queue <= p_key)
+             + COALESCE((SELECT sum(x.item_count) FROM queue_superblocks x
+                         WHERE x.queue = p_queue AND x.scope = p_scope AND x.superblock < blk >> 5), 0)
+             + COALESCE((SELECT sum(b.item_count) FROM queue_blocks b
+                         WHERE b.queue = p_queue AND b.scope = p_scope AND b.block >= (blk >> 5) << 5 AND b.block < blk), 0)
+             + COALESCE((SELECT sum(CASE WHEN c.kind > 0 THEN c.n ELSE -c.n END) FROM queue_changes c
+                         WHERE c.queue = p_queue AND c.scope = p_scope AND c.key < first), 0)
+        INTO counted;
     ELSE
-        SELECT count(*) INTO inside FROM private_message_queue j
-        WHERE j.conversation_id = p_scope AND j.position_in_queue >= first AND j.position_in_queue <= p_key;
+        SELECT (SELECT count(*) FROM private_message_queue j
+                WHERE j.conversation_id = p_scope AND j.position_in_queue >= first AND j.position_in_queue <= p_key)
+             + COALESCE((SELECT sum(x.item_count) FROM queue_superblocks x
+                         WHERE x.queue = p_queue AND x.scope = p_scope AND x.superblock < blk >> 5), 0)
+             + COALESCE((SELECT sum(b.item_count) FROM queue_blocks b
+                         WHERE b.queue = p_queue AND b.scope = p_scope AND b.block >= (blk >> 5) << 5 AND b.block < blk), 0)
+             + COALESCE((SELECT sum(CASE WHEN c.kind > 0 THEN c.n ELSE -c.n END) FROM queue_changes c
+                         WHERE c.queue = p_queue AND c.scope = p_scope AND c.key < first), 0)
+        INTO counted;
     END IF;
-    RETURN counted + inside;
+    RETURN counted;
 END $$;
 
 -- Migration 9's pace, from the scopes' counts.
@@ -507,7 +540,7 @@ BEGIN
     END IF;
     RETURN COALESCE((SELECT sum(x.item_count) FROM queue_superblocks x
                      WHERE x.queue = p_queue AND x.scope = p_scope), 0)::BIGINT
-         + COALESCE((SELECT sum(CASE WHEN c.kind > 0 THEN 1 ELSE -1 END) FROM queue_changes c
+         + COALESCE((SELECT sum(CASE WHEN c.kind > 0 THEN c.n ELSE -c.n END) FROM queue_changes c
                      WHERE c.queue = p_queue AND c.scope = p_scope), 0)::BIGINT;
 END $$;
 
@@ -517,7 +550,7 @@ CREATE FUNCTION queue_scope_lengths() RETURNS TABLE (queue TEXT, scope TEXT, ite
         SELECT u.queue, u.scope, sum(u.n)::BIGINT
         FROM (SELECT x.queue, x.scope, x.item_count AS n FROM queue_superblocks x
               UNION ALL
-              SELECT c.queue, c.scope, CASE WHEN c.kind > 0 THEN 1 ELSE -1 END FROM queue_changes c) u
+              SELECT c.queue, c.scope, CASE WHEN c.kind > 0 THEN c.n ELSE -c.n END FROM queue_changes c) u
         GROUP BY u.queue, u.scope
     $$;
 
@@ -541,3 +574,7 @@ BEGIN
         EXECUTE format('ALTER FUNCTION %s SET search_path = %I, pg_temp', f, current_schema());
     END LOOP;
 END $$;
+
+-- Migration 2's shard of the pending count (unused since migration 8's
+-- per-backend rows) reads pg_backend_pid(): not PARALLEL SAFE.
+ALTER FUNCTION leaderboard_shard() PARALLEL RESTRICTED;

@@ -262,7 +262,7 @@ pub enum Operation {
     QueueList,
     /// `sweep::run`
     IntegritySweep,
-    /// `stats::collect` (reads Redis: fails while Redis is away)
+    /// `perf::collect` (reads Redis: fails while Redis is away)
     Stats,
 }
 

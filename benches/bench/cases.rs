@@ -589,11 +589,14 @@ async fn queues_at(b: &Bench, report: &mut Report, n: i64) -> R<()> {
         .execute(&b.pool)
         .await
         .map_err(e)?;
-    sqlx::query("VACUUM FULL queue_blocks")
+    sqlx::query("VACUUM FULL queue_blocks, queue_superblocks, queue_scopes")
         .execute(&b.pool)
         .await
         .map_err(e)?;
-    sqlx::query("VACUUM ANALYZE topic_creation_queue, seed_topic_creation_queue, queue_blocks, queue_changes")
+    sqlx::query(
+        "VACUUM ANALYZE topic_creation_queue, seed_topic_creation_queue, queue_blocks, queue_superblocks,
+                        queue_scopes, queue_changes",
+    )
         .execute(&b.pool)
         .await
         .map_err(e)?;

@@ -739,7 +739,7 @@ pub async fn queue_invariants(
               stored AS (SELECT scope, block, sum(n)::BIGINT AS n
                          FROM (SELECT scope, block, item_count::BIGINT AS n FROM queue_blocks WHERE queue = '{q}'
                                UNION ALL
-                               SELECT scope, queue_block(key), CASE WHEN kind > 0 THEN 1 ELSE -1 END
+                               SELECT scope, queue_block(key), CASE WHEN kind > 0 THEN n ELSE -n END
                                FROM queue_changes WHERE queue = '{q}') c
                          GROUP BY 1, 2 HAVING sum(n) <> 0)
          SELECT COALESCE(a.scope, s.scope), COALESCE(a.block, s.block), COALESCE(a.n, 0), COALESCE(s.n, 0)
