@@ -46,19 +46,26 @@ use crate::telemetry;
 use crate::types::UserId;
 
 /// Sets score and version unless the cache already holds a newer version,
-/// and ends any reader's lease (its refill would be older than this write).
-/// KEYS: value key, version key, lease key. ARGV: score, version, ttl seconds.
+/// and ends any reader's lease (its refill would be older than this write),
+/// for each user of the call. KEYS: value key, version key, lease key of
+/// each user. ARGV: ttl seconds, then score and version of each user.
 /// An equal version overwrites: the database is the authority at that version,
-/// which lets the integrity sweep repair a corrupted value.
+/// which lets the integrity sweep repair a corrupted value. (Many users in one
+/// call where their keys may share one: a batch pays one script call, not
+/// one per user.)
 const SET_IF_NEWER: &str = r#"
-redis.call('DEL', KEYS[3])
-local current = tonumber(redis.call('GET', KEYS[2]))
-if current and current > tonumber(ARGV[2]) then
-  return 0
+local set, a = 0, 2
+for i = 1, #KEYS, 3 do
+  redis.call('DEL', KEYS[i + 2])
+  local current = tonumber(redis.call('GET', KEYS[i + 1]))
+  if not (current and current > tonumber(ARGV[a + 1])) then
+    redis.call('SET', KEYS[i], ARGV[a], 'EX', ARGV[1])
+    redis.call('SET', KEYS[i + 1], ARGV[a + 1], 'EX', ARGV[1])
+    set = set + 1
+  end
+  a = a + 2
 end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
-redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
-return 1
+return set
 "#;
 
 /// A read: the cached value, or on a miss a lease for the refill.
@@ -111,30 +118,43 @@ return 0
 /// The live board (the leaderboard answered from committed scores): a sorted
 /// set of the users with a positive score, scored by minus their score, each
 /// a [`live_member`]; beside it a hash of each user's version and member, and
-/// its `_ready` field once the daemon built the board. Sets one user unless
-/// the hash holds a newer version (an equal one overwrites: the database is
-/// the authority at that version). KEYS: the set, the hash. ARGV: user id,
-/// member, score, version.
+/// its `_ready` field once the daemon built the board. Sets each user of the
+/// call unless the hash holds a newer version (an equal one overwrites: the
+/// database is the authority at that version). KEYS: the set, the hash.
+/// ARGV: user id, member, score, version of each user.
 const LIVE_SET: &str = r#"
-local cur = redis.call('HGET', KEYS[2], ARGV[1])
-if cur then
-  local sep = string.find(cur, ' ')
-  if tonumber(string.sub(cur, 1, sep - 1)) > tonumber(ARGV[4]) then
-    return 0
+local n = 0
+for i = 1, #ARGV, 4 do
+  local user, member, score, version = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3]
+  local cur = redis.call('HGET', KEYS[2], user)
+  local newer = false
+  if cur then
+    local sep = string.find(cur, ' ')
+    if tonumber(string.sub(cur, 1, sep - 1)) > tonumber(version) then
+      newer = true
+    else
+      local old = string.sub(cur, sep + 1)
+      if old ~= member then
+        redis.call('ZREM', KEYS[1], old)
+      end
+    end
   end
-  local old = string.sub(cur, sep + 1)
-  if old ~= ARGV[2] then
-    redis.call('ZREM', KEYS[1], old)
+  if not newer then
+    redis.call('HSET', KEYS[2], user, version .. ' ' .. member)
+    if score > 0 then
+      redis.call('ZADD', KEYS[1], -score, member)
+    else
+      redis.call('ZREM', KEYS[1], member)
+    end
+    n = n + 1
   end
 end
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[4] .. ' ' .. ARGV[2])
-if tonumber(ARGV[3]) > 0 then
-  redis.call('ZADD', KEYS[1], -tonumber(ARGV[3]), ARGV[2])
-else
-  redis.call('ZREM', KEYS[1], ARGV[2])
-end
-return 1
+return n
 "#;
+
+/// Users per call of the batch scripts: one call's run time stays short
+/// (Redis runs nothing else meanwhile).
+const SCRIPT_BATCH: usize = 500;
 
 /// One user's place: {0-based rank or -1, score, ranked users}, or {-2}
 /// while the board is not built. KEYS: the set, the hash. ARGV: user id.
@@ -531,11 +551,9 @@ impl Cache {
             return true;
         }
         let mut pipe = redis::pipe();
-        for s in scores {
-            self.add_set_if_newer(&mut pipe, s);
-            if self.inner.live {
-                self.add_live_set(&mut pipe, s);
-            }
+        self.add_set_if_newer(&mut pipe, scores);
+        if self.inner.live {
+            self.add_live_set(&mut pipe, scores);
         }
         self.exec_pipeline("EVALSHA", &pipe, true).await
     }
@@ -558,18 +576,24 @@ impl Cache {
         }
     }
 
-    /// Queues one [`LIVE_SET`] call on a pipeline.
-    fn add_live_set(&self, pipe: &mut Pipeline, s: &VersionedScore) {
-        pipe.cmd("EVALSHA")
-            .arg(self.inner.live_set.get_hash())
-            .arg(2)
-            .arg(self.live_key())
-            .arg(self.live_users_key())
-            .arg(s.user.get())
-            .arg(live_member(s.user, s.created_us))
-            .arg(s.score)
-            .arg(s.version)
-            .ignore();
+    /// Queues [`LIVE_SET`] calls for `scores` on a pipeline: one per
+    /// [`SCRIPT_BATCH`] users (the board's two keys share a slot).
+    fn add_live_set(&self, pipe: &mut Pipeline, scores: &[VersionedScore]) {
+        for chunk in scores.chunks(SCRIPT_BATCH) {
+            let call = pipe
+                .cmd("EVALSHA")
+                .arg(self.inner.live_set.get_hash())
+                .arg(2)
+                .arg(self.live_key())
+                .arg(self.live_users_key());
+            for s in chunk {
+                call.arg(s.user.get())
+                    .arg(live_member(s.user, s.created_us))
+                    .arg(s.score)
+                    .arg(s.version);
+            }
+            call.ignore();
+        }
     }
 
     /// Writes users onto the live board (whatever `leaderboard.live` says:
@@ -579,9 +603,7 @@ impl Cache {
             return true;
         }
         let mut pipe = redis::pipe();
-        for s in scores {
-            self.add_live_set(&mut pipe, s);
-        }
+        self.add_live_set(&mut pipe, scores);
         self.exec_pipeline("EVALSHA", &pipe, true).await
     }
 
@@ -799,13 +821,27 @@ impl Cache {
         Some((ranked, page))
     }
 
-    /// Queues one [`SET_IF_NEWER`] call (by its SHA) on a pipeline.
-    fn add_set_if_newer(&self, pipe: &mut Pipeline, s: &VersionedScore) {
-        self.add_script_call(pipe, &self.inner.set_if_newer, s.user)
-            .arg(s.score)
-            .arg(s.version)
-            .arg(self.inner.ttl_secs)
-            .ignore();
+    /// Queues [`SET_IF_NEWER`] calls for `scores` on a pipeline: one per
+    /// [`SCRIPT_BATCH`] users on one Redis; one per user on a cluster (a
+    /// script's keys must share a slot, and a user's three do).
+    fn add_set_if_newer(&self, pipe: &mut Pipeline, scores: &[VersionedScore]) {
+        let per_call = if self.is_cluster() { 1 } else { SCRIPT_BATCH };
+        for chunk in scores.chunks(per_call) {
+            let call = pipe
+                .cmd("EVALSHA")
+                .arg(self.inner.set_if_newer.get_hash())
+                .arg(3 * chunk.len());
+            for s in chunk {
+                call.arg(self.score_key(s.user))
+                    .arg(self.version_key(s.user))
+                    .arg(self.lease_key(s.user));
+            }
+            call.arg(self.inner.ttl_secs);
+            for s in chunk {
+                call.arg(s.score).arg(s.version);
+            }
+            call.ignore();
+        }
     }
 
     /// Starts an EVALSHA of one of our scripts on a user's value, version and
