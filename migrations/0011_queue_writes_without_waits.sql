@@ -31,10 +31,12 @@
 --    superblocks of 4,096 keys (32 blocks) count them: a position is the
 --    superblocks before the item's, the blocks of its superblock before its
 --    block, the unfolded changes before its block, and the items of its
---    block up to it (at 100,000 items in one scope: at most 25 + 31 rows
---    and 128 index entries, where it was 196 rows and 512 entries). Drained
---    blocks and superblocks are deleted by the fold, so what a position
---    reads is bounded by the items waiting, not by history.
+--    block up to it: at most n / 4,096 + 31 rows and 128 index entries for
+--    a scope of n items packed together (at 100,000: 25 + 31 rows, where it
+--    was 196 rows and 512 entries), and for a scope spread among others at
+--    most its span of keys / 4,096 + 31 rows. Drained blocks and
+--    superblocks are deleted by the fold, so what a position reads is
+--    bounded by the items waiting, not by history.
 --
 -- The price, stated: an item's transaction that commits after a later add's
 -- has the earlier key, so the later item's position grows by one when it
@@ -46,9 +48,9 @@
 
 CREATE SEQUENCE IF NOT EXISTS queue_item_keys AS BIGINT;
 
-
--- Blocks of 128 keys, and superblocks of 32 blocks: the sizes live here
--- only (queue_block_first_key follows queue_block).
+-- Blocks of 128 keys, and superblocks of 32 blocks: the sizes live here,
+-- and in the `>> 5` by which queue_rank and queue_recount go from a block
+-- to its superblock.
 CREATE OR REPLACE FUNCTION queue_block(key BIGINT) RETURNS BIGINT
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     RETURN key >> 7;
@@ -526,7 +528,19 @@ BEGIN
         INSERT INTO private_message_queue AS i (message_id, conversation_id, priority_score) VALUES (p_content_id, p_scope, p_priority)
         RETURNING i.position_in_queue, i.entered_queue_at INTO k, entered_queue_at;
     END IF;
-    "position" := queue_rank(p_queue, CASE WHEN p_queue = 'topic' THEN '' ELSE p_scope END, k);
+    -- At the tail: the scope's length less the items behind it (none,
+    -- unless a later add committed first), which reads the superblocks and
+    -- the changes only, where a position in the middle also reads blocks
+    -- and the item's block.
+    IF p_queue = 'topic' THEN
+        SELECT count(*) INTO "position" FROM topic_creation_queue j WHERE j.position_in_queue > k;
+    ELSIF p_queue = 'post' THEN
+        SELECT count(*) INTO "position" FROM post_moderation_queue j WHERE j.topic_id = p_scope AND j.position_in_queue > k;
+    ELSE
+        SELECT count(*) INTO "position" FROM private_message_queue j
+        WHERE j.conversation_id = p_scope AND j.position_in_queue > k;
+    END IF;
+    "position" := queue_length(p_queue, CASE WHEN p_queue = 'topic' THEN '' ELSE p_scope END) - "position";
 END $$;
 
 -- A scope's length: its superblocks and its changes not yet folded.
