@@ -261,7 +261,7 @@ END $$;
 -- its own (two int4 keys; loyaltyd's job locks are bigint keys).
 CREATE FUNCTION queue_fold_lock(p_queue TEXT, p_scope TEXT) RETURNS BOOLEAN
     LANGUAGE sql VOLATILE
-    RETURN pg_try_advisory_xact_lock(1280262985, hashtext(p_queue || '/' || p_scope));
+    RETURN pg_try_advisory_xact_lock(1280921926, hashtext(p_queue || '/' || p_scope));
 
 -- Moves the committed changes of the queue's scopes (one scope, or up to
 -- `max_scopes` of them) into the counters, each scope only if its fold

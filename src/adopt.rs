@@ -1923,24 +1923,38 @@ impl Adoption<'_> {
 
     /// Records every migration as applied, with the checksums `migrate` checks.
     async fn record_migrations(&mut self) -> Result<()> {
-        let mut stmts = vec![
+        // The values bound, not spliced: one INSERT of every migration.
+        let (mut versions, mut descriptions, mut checksums) = (Vec::new(), Vec::new(), Vec::new());
+        for m in crate::db::MIGRATOR.iter() {
+            versions.push(m.version);
+            descriptions.push(m.description.to_string());
+            checksums.push(m.checksum.to_vec());
+        }
+        let mut tx = self.pool.begin().await.db("recording the migrations")?;
+        sqlx::query(
             "CREATE TABLE IF NOT EXISTS _sqlx_migrations (
                  version BIGINT PRIMARY KEY, description TEXT NOT NULL,
                  installed_on TIMESTAMPTZ NOT NULL DEFAULT now(), success BOOLEAN NOT NULL,
-                 checksum BYTEA NOT NULL, execution_time BIGINT NOT NULL)"
-                .to_owned(),
-        ];
-        for m in crate::db::MIGRATOR.iter() {
-            let hex: String = m.checksum.iter().map(|b| format!("{b:02x}")).collect();
-            stmts.push(format!(
-                "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
-                 VALUES ({}, {}, true, '\\x{hex}'::BYTEA, 0) ON CONFLICT (version) DO NOTHING",
-                m.version,
-                quote(&m.description)
-            ));
-            self.report.migrations_recorded.push(m.version);
-        }
-        self.transaction(&stmts).await
+                 checksum BYTEA NOT NULL, execution_time BIGINT NOT NULL)",
+        )
+        .execute(&mut *tx)
+        .await
+        .db("recording the migrations")?;
+        sqlx::query(
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+             SELECT m.version, m.description, true, m.checksum, 0
+             FROM unnest($1::BIGINT[], $2::TEXT[], $3::BYTEA[]) AS m(version, description, checksum)
+             ON CONFLICT (version) DO NOTHING",
+        )
+        .bind(&versions)
+        .bind(&descriptions)
+        .bind(&checksums)
+        .execute(&mut *tx)
+        .await
+        .db("recording the migrations")?;
+        tx.commit().await.db("recording the migrations")?;
+        self.report.migrations_recorded.extend(versions);
+        Ok(())
     }
 
     // ------------------------------------------------------------ helpers

@@ -113,12 +113,12 @@ pub async fn reorder_queues(ctx: &Context, cancel: &CancellationToken) -> Result
     })
 }
 
-/// Advisory lock key of a job (distinct from the refresh's own lock).
+/// Advisory lock key of a job (named in [`crate::locks`]).
 pub fn lock_key(job: Job) -> i64 {
     match job {
-        Job::LeaderboardRefresh => 0x4c59_4a42_0001,
-        Job::IntegritySweep => 0x4c59_4a42_0002,
-        Job::QueueReorder => 0x4c59_4a42_0003,
+        Job::LeaderboardRefresh => crate::locks::JOB_REFRESH,
+        Job::IntegritySweep => crate::locks::JOB_SWEEP,
+        Job::QueueReorder => crate::locks::JOB_REORDER,
     }
 }
 

@@ -46,8 +46,6 @@ use crate::perf::Timer;
 use crate::telemetry::{self, Operation};
 use crate::types::UserId;
 
-/// Advisory lock key held by the refresh (any process, any host).
-pub const REFRESH_LOCK: i64 = 0x4c59_4c42_0001; // "LYLB" 1
 /// Largest page `leaderboard show` returns.
 pub const MAX_PAGE: i64 = 1000;
 
@@ -452,7 +450,7 @@ async fn refresh_in(
     let cfg = &ctx.config.leaderboard;
     let (pid, locked): (i32, bool) =
         sqlx::query_as("SELECT pg_backend_pid(), pg_try_advisory_xact_lock($1)")
-            .bind(REFRESH_LOCK)
+            .bind(crate::locks::REFRESH)
             .fetch_one(&mut *tx)
             .await
             .db("taking the refresh lock")?;
@@ -542,9 +540,13 @@ async fn swap_in_new_view(
             .fetch_one(&mut *tx)
             .await
             .db("reading the view's definition")?;
-    let indexes: Vec<(String, String)> = sqlx::query_as(
-        "SELECT i.relname::TEXT, pg_get_indexdef(x.indexrelid) FROM pg_index x
-         JOIN pg_class i ON i.oid = x.indexrelid WHERE x.indrelid = 'user_leaderboard'::REGCLASS",
+    // Each index's name and its copy's, quoted by PostgreSQL as
+    // pg_get_indexdef quotes them (a forum's index may need quotes), and its
+    // definition.
+    let indexes: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT quote_ident(i.relname), quote_ident(i.relname || '_next'), pg_get_indexdef(x.indexrelid)
+         FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
+         WHERE x.indrelid = 'user_leaderboard'::REGCLASS",
     )
     .fetch_all(&mut *tx)
     .await
@@ -563,14 +565,10 @@ async fn swap_in_new_view(
         "CREATE MATERIALIZED VIEW user_leaderboard_next AS {}",
         definition.trim_end_matches(';')
     ));
-    for (name, def) in &indexes {
+    for (name, next, def) in &indexes {
         build.push(
-            def.replacen(
-                &format!("INDEX {name} ON"),
-                &format!("INDEX {name}_next ON"),
-                1,
-            )
-            .replacen("user_leaderboard USING", "user_leaderboard_next USING", 1),
+            def.replacen(&format!("INDEX {name} ON"), &format!("INDEX {next} ON"), 1)
+                .replacen("user_leaderboard USING", "user_leaderboard_next USING", 1),
         );
     }
     for sql in &build {
@@ -588,8 +586,8 @@ async fn swap_in_new_view(
         "ALTER MATERIALIZED VIEW user_leaderboard_next RENAME TO user_leaderboard".to_owned(),
         "DROP MATERIALIZED VIEW user_leaderboard_old".to_owned(),
     ];
-    for (name, _) in &indexes {
-        swap.push(format!("ALTER INDEX {name}_next RENAME TO {name}"));
+    for (name, next, _) in &indexes {
+        swap.push(format!("ALTER INDEX {next} RENAME TO {name}"));
     }
     swap.extend(grants);
     swap.push("SET LOCAL lock_timeout = 0".to_owned());

@@ -33,6 +33,7 @@ pub mod demo;
 pub mod error;
 pub mod jobs;
 pub mod leaderboard;
+pub mod locks;
 pub mod loyalty;
 pub mod perf;
 pub mod queues;

@@ -33,8 +33,6 @@ use crate::context::Context;
 use crate::error::{DbContext, Result};
 use crate::telemetry;
 
-/// Advisory lock key of the cache sync (one daemon at a time).
-pub const SYNC_LOCK: i64 = 0x4c59_5359_0001; // "LYSY" 1
 /// Scores written to Redis per pipeline.
 const CHUNK: usize = 1000;
 
@@ -70,7 +68,7 @@ pub async fn sync_once(ctx: &Context) -> Result<Synced> {
 /// The sync's transaction, up to its commit (which moves the position).
 async fn sync_in(ctx: &Context, tx: &mut sqlx::PgConnection) -> Result<Synced> {
     let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
-        .bind(SYNC_LOCK)
+        .bind(crate::locks::SYNC)
         .fetch_one(&mut *tx)
         .await
         .db("taking the cache sync lock")?;
