@@ -460,8 +460,12 @@ BEGIN
     source := NULL;
 END $$;
 
--- An item's position and expected wait (migration 9's answer): its row,
--- then its rank and its scope's pace.
+-- An item's position and expected wait (migration 9's answer) in two
+-- statements: the item's row with the count of its block up to it, then
+-- the counters before its block (queue_rank's reads) and its scope's
+-- removals (queue_pace's scope branch); queue_pace itself only when the
+-- scope has too little history. (Each statement and each nested call costs
+-- a fixed few microseconds; the read is mostly those.)
 CREATE OR REPLACE FUNCTION queue_position(p_queue TEXT, p_content_id TEXT)
     RETURNS TABLE (scope TEXT, "position" BIGINT, priority_score FLOAT8, entered_queue_at TIMESTAMPTZ,
                    expected_wait_seconds FLOAT8, wait_source TEXT, wait_window_seconds FLOAT8,
@@ -469,17 +473,37 @@ CREATE OR REPLACE FUNCTION queue_position(p_queue TEXT, p_content_id TEXT)
     LANGUAGE plpgsql STABLE SECURITY DEFINER AS $$
 #variable_conflict use_variable
 DECLARE
+    tau CONSTANT FLOAT8 := queue_pace_window();
     k BIGINT;
+    inside BIGINT;
+    blk BIGINT;
+    before BIGINT;
+    seen FLOAT8;
+    since TIMESTAMPTZ;
     pace RECORD;
 BEGIN
     IF p_queue = 'topic' THEN
-        SELECT '', i.position_in_queue, i.priority_score, i.entered_queue_at INTO scope, k, priority_score, entered_queue_at
+        SELECT '', i.position_in_queue, i.priority_score, i.entered_queue_at,
+               (SELECT count(*) FROM topic_creation_queue j
+                WHERE j.position_in_queue >= queue_block_first_key(queue_block(i.position_in_queue))
+                  AND j.position_in_queue <= i.position_in_queue)
+        INTO scope, k, priority_score, entered_queue_at, inside
         FROM topic_creation_queue i WHERE i.topic_id = p_content_id;
     ELSIF p_queue = 'post' THEN
-        SELECT i.topic_id, i.position_in_queue, i.priority_score, i.entered_queue_at INTO scope, k, priority_score, entered_queue_at
+        SELECT i.topic_id, i.position_in_queue, i.priority_score, i.entered_queue_at,
+               (SELECT count(*) FROM post_moderation_queue j
+                WHERE j.topic_id = i.topic_id
+                  AND j.position_in_queue >= queue_block_first_key(queue_block(i.position_in_queue))
+                  AND j.position_in_queue <= i.position_in_queue)
+        INTO scope, k, priority_score, entered_queue_at, inside
         FROM post_moderation_queue i WHERE i.post_id = p_content_id;
     ELSIF p_queue = 'message' THEN
-        SELECT i.conversation_id, i.position_in_queue, i.priority_score, i.entered_queue_at INTO scope, k, priority_score, entered_queue_at
+        SELECT i.conversation_id, i.position_in_queue, i.priority_score, i.entered_queue_at,
+               (SELECT count(*) FROM private_message_queue j
+                WHERE j.conversation_id = i.conversation_id
+                  AND j.position_in_queue >= queue_block_first_key(queue_block(i.position_in_queue))
+                  AND j.position_in_queue <= i.position_in_queue)
+        INTO scope, k, priority_score, entered_queue_at, inside
         FROM private_message_queue i WHERE i.message_id = p_content_id;
     ELSE
         PERFORM loyaltyd_check_queue(p_queue);
@@ -487,12 +511,34 @@ BEGIN
     IF k IS NULL THEN
         RETURN;
     END IF;
-    "position" := queue_rank(p_queue, scope, k);
-    SELECT * INTO pace FROM queue_pace(p_queue, scope);
-    expected_wait_seconds := "position" * pace.per_item_seconds;
-    wait_source := pace.source;
-    wait_window_seconds := pace.window_seconds;
-    wait_items_seen := pace.items_seen;
+    blk := queue_block(k);
+    SELECT COALESCE((SELECT sum(x.item_count) FROM queue_superblocks x
+                     WHERE x.queue = p_queue AND x.scope = scope AND x.superblock < blk >> 5), 0)
+         + COALESCE((SELECT sum(b.item_count) FROM queue_blocks b
+                     WHERE b.queue = p_queue AND b.scope = scope AND b.block >= (blk >> 5) << 5 AND b.block < blk), 0)
+         + COALESCE((SELECT sum(CASE WHEN c.kind > 0 THEN c.n ELSE -c.n END) FROM queue_changes c
+                     WHERE c.queue = p_queue AND c.scope = scope AND c.key < queue_block_first_key(blk)), 0),
+           COALESCE((SELECT sc.removed_decayed * exp(-GREATEST(date_part('epoch', now() - sc.removed_at), 0) / tau)
+                     FROM queue_scopes sc
+                     WHERE sc.queue = p_queue AND sc.scope = scope AND sc.removed_at IS NOT NULL), 0)
+         + COALESCE((SELECT sum(exp(-GREATEST(date_part('epoch', now() - x.at), 0) / tau)) FROM queue_changes x
+                     WHERE x.queue = p_queue AND x.scope = scope AND x.kind = -1), 0),
+           LEAST((SELECT sc.pace_since FROM queue_scopes sc WHERE sc.queue = p_queue AND sc.scope = scope),
+                 (SELECT min(x.at) FROM queue_changes x WHERE x.queue = p_queue AND x.scope = scope AND x.kind = -1))
+    INTO before, seen, since;
+    "position" := before + inside;
+    IF seen >= queue_pace_min_items() THEN
+        wait_window_seconds := tau * (1 - exp(-GREATEST(date_part('epoch', now() - since), 0) / tau));
+        wait_items_seen := seen;
+        wait_source := 'scope';
+        expected_wait_seconds := "position" * wait_window_seconds / seen;
+    ELSE
+        SELECT * INTO pace FROM queue_pace(p_queue, scope);
+        expected_wait_seconds := "position" * pace.per_item_seconds;
+        wait_source := pace.source;
+        wait_window_seconds := pace.window_seconds;
+        wait_items_seen := pace.items_seen;
+    END IF;
     RETURN NEXT;
 END $$;
 
