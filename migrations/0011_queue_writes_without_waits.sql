@@ -94,6 +94,10 @@ CREATE TABLE queue_changes (
     at    TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 CREATE INDEX queue_changes_scope_key ON queue_changes (queue, scope, key);
+-- Without a key, the fold's DELETEs still replicate where a forum publishes
+-- every table (a publication FOR ALL TABLES refuses DELETEs on a table
+-- with no replica identity).
+ALTER TABLE queue_changes REPLICA IDENTITY FULL;
 
 CREATE TABLE queue_superblocks (
     queue      TEXT   NOT NULL,

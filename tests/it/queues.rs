@@ -518,3 +518,24 @@ async fn random_adds_removes_and_reorders_match_an_in_memory_model(pool: PgPool)
     }
     check_invariants(&common::ctx(&pool, "prop-final"), QueueKind::Post).await;
 }
+
+/// A forum that replicates every table logically (`CREATE PUBLICATION ...
+/// FOR ALL TABLES`) still writes its queues, and the fold's DELETEs of
+/// `queue_changes` (a table without a key) go through: PostgreSQL refuses
+/// a DELETE on a published table without a replica identity.
+#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+async fn a_forum_that_publishes_every_table_writes_and_folds_its_queues(pool: PgPool) {
+    for sql in [
+        "CREATE PUBLICATION forum_all FOR ALL TABLES",
+        "INSERT INTO post_moderation_queue (post_id, topic_id) VALUES ('a', 't'), ('b', 't'), ('c', 't')",
+        "DELETE FROM post_moderation_queue WHERE post_id = 'a'",
+        "SELECT queue_fold('post')",
+    ] {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&pool)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    let scopes = common::queue_invariants(&pool, QueueKind::Post).await;
+    assert_eq!(scopes["t"], ["b", "c"]);
+}
