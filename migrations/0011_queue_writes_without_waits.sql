@@ -169,7 +169,7 @@ END $$;
 SELECT queue_recount('topic'), queue_recount('post'), queue_recount('message');
 
 -- AFTER INSERT or DELETE, each row: one change row. One write in 32 at READ
--- COMMITTED then folds its scope (at most once per transaction). (Not at REPEATABLE READ or SERIALIZABLE:
+-- COMMITTED then folds its scope (at most once per statement). (Not at REPEATABLE READ or SERIALIZABLE:
 -- there a fold could meet rows a concurrent fold deleted after the
 -- snapshot, and the forum's transaction would fail for loyaltyd's sake.)
 CREATE OR REPLACE FUNCTION queue_item_counted() RETURNS trigger
@@ -194,10 +194,13 @@ BEGIN
         INSERT INTO queue_changes (queue, scope, key, kind) VALUES (q, s, OLD.position_in_queue, -1);
     END IF;
     IF random() < 0.03125 AND current_setting('transaction_isolation') = 'read committed'
-       AND current_setting('loyaltyd.folded', true) IS DISTINCT FROM 'on' THEN
-        -- Once per transaction at most: a bulk INSERT folds once, not one
-        -- row in 32 times over.
-        PERFORM set_config('loyaltyd.folded', 'on', true);
+       AND current_setting('loyaltyd.folded', true) IS DISTINCT FROM statement_timestamp()::TEXT THEN
+        -- Once per statement at most: a bulk INSERT folds once, not one row
+        -- in 32 times over (thousands of versions of the same counter rows
+        -- in one transaction); a transaction of many single-row statements
+        -- still folds as it goes, so its own reads do not sum a growing
+        -- tail of its changes.
+        PERFORM set_config('loyaltyd.folded', statement_timestamp()::TEXT, true);
         PERFORM queue_fold(q, s);
     END IF;
     RETURN NULL;
@@ -578,19 +581,29 @@ BEGIN
         INSERT INTO private_message_queue AS i (message_id, conversation_id, priority_score) VALUES (p_content_id, p_scope, p_priority)
         RETURNING i.position_in_queue, i.entered_queue_at INTO k, entered_queue_at;
     END IF;
-    -- At the tail: the scope's length less the items behind it (none,
-    -- unless a later add committed first), which reads the superblocks and
-    -- the changes only, where a position in the middle also reads blocks
-    -- and the item's block.
+    -- At the tail: the scope's length (its superblocks and unfolded
+    -- changes) less the items behind it (none, unless a later add committed
+    -- first), in one statement: where a position in the middle also reads
+    -- blocks and the item's block.
     IF p_queue = 'topic' THEN
-        SELECT count(*) INTO "position" FROM topic_creation_queue j WHERE j.position_in_queue > k;
+        SELECT COALESCE((SELECT sum(x.item_count) FROM queue_superblocks x WHERE x.queue = 'topic' AND x.scope = ''), 0)
+             + COALESCE((SELECT sum(CASE WHEN c.kind > 0 THEN c.n ELSE -c.n END) FROM queue_changes c
+                         WHERE c.queue = 'topic' AND c.scope = ''), 0)
+             - (SELECT count(*) FROM topic_creation_queue j WHERE j.position_in_queue > k)
+        INTO "position";
     ELSIF p_queue = 'post' THEN
-        SELECT count(*) INTO "position" FROM post_moderation_queue j WHERE j.topic_id = p_scope AND j.position_in_queue > k;
+        SELECT COALESCE((SELECT sum(x.item_count) FROM queue_superblocks x WHERE x.queue = 'post' AND x.scope = p_scope), 0)
+             + COALESCE((SELECT sum(CASE WHEN c.kind > 0 THEN c.n ELSE -c.n END) FROM queue_changes c
+                         WHERE c.queue = 'post' AND c.scope = p_scope), 0)
+             - (SELECT count(*) FROM post_moderation_queue j WHERE j.topic_id = p_scope AND j.position_in_queue > k)
+        INTO "position";
     ELSE
-        SELECT count(*) INTO "position" FROM private_message_queue j
-        WHERE j.conversation_id = p_scope AND j.position_in_queue > k;
+        SELECT COALESCE((SELECT sum(x.item_count) FROM queue_superblocks x WHERE x.queue = 'message' AND x.scope = p_scope), 0)
+             + COALESCE((SELECT sum(CASE WHEN c.kind > 0 THEN c.n ELSE -c.n END) FROM queue_changes c
+                         WHERE c.queue = 'message' AND c.scope = p_scope), 0)
+             - (SELECT count(*) FROM private_message_queue j WHERE j.conversation_id = p_scope AND j.position_in_queue > k)
+        INTO "position";
     END IF;
-    "position" := queue_length(p_queue, CASE WHEN p_queue = 'topic' THEN '' ELSE p_scope END) - "position";
 END $$;
 
 -- A scope's length: its superblocks and its changes not yet folded.
