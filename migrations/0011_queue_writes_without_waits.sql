@@ -49,8 +49,8 @@
 CREATE SEQUENCE IF NOT EXISTS queue_item_keys AS BIGINT;
 
 -- Blocks of 128 keys, and superblocks of 32 blocks: the sizes live here,
--- and in the `>> 5` by which queue_rank and queue_recount go from a block
--- to its superblock.
+-- and in the `>> 5` by which queue_position and queue_recount go from a
+-- block to its superblock.
 CREATE OR REPLACE FUNCTION queue_block(key BIGINT) RETURNS BIGINT
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     RETURN key >> 7;
@@ -365,56 +365,6 @@ END $$;
 
 -- ---------------------------------------------------------------- reading
 
--- The dense, 1-based position of key `p_key` in its scope, in one
--- statement: the superblocks before its superblock, its superblock's blocks
--- before its block, the changes not yet folded before its block, and the
--- items of its block up to it. Index range reads, bounded by the items
--- waiting. (PL/pgSQL, as every helper here: its plans are cached per
--- session; a SQL function that is not inlined is planned again on every
--- call, which cost several times the reads themselves.)
-CREATE FUNCTION queue_rank(p_queue TEXT, p_scope TEXT, p_key BIGINT) RETURNS BIGINT
-    LANGUAGE plpgsql STABLE AS $$
-DECLARE
-    blk CONSTANT BIGINT := queue_block(p_key);
-    first CONSTANT BIGINT := queue_block_first_key(queue_block(p_key));
-    counted BIGINT;
-BEGIN
-    -- One statement per queue (one executor start): the item's block's
-    -- items up to it, then the counters before it.
-    IF p_queue = 'topic' THEN
-        SELECT (SELECT count(*) FROM topic_creation_queue j
-                WHERE j.position_in_queue >= first AND j.position_in_queue <= p_key)
-             + COALESCE((SELECT sum(x.item_count) FROM queue_superblocks x
-                         WHERE x.queue = p_queue AND x.scope = p_scope AND x.superblock < blk >> 5), 0)
-             + COALESCE((SELECT sum(b.item_count) FROM queue_blocks b
-                         WHERE b.queue = p_queue AND b.scope = p_scope AND b.block >= (blk >> 5) << 5 AND b.block < blk), 0)
-             + COALESCE((SELECT sum(CASE WHEN c.kind > 0 THEN c.n ELSE -c.n END) FROM queue_changes c
-                         WHERE c.queue = p_queue AND c.scope = p_scope AND c.key < first), 0)
-        INTO counted;
-    ELSIF p_queue = 'post' THEN
-        SELECT (SELECT count(*) FROM post_moderation_queue j
-                WHERE j.topic_id = p_scope AND j.position_in_queue >= first AND j.position_in_queue <= p_key)
-             + COALESCE((SELECT sum(x.item_count) FROM queue_superblocks x
-                         WHERE x.queue = p_queue AND x.scope = p_scope AND x.superblock < blk >> 5), 0)
-             + COALESCE((SELECT sum(b.item_count) FROM queue_blocks b
-                         WHERE b.queue = p_queue AND b.scope = p_scope AND b.block >= (blk >> 5) << 5 AND b.block < blk), 0)
-             + COALESCE((SELECT sum(CASE WHEN c.kind > 0 THEN c.n ELSE -c.n END) FROM queue_changes c
-                         WHERE c.queue = p_queue AND c.scope = p_scope AND c.key < first), 0)
-        INTO counted;
-    ELSE
-        SELECT (SELECT count(*) FROM private_message_queue j
-                WHERE j.conversation_id = p_scope AND j.position_in_queue >= first AND j.position_in_queue <= p_key)
-             + COALESCE((SELECT sum(x.item_count) FROM queue_superblocks x
-                         WHERE x.queue = p_queue AND x.scope = p_scope AND x.superblock < blk >> 5), 0)
-             + COALESCE((SELECT sum(b.item_count) FROM queue_blocks b
-                         WHERE b.queue = p_queue AND b.scope = p_scope AND b.block >= (blk >> 5) << 5 AND b.block < blk), 0)
-             + COALESCE((SELECT sum(CASE WHEN c.kind > 0 THEN c.n ELSE -c.n END) FROM queue_changes c
-                         WHERE c.queue = p_queue AND c.scope = p_scope AND c.key < first), 0)
-        INTO counted;
-    END IF;
-    RETURN counted;
-END $$;
-
 -- Migration 9's pace, from the scopes' counts.
 CREATE OR REPLACE FUNCTION queue_pace(p_queue TEXT, p_scope TEXT,
                                       OUT per_item_seconds FLOAT8, OUT window_seconds FLOAT8,
@@ -467,12 +417,15 @@ BEGIN
     source := NULL;
 END $$;
 
--- An item's position and expected wait (migration 9's answer) in two
--- statements: the item's row with the count of its block up to it, then
--- the counters before its block (queue_rank's reads) and its scope's
--- removals (queue_pace's scope branch); queue_pace itself only when the
+-- An item's exact, dense, 1-based position and expected wait (migration
+-- 9's answer) in two statements: the item's row with the count of its block
+-- up to it; then the superblocks before its superblock, its superblock's
+-- blocks before its block, the changes not yet folded before its block
+-- (index range reads, bounded by the items waiting), and its scope's
+-- removals (queue_pace's scope branch). queue_pace itself only when the
 -- scope has too little history. (Each statement and each nested call costs
--- a fixed few microseconds; the read is mostly those.)
+-- a fixed few microseconds, the read mostly those; and no SQL-language
+-- helpers here: one that is not inlined is planned again on every call.)
 CREATE OR REPLACE FUNCTION queue_position(p_queue TEXT, p_content_id TEXT)
     RETURNS TABLE (scope TEXT, "position" BIGINT, priority_score FLOAT8, entered_queue_at TIMESTAMPTZ,
                    expected_wait_seconds FLOAT8, wait_source TEXT, wait_window_seconds FLOAT8,
@@ -632,7 +585,7 @@ CREATE FUNCTION queue_scope_lengths() RETURNS TABLE (queue TEXT, scope TEXT, ite
     $$;
 
 REVOKE EXECUTE ON FUNCTION
-    queue_fold(TEXT, TEXT, INTEGER), queue_fold_lock(TEXT, TEXT), queue_rank(TEXT, TEXT, BIGINT),
+    queue_fold(TEXT, TEXT, INTEGER), queue_fold_lock(TEXT, TEXT),
     queue_scope_lengths(), queue_recount(TEXT)
     FROM PUBLIC;
 

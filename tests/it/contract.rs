@@ -207,7 +207,7 @@ async fn every_queue_write_path_keeps_positions_exact_and_dense(pool: PgPool) {
     .await;
     let scopes = common::queue_invariants(&pool, QueueKind::Post).await;
     assert_eq!(scopes["t1"], ["a", "b", "d", "e", "f"]);
-    // COPY, across blocks (600 items: two blocks of 512).
+    // COPY, across blocks (600 items: five blocks of 128).
     let mut conn = pool.acquire().await.unwrap_or_else(|e| panic!("{e}"));
     let mut copy = conn
         .copy_in_raw("COPY topic_creation_queue (topic_id, priority_score) FROM STDIN")
@@ -311,6 +311,18 @@ async fn every_queue_write_path_keeps_positions_exact_and_dense(pool: PgPool) {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(left, 0);
+    let left: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM queue_superblocks WHERE queue = 'topic')
+              + (SELECT count(*) FROM queue_changes WHERE queue = 'topic')
+              + (SELECT count(*) FROM queue_scopes WHERE queue = 'topic')",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        left, 0,
+        "superblocks, changes and scopes of the truncated queue"
+    );
     exec(
         &pool,
         "INSERT INTO topic_creation_queue (topic_id) VALUES ('again')",

@@ -555,3 +555,47 @@ async fn cache_entries_from_before_a_database_restore_are_outranked_and_repaired
     let again = common::sweep(&ctx, 100).await;
     assert_eq!(again.cache_repaired, 0, "repaired for good");
 }
+
+/// A batch of more users than one script call takes (500: the cache and the
+/// live board are written in calls of that many, and a cluster's cache one
+/// user a call): every user's cached score and board place equal the
+/// database's, by the integrity sweep and by the board's own check, also
+/// for users whose entries an older write left behind.
+#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+async fn a_batch_across_several_script_calls_leaves_every_cache_entry_and_board_place_exact(
+    pool: PgPool,
+) {
+    common::users(&pool, 1_200).await;
+    let ctx = common::ctx(&pool, "batch-chunks");
+    loyaltyd::leaderboard::build_live_board(&ctx)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Two batches over the same 1,200 users: the second overwrites what the
+    // first wrote, in three script calls each.
+    for round in 0..2 {
+        let batch: Vec<NewEvent> = (1..=1_200)
+            .map(|u| {
+                event(
+                    u,
+                    ContentType::ALL[((u + round) % 3) as usize],
+                    Outcome::ALL[((u / 7 + round) % 3) as usize],
+                )
+            })
+            .collect();
+        let r = loyalty::record_events(&ctx, &batch)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.events_recorded, 1_200);
+    }
+    crate::live::assert_exact(&ctx, &pool, "after batches of 1,200 users").await;
+    let swept = common::sweep(&ctx, 500).await;
+    assert_eq!(
+        (
+            swept.users_checked,
+            swept.drifted_users,
+            swept.cache_repaired
+        ),
+        (1_200, 0, 0),
+        "{swept:?}"
+    );
+}
