@@ -36,7 +36,10 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
 
+use crate::context::Context;
 use crate::error::{DbContext, Error, Refusal, Result, describe};
+use crate::redis_conn::Redis;
+use crate::score_row::ScoreRow;
 
 mod rules;
 
@@ -416,10 +419,10 @@ const QUEUES: [(&str, &str, &str, &str); 3] = [
 ];
 
 /// Runs the adoption (or, with `dry_run`, only its inspection).
-pub async fn adopt(pool: &PgPool, cache: &crate::cache::Cache, opts: &Options) -> Result<Report> {
+pub async fn adopt(ctx: &Context, opts: &Options) -> Result<Report> {
     let started = Instant::now();
     let mut a = Adoption {
-        pool,
+        pool: &ctx.pool,
         opts,
         report: Report {
             dry_run: opts.dry_run,
@@ -448,11 +451,11 @@ pub async fn adopt(pool: &PgPool, cache: &crate::cache::Cache, opts: &Options) -
     }
     a.inspect_columns().await?;
     a.inspect_data().await?;
-    a.report.redis = inspect_redis(cache).await;
+    a.report.redis = inspect_redis(&ctx.redis).await;
     a.plan().await?;
     if !opts.dry_run {
         a.run().await?;
-        a.rewrite_cache(cache).await?;
+        a.rewrite_cache(ctx).await?;
     }
     a.report.seconds = started.elapsed().as_secs_f64();
     Ok(a.report)
@@ -923,24 +926,20 @@ impl Adoption<'_> {
     /// `score get` agrees with the database without a daemon. Redis away
     /// is reported, not fatal: the daemon's sync or `score recalc --all`
     /// rewrites them later.
-    async fn rewrite_cache(&mut self, cache: &crate::cache::Cache) -> Result<()> {
-        let rows: Vec<(i64, i64, i64, i64)> = sqlx::query_as(concat!(
+    async fn rewrite_cache(&mut self, ctx: &Context) -> Result<()> {
+        let scores: Vec<ScoreRow> = sqlx::query_as(concat!(
             "SELECT ",
-            crate::score_columns!(),
+            crate::score_row_columns!(),
             " FROM users WHERE id IN (SELECT substr(subject, 6)::BIGINT FROM adoption_repairs
                                       WHERE kind LIKE 'users.loyalty_score%' AND subject LIKE 'user %')"
         ))
         .fetch_all(self.pool)
         .await
         .db("reading the repaired scores")?;
-        let scores: Vec<crate::cache::VersionedScore> = rows
-            .into_iter()
-            .filter_map(crate::cache::VersionedScore::from_row)
-            .collect();
         let mut written = 0;
         let mut failed = false;
         for chunk in scores.chunks(1000) {
-            if cache.set_scores(chunk).await {
+            if crate::publish::scores(ctx, chunk).await {
                 written += chunk.len() as i64;
             } else {
                 failed = true;
@@ -2152,7 +2151,7 @@ impl Adoption<'_> {
 }
 
 /// The Redis keys the original design leaves, and what becomes of them.
-async fn inspect_redis(cache: &crate::cache::Cache) -> Vec<Problem> {
+async fn inspect_redis(redis: &Redis) -> Vec<Problem> {
     let mut found = Vec::new();
     for (pattern, what, action) in [
         (
@@ -2171,7 +2170,7 @@ async fn inspect_redis(cache: &crate::cache::Cache) -> Vec<Problem> {
             "kept: loyaltyd writes the same shape, and `stats` reads the original's entries too",
         ),
     ] {
-        let (count, examples) = cache.count_keys(pattern).await;
+        let (count, examples) = redis.count_keys(pattern).await;
         found.push(Problem {
             problem: what.into(),
             count,

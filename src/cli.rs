@@ -291,8 +291,8 @@ pub async fn run(cli: Cli) -> Result<()> {
             emit(json, &Migrated { migrated: true })
         }
         Command::Adopt(args) => {
-            let pool = db::connect(&config.database).await?;
-            let cache = crate::cache::Cache::new(&config.redis, config.leaderboard.live)?;
+            // No perf lists: adoption is not an operation of the forum's.
+            let ctx = Context::connect(config, false).await?;
             let opts = adopt::Options {
                 dry_run: args.dry_run,
                 batch_size: args.batch_size,
@@ -300,13 +300,13 @@ pub async fn run(cli: Cli) -> Result<()> {
                 legacy_writers: !args.no_legacy_writers,
                 change_types: args.change_types,
             };
-            emit(json, &adopt::adopt(&pool, &cache, &opts).await?)
+            emit(json, &adopt::adopt(&ctx, &opts).await?)
         }
         Command::Stats => {
-            let cache = crate::cache::Cache::new(&config.redis, config.leaderboard.live)?;
+            let redis = crate::redis_conn::Redis::new(&config.redis)?;
             emit(
                 json,
-                &perf::collect(&cache, &perf::PerfLists::disabled()).await?,
+                &perf::collect(&redis, &perf::PerfLists::disabled()).await?,
             )
         }
         command => {

@@ -9,14 +9,19 @@ use crate::config::Config;
 use crate::db;
 use crate::error::Result;
 use crate::perf::PerfLists;
+use crate::redis_conn::Redis;
 use crate::replicas::Replicas;
 
-/// PostgreSQL pool, Redis cache, perf lists and configuration; cheap to clone.
+/// PostgreSQL pool, Redis runner and cache, perf lists and configuration;
+/// cheap to clone.
 #[derive(Clone)]
 pub struct Context {
     /// The PostgreSQL pool: the source of truth.
     pub pool: PgPool,
-    /// The Redis cache (optional at run time).
+    /// The Redis runner (optional at run time): every Redis command goes
+    /// through it.
+    pub redis: Redis,
+    /// The score cache in Redis.
     pub cache: Cache,
     /// Where operation timings go (off the request path).
     pub perf: PerfLists,
@@ -36,14 +41,16 @@ impl Context {
 
     /// Builds the context around an existing pool (tests, benchmarks, the daemon).
     pub fn with_pool(config: Config, pool: PgPool, perf: bool) -> Result<Context> {
-        let cache = Cache::new(&config.redis, config.leaderboard.live)?;
+        let redis = Redis::new(&config.redis)?;
+        let cache = Cache::new(redis.clone(), &config.redis);
         let perf = if perf {
-            PerfLists::start(cache.clone(), config.metrics.perf_list_len)
+            PerfLists::start(redis.clone(), config.metrics.perf_list_len)
         } else {
             PerfLists::disabled()
         };
         Ok(Context {
             pool,
+            redis,
             cache,
             perf,
             replicas: Replicas::new(&config.database)?,

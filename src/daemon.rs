@@ -33,6 +33,7 @@ use crate::context::Context;
 use crate::db;
 use crate::error::{Error, Result};
 use crate::jobs::JobRunner;
+use crate::leaderboard::live::Board;
 use crate::telemetry::{self, Job};
 
 /// How long shutdown waits for running jobs before giving up on them
@@ -239,7 +240,7 @@ impl Generation {
         if ctx.config.leaderboard.live {
             loops.spawn(board_upkeep(ctx.clone(), stop.clone()));
         }
-        if ctx.cache.is_cluster() {
+        if ctx.redis.is_cluster() {
             loops.spawn(failover_watch(ctx.clone(), stop.clone()));
         }
         if ctx.replicas.any() {
@@ -386,7 +387,7 @@ async fn forum_watch(
             let counted = events.lock().await.observe(&ctx.pool).await;
             let queues = crate::backlog::observe_queues(&ctx.pool).await;
             if ctx.config.leaderboard.live
-                && let Some(n) = ctx.cache.live_count().await
+                && let Some(n) = Board::new(&ctx.redis).count().await
             {
                 telemetry::live_board_users(n);
             }
@@ -422,13 +423,13 @@ async fn failover_watch(ctx: Context, shutdown: CancellationToken) {
             _ = ticks.tick() => {}
             () = shutdown.cancelled() => return,
         }
-        if let Some(masters) = ctx.cache.masters().await {
+        if let Some(masters) = ctx.redis.masters().await {
             match &known {
                 Some((old, seen)) if *old != masters => {
                     // Writes the dead master took before anyone noticed: up
                     // to its node timeout before the failover began.
                     let node_timeout = ctx
-                        .cache
+                        .redis
                         .cluster_node_timeout()
                         .await
                         .unwrap_or(Duration::from_secs(30));
@@ -438,7 +439,7 @@ async fn failover_watch(ctx: Context, shutdown: CancellationToken) {
                         .unwrap_or_else(std::time::Instant::now);
                     owed = Some(owed.map_or(since, |s| s.min(since)));
                     // The client may still be stuck on the dead node.
-                    ctx.cache.reconnect().await;
+                    ctx.redis.reconnect().await;
                     tracing::warn!(?old, new = ?masters, "Redis Cluster masters changed; rewriting recent scores");
                 }
                 _ => {}
@@ -496,17 +497,17 @@ async fn board_upkeep(ctx: Context, shutdown: CancellationToken) {
             _ = ticks.tick() => {}
             () = shutdown.cancelled() => return,
         }
-        if ctx.cache.live_ready().await != Some(false)
-            || !ctx.cache.try_lock(BOARD_BUILD_KEY, BOARD_BUILD_LOCK).await
+        if Board::new(&ctx.redis).ready().await != Some(false)
+            || !ctx.redis.try_lock(BOARD_BUILD_KEY, BOARD_BUILD_LOCK).await
         {
             continue;
         }
         let started = std::time::Instant::now();
         let built = tokio::select! {
-            r = crate::leaderboard::build_live_board(&ctx) => r,
+            r = crate::leaderboard::live::build(&ctx) => r,
             () = shutdown.cancelled() => return,
         };
-        let _ = ctx.cache.delete(&[ctx.cache.key(BOARD_BUILD_KEY)]).await;
+        let _ = ctx.redis.delete(&[ctx.redis.key(BOARD_BUILD_KEY)]).await;
         match built {
             Ok(users) => tracing::info!(
                 users,

@@ -94,7 +94,9 @@ pub async fn seed(
         say("leaderboard refreshed".into());
         // Bulk scores went past Redis: the daemon builds the live board anew
         // (a no-op when Redis is away; readers use the view meanwhile).
-        ctx.cache.live_mark_ready(false).await;
+        crate::leaderboard::live::Board::new(&ctx.redis)
+            .mark_ready(false)
+            .await;
     }
     Ok(SeedReport {
         users,

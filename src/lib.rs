@@ -7,14 +7,18 @@
 //! Each layer uses only the ones above it.
 //! * [`config`], [`error`], [`types`]: configuration, the one error type and
 //!   its exit codes, and the input types parsed at the edge.
-//! * [`db`], [`replicas`], [`redis_conn`], [`cache`], [`telemetry`],
-//!   [`perf`], [`context`]: the PostgreSQL pool and migrations, the read
-//!   replicas, the Redis connection (one node or a cluster), the cache,
-//!   the metrics and logging, the operation timer and the Redis perf lists,
-//!   and the bundle of them that services take.
+//! * [`db`], [`replicas`], [`redis_conn`], [`score_row`], [`cache`],
+//!   [`telemetry`], [`perf`], [`context`]: the PostgreSQL pool and
+//!   migrations, the read replicas, the Redis connection (one node or a
+//!   cluster) and the runner every command goes through, the committed
+//!   score row, the score cache, the metrics and logging, the operation
+//!   timer and the Redis perf lists, and the bundle of them that services
+//!   take.
 //! * [`loyalty`], [`leaderboard`], [`queues`]: the services; each owns its
-//!   SQL, its Redis keys and its invariants. [`sweep`] checks and repairs
-//!   what the services keep. [`demo`] serves `demo seed`.
+//!   SQL, its Redis keys and its invariants ([`leaderboard::live`] the live
+//!   board's). [`publish`] composes the score write that keeps the cache and
+//!   the live board. [`sweep`] checks and repairs what the services keep.
+//!   [`demo`] serves `demo seed`.
 //! * [`jobs`]: the scheduled work and the runner that guards each tick;
 //!   [`sync`]: the daemon's cache sync for writers that bypass loyaltyd;
 //!   [`backlog`]: the forum's traffic and backlog as metrics, whoever writes.
@@ -36,9 +40,11 @@ pub mod leaderboard;
 pub mod locks;
 pub mod loyalty;
 pub mod perf;
+pub mod publish;
 pub mod queues;
 pub mod redis_conn;
 pub mod replicas;
+pub mod score_row;
 pub mod sweep;
 pub mod sync;
 pub mod telemetry;

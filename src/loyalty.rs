@@ -17,10 +17,12 @@
 use serde::Serialize;
 use sqlx::{PgPool, Postgres, Transaction};
 
-use crate::cache::{Lookup, VersionedScore};
+use crate::cache::Lookup;
 use crate::context::Context;
 use crate::error::{DbContext, Error, Refusal, Result, database_message};
 use crate::perf::Timer;
+use crate::publish;
+use crate::score_row::ScoreRow;
 use crate::telemetry::Operation;
 use crate::types::{ContentType, Ident, Outcome, UserId};
 
@@ -82,12 +84,12 @@ pub struct Recalculated {
 pub async fn record_event(ctx: &Context, event: &NewEvent) -> Result<Recorded> {
     let timer = Timer::start(&ctx.perf, Operation::RecordEvent, None);
     let (recorded, fresh) = insert_event(&ctx.pool, event).await?;
-    ctx.cache.set_scores(&[fresh]).await;
+    publish::scores(ctx, &[fresh]).await;
     timer.ok(Some(event.user));
     Ok(recorded)
 }
 
-async fn insert_event(pool: &PgPool, e: &NewEvent) -> Result<(Recorded, VersionedScore)> {
+async fn insert_event(pool: &PgPool, e: &NewEvent) -> Result<(Recorded, ScoreRow)> {
     // The INSERT's trigger changes the score and counts the pending change
     // (migration 5): the same path as any other client's INSERT. The function
     // answers with the score after it, in the same round trip.
@@ -110,7 +112,7 @@ async fn insert_event(pool: &PgPool, e: &NewEvent) -> Result<(Recorded, Versione
     };
     // A replay answers with the current score and version too: the retry
     // of a write whose cache update was lost puts it right.
-    let fresh = VersionedScore {
+    let fresh = ScoreRow {
         user: e.user,
         score,
         version,
@@ -191,13 +193,13 @@ pub async fn record_events(ctx: &Context, events: &[NewEvent]) -> Result<BatchRe
         }
         Err(err) => return Err(crate::error::from_sqlx("recording a batch of events", err)),
     };
-    let fresh: Vec<VersionedScore> = rows
+    let fresh: Vec<ScoreRow> = rows
         .iter()
         .filter_map(|&(id, score, version, _, created)| {
-            VersionedScore::from_row((id, score, version, created))
+            ScoreRow::from_parts(id, score, version, created)
         })
         .collect();
-    ctx.cache.set_scores(&fresh).await;
+    publish::scores(ctx, &fresh).await;
     timer.ok(None);
     Ok(BatchRecorded {
         events_recorded: rows.iter().map(|r| r.3 as u64).sum(),
@@ -252,22 +254,17 @@ pub async fn get_score(ctx: &Context, user: UserId) -> Result<Score> {
 }
 
 /// A user's score and its version; unknown users are an error.
-async fn read_score<'c>(conn: impl sqlx::PgExecutor<'c>, user: UserId) -> Result<VersionedScore> {
-    let row: Option<(i64, i64, i64)> = sqlx::query_as(
-        "SELECT loyalty_score::BIGINT, score_version, (EXTRACT(EPOCH FROM created_at) * 1000000)::BIGINT
-         FROM users WHERE id = $1",
-    )
+async fn read_score<'c>(conn: impl sqlx::PgExecutor<'c>, user: UserId) -> Result<ScoreRow> {
+    let row: Option<ScoreRow> = sqlx::query_as(concat!(
+        "SELECT ",
+        crate::score_row_columns!(),
+        " FROM users WHERE id = $1"
+    ))
     .bind(user.get())
     .fetch_optional(conn)
     .await
     .db("reading the score")?;
-    let (score, version, created_us) = row.ok_or(Error::UnknownUser(user.get()))?;
-    Ok(VersionedScore {
-        user,
-        score,
-        version,
-        created_us,
-    })
+    row.ok_or(Error::UnknownUser(user.get()))
 }
 
 /// Recomputes one user's score from their events, repairing it (and the cache) if it drifted.
@@ -278,7 +275,7 @@ pub async fn recalc_user(ctx: &Context, user: UserId) -> Result<Recalculated> {
     let current = read_score(&mut *tx, user).await?;
     tx.commit().await.db("committing the recalculation")?;
     // Always refresh the cache: recalc is also how an operator fixes a bad cached value.
-    ctx.cache.set_scores(&[current]).await;
+    publish::scores(ctx, &[current]).await;
     timer.ok(Some(user));
     let previous = repaired.first().map_or(current.score, |r| r.previous);
     Ok(Recalculated {
@@ -291,7 +288,7 @@ pub async fn recalc_user(ctx: &Context, user: UserId) -> Result<Recalculated> {
 
 /// A repaired score.
 pub(crate) struct Repaired {
-    pub(crate) fresh: VersionedScore,
+    pub(crate) fresh: ScoreRow,
     pub(crate) previous: i64,
 }
 
@@ -353,7 +350,7 @@ pub(crate) async fn repair(
         .into_iter()
         .filter_map(|(id, score, version, previous, created)| {
             Some(Repaired {
-                fresh: VersionedScore::from_row((id, score, version, created))?,
+                fresh: ScoreRow::from_parts(id, score, version, created)?,
                 previous,
             })
         })

@@ -30,8 +30,8 @@ use metrics::counter;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::cache::Cache;
 use crate::error::{Error, Result};
+use crate::redis_conn::Redis;
 use crate::telemetry::{self, Operation, PERF_DROPPED};
 use crate::types::{QueueKind, UserId};
 
@@ -141,12 +141,12 @@ impl PerfLists {
     }
 
     /// Starts the background writer; `len` samples are kept per list (0: off).
-    pub fn start(cache: Cache, len: u32) -> PerfLists {
+    pub fn start(redis: Redis, len: u32) -> PerfLists {
         if len == 0 {
             return PerfLists::disabled();
         }
         let (tx, rx) = mpsc::channel(PERF_CHANNEL);
-        tokio::spawn(write_perf_lists(cache, len, rx));
+        tokio::spawn(write_perf_lists(redis, len, rx));
         PerfLists { tx: Some(tx) }
     }
 
@@ -177,7 +177,7 @@ impl PerfLists {
 }
 
 /// The writer: batches whatever is waiting into one pipeline per round trip.
-async fn write_perf_lists(cache: Cache, len: u32, mut rx: mpsc::Receiver<PerfMsg>) {
+async fn write_perf_lists(redis: Redis, len: u32, mut rx: mpsc::Receiver<PerfMsg>) {
     let mut flushes = Vec::new();
     while let Some(first) = rx.recv().await {
         let mut batch: BTreeMap<String, Vec<PerfEntry>> = BTreeMap::new();
@@ -210,7 +210,7 @@ async fn write_perf_lists(cache: Cache, len: u32, mut rx: mpsc::Receiver<PerfMsg
                     (list, values)
                 })
                 .collect();
-            if !cache.push_lists(&lists, len).await {
+            if !redis.push_lists(&lists, len).await {
                 counter!(PERF_DROPPED).increment(count as u64);
             }
         }
@@ -280,16 +280,16 @@ pub fn duration_of(entry: &str) -> Option<f64> {
 }
 
 /// Reads every `perf:*` list under the key prefix and summarizes it.
-pub async fn collect(cache: &Cache, perf: &PerfLists) -> Result<Stats> {
+pub async fn collect(redis: &Redis, perf: &PerfLists) -> Result<Stats> {
     let timer = Timer::start(perf, Operation::Stats, None);
     let unavailable =
         || Error::Runtime("Redis is unavailable: no perf lists to read (check redis.url)".into());
-    let mut keys = cache.keys("perf:*").await.ok_or_else(unavailable)?;
+    let mut keys = redis.keys("perf:*").await.ok_or_else(unavailable)?;
     keys.sort();
     keys.dedup();
     let mut lists = Vec::new();
     for key in keys {
-        let entries = cache.list(&key).await.ok_or_else(unavailable)?;
+        let entries = redis.list(&key).await.ok_or_else(unavailable)?;
         let samples: Vec<f64> = entries.iter().filter_map(|e| duration_of(e)).collect();
         let skipped = entries.len() - samples.len();
         lists.extend(summarize(key, samples, skipped));
@@ -344,6 +344,6 @@ mod tests {
 
     #[test]
     fn glob_characters_in_the_prefix_are_literal() {
-        assert_eq!(crate::cache::escape_glob("t[1]*?:"), "t\\[1\\]\\*\\?:");
+        assert_eq!(crate::redis_conn::escape_glob("t[1]*?:"), "t\\[1\\]\\*\\?:");
     }
 }

@@ -31,12 +31,13 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::cache::VersionedScore;
 use crate::context::Context;
 use crate::db;
 use crate::error::{DbContext, Error, Result};
+use crate::leaderboard::live::Board;
 use crate::loyalty::repair;
 use crate::perf::Timer;
+use crate::score_row::ScoreRow;
 use crate::telemetry::Operation;
 use crate::types::UserId;
 
@@ -206,8 +207,8 @@ async fn repair_drifted(ctx: &Context, ids: &[i64], report: &mut SweepReport) ->
         }
         tracing::warn!(user_id = %r.fresh.user, stored = r.previous, recomputed = r.fresh.score, "repaired a drifted loyalty score");
     }
-    let fresh: Vec<VersionedScore> = repaired.iter().map(|r| r.fresh).collect();
-    ctx.cache.set_scores(&fresh).await;
+    let fresh: Vec<ScoreRow> = repaired.iter().map(|r| r.fresh).collect();
+    crate::publish::scores(ctx, &fresh).await;
     Ok(())
 }
 
@@ -280,16 +281,16 @@ async fn cached_scores_differing(
 /// Returns the users corrected.
 async fn verify_live_board(ctx: &Context, batch: u32, cancel: &CancellationToken) -> Result<u64> {
     use futures_util::TryStreamExt;
-    if ctx.cache.live_ready().await != Some(true) {
+    if Board::new(&ctx.redis).ready().await != Some(true) {
         return Ok(0); // being built, or Redis away: nothing to check
     }
     let mut tx = ctx.pool.begin().await.db("starting the live board check")?;
     db::set_local_timeout(&mut tx, ctx.config.sweep.timeout).await?;
     let (mut repaired, mut ranked) = (0u64, 0i64);
     {
-        let mut chunks = sqlx::query_as::<_, (i64, i64, i64, i64)>(concat!(
+        let mut chunks = sqlx::query_as::<_, ScoreRow>(concat!(
             "SELECT ",
-            crate::score_columns!(),
+            crate::score_row_columns!(),
             " FROM users"
         ))
         .fetch(&mut *tx)
@@ -305,12 +306,8 @@ async fn verify_live_board(ctx: &Context, batch: u32, cancel: &CancellationToken
                     context: "the live board check",
                 });
             }
-            let chunk: Vec<VersionedScore> = chunk
-                .into_iter()
-                .filter_map(VersionedScore::from_row)
-                .collect();
             ranked += chunk.iter().filter(|s| s.score > 0).count() as i64;
-            let Some(differing) = ctx.cache.live_differing(&chunk).await else {
+            let Some(differing) = Board::new(&ctx.redis).differing(&chunk).await else {
                 return Ok(repaired);
             };
             let ids: Vec<UserId> = chunk
@@ -321,13 +318,17 @@ async fn verify_live_board(ctx: &Context, batch: u32, cancel: &CancellationToken
             if !ids.is_empty() {
                 // Read again: a writer may have moved them since the stream's snapshot.
                 let fresh = read_scores(&ctx.pool, &ids).await?;
-                ctx.cache.live_set(&fresh).await;
+                Board::new(&ctx.redis).set(&fresh).await;
                 repaired += ids.len() as u64;
             }
         }
     }
     let _ = tx.rollback().await;
-    if ctx.cache.live_count().await.is_some_and(|n| n > ranked) {
+    if Board::new(&ctx.redis)
+        .count()
+        .await
+        .is_some_and(|n| n > ranked)
+    {
         repaired += remove_unranked_from_board(ctx, batch, cancel).await?;
     }
     Ok(repaired)
@@ -348,18 +349,18 @@ async fn remove_unranked_from_board(
                 context: "the live board check",
             });
         }
-        let Some((next, members)) = ctx.cache.live_scan(cursor, batch).await else {
+        let Some((next, members)) = Board::new(&ctx.redis).scan(cursor, batch).await else {
             return Ok(repaired);
         };
         let ids: Vec<UserId> = members.iter().map(|(u, _)| *u).collect();
         let fresh = read_scores(&ctx.pool, &ids).await?;
-        let wrong: Vec<VersionedScore> = fresh.iter().filter(|s| s.score <= 0).copied().collect();
+        let wrong: Vec<ScoreRow> = fresh.iter().filter(|s| s.score <= 0).copied().collect();
         let gone: Vec<(UserId, String)> = members
             .into_iter()
             .filter(|(u, _)| !fresh.iter().any(|s| s.user == *u))
             .collect();
-        ctx.cache.live_set(&wrong).await;
-        ctx.cache.live_remove(&gone).await;
+        Board::new(&ctx.redis).set(&wrong).await;
+        Board::new(&ctx.redis).remove(&gone).await;
         repaired += (wrong.len() + gone.len()) as u64;
         if next == 0 {
             return Ok(repaired);
@@ -369,21 +370,18 @@ async fn remove_unranked_from_board(
 }
 
 /// Several users' scores and versions (unknown ids are left out).
-async fn read_scores(pool: &PgPool, users: &[UserId]) -> Result<Vec<VersionedScore>> {
+async fn read_scores(pool: &PgPool, users: &[UserId]) -> Result<Vec<ScoreRow>> {
     let ids: Vec<i64> = users.iter().map(|u| u.get()).collect();
-    let rows: Vec<(i64, i64, i64, i64)> = sqlx::query_as(concat!(
+    let rows: Vec<ScoreRow> = sqlx::query_as(concat!(
         "SELECT ",
-        crate::score_columns!(),
+        crate::score_row_columns!(),
         " FROM users WHERE id = ANY($1)"
     ))
     .bind(&ids)
     .fetch_all(pool)
     .await
     .db("reading scores")?;
-    Ok(rows
-        .into_iter()
-        .filter_map(VersionedScore::from_row)
-        .collect())
+    Ok(rows)
 }
 
 /// Corrects the cached scores of `users` that differ from the database.
@@ -401,7 +399,7 @@ async fn repair_cache_entries(ctx: &Context, users: &[UserId]) -> u64 {
     let Ok(rows) = read_scores(&ctx.pool, users).await else {
         return 0;
     };
-    let current: std::collections::HashMap<UserId, VersionedScore> =
+    let current: std::collections::HashMap<UserId, ScoreRow> =
         rows.into_iter().map(|s| (s.user, s)).collect();
     let (mut newer, mut replace) = (Vec::new(), Vec::new());
     for (user, entry) in users.iter().zip(entries) {
@@ -417,7 +415,7 @@ async fn repair_cache_entries(ctx: &Context, users: &[UserId]) -> u64 {
         }
     }
     let corrected = (newer.len() + replace.len()) as u64;
-    ctx.cache.set_scores(&newer).await;
+    crate::publish::scores(ctx, &newer).await;
     ctx.cache.replace_if_unchanged(&replace).await;
     corrected
 }

@@ -28,9 +28,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use crate::cache::VersionedScore;
 use crate::context::Context;
 use crate::error::{DbContext, Result};
+use crate::score_row::ScoreRow;
 use crate::telemetry;
 
 /// Scores written to Redis per pipeline.
@@ -108,17 +108,17 @@ async fn sync_in(ctx: &Context, tx: &mut sqlx::PgConnection) -> Result<Synced> {
         .fetch_one(&mut *tx)
         .await
         .db("reading changed scores")?;
-    let fresh: Vec<VersionedScore> = ids
+    let fresh: Vec<ScoreRow> = ids
         .iter()
         .zip(&scores)
         .zip(&versions)
         .zip(&created)
         .filter_map(|(((&id, &score), &version), &created)| {
-            VersionedScore::from_row((id, score, version, created))
+            ScoreRow::from_parts(id, score, version, created)
         })
         .collect();
     for chunk in fresh.chunks(CHUNK) {
-        if !ctx.cache.set_scores(chunk).await {
+        if !crate::publish::scores(ctx, chunk).await {
             // The position stays: the same window is read again.
             return Ok(Synced::RedisUnavailable);
         }
@@ -157,21 +157,18 @@ pub async fn resync_recent(ctx: &Context, window: Duration) -> Result<Option<usi
         .map_or(0, |d| d.as_micros() as i64)
         - window.as_micros() as i64;
     // A sequential scan: it runs once per failover, not per write.
-    let rows: Vec<(i64, i64, i64, i64)> = sqlx::query_as(concat!(
+    let rows: Vec<ScoreRow> = sqlx::query_as(concat!(
         "SELECT ",
-        crate::score_columns!(),
+        crate::score_row_columns!(),
         " FROM users WHERE score_version >= $1"
     ))
     .bind(since_us)
     .fetch_all(&ctx.pool)
     .await
     .db("reading recent score changes")?;
-    let fresh: Vec<VersionedScore> = rows
-        .into_iter()
-        .filter_map(VersionedScore::from_row)
-        .collect();
+    let fresh = rows;
     for chunk in fresh.chunks(CHUNK) {
-        if !ctx.cache.set_scores(chunk).await {
+        if !crate::publish::scores(ctx, chunk).await {
             return Ok(None);
         }
     }

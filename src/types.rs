@@ -38,6 +38,13 @@ impl UserId {
     }
 }
 
+impl TryFrom<i64> for UserId {
+    type Error = Error;
+    fn try_from(id: i64) -> Result<Self, Error> {
+        UserId::new(id)
+    }
+}
+
 impl FromStr for UserId {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self, Error> {

@@ -79,10 +79,11 @@ pub async fn adoption(b: &Bench, report: &mut Report, users: i64, events: i64) -
         })
     };
     let started = Instant::now();
-    let adopted =
-        loyaltyd::adopt::adopt(&pool, &b.quiet.cache, &loyaltyd::adopt::Options::default())
-            .await
-            .map_err(|e| e.to_string());
+    let ctx = loyaltyd::Context::with_pool((*b.quiet.config).clone(), pool.clone(), false)
+        .map_err(|e| e.to_string())?;
+    let adopted = loyaltyd::adopt::adopt(&ctx, &loyaltyd::adopt::Options::default())
+        .await
+        .map_err(|e| e.to_string());
     let took = started.elapsed();
     stop.store(true, Ordering::SeqCst);
     let (during, failed) = writer.await.map_err(|e| e.to_string())??;

@@ -36,7 +36,7 @@ pub async fn board(b: &Bench, report: &mut Report, target: i64) -> R<()> {
     let group = format!("Leaderboard ({ranked} ranked users)");
 
     let memory_before = redis_memory(b).await;
-    let (written, build) = timed(leaderboard::build_live_board(&live)).await?;
+    let (written, build) = timed(loyaltyd::leaderboard::live::build(&live)).await?;
     let memory = redis_memory(b).await.saturating_sub(memory_before);
     report.case(
         &group,

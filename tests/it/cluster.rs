@@ -94,7 +94,7 @@ async fn scores_versions_leases_and_the_sync_work_across_hash_slots(pool: PgPool
     assert_eq!(pairs.len(), 60, "every score cached");
     assert!(pairs.iter().all(|(_, c, d)| c == d), "{pairs:?}");
     // A miss is refilled under a lease.
-    assert!(ctx.cache.delete(&[ctx.cache.score_key(uid(7))]).await);
+    assert!(ctx.redis.delete(&[ctx.cache.score_key(uid(7))]).await);
     let first = loyalty::get_score(&ctx, uid(7))
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -166,7 +166,7 @@ async fn the_live_board_perf_lists_stats_and_the_seed_counter_work_on_a_cluster(
             .await
             .unwrap_or_else(|e| panic!("{e}"));
     }
-    let built = leaderboard::build_live_board(&ctx)
+    let built = loyaltyd::leaderboard::live::build(&ctx)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(built > 0);
@@ -195,7 +195,7 @@ async fn the_live_board_perf_lists_stats_and_the_seed_counter_work_on_a_cluster(
             .unwrap_or_else(|e| panic!("{e}"));
     }
     ctx.perf.flush(Duration::from_secs(5)).await;
-    let stats = loyaltyd::perf::collect(&ctx.cache, &ctx.perf)
+    let stats = loyaltyd::perf::collect(&ctx.redis, &ctx.perf)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let keys: Vec<&str> = stats.lists.iter().map(|l| l.key.as_str()).collect();
@@ -212,7 +212,7 @@ async fn the_live_board_perf_lists_stats_and_the_seed_counter_work_on_a_cluster(
     }
     assert!(slots_nodes.len() >= 2, "lists on one master only: {keys:?}");
     // The seed's pending counter is read and consumed.
-    let pending_key = ctx.cache.key(loyaltyd::cache::SEED_PENDING);
+    let pending_key = ctx.redis.key(loyaltyd::leaderboard::refresh::SEED_PENDING);
     let _: i64 = c
         .incr(&pending_key, 4)
         .await
@@ -383,7 +383,7 @@ async fn a_master_killed_under_sixteen_writers_loses_no_write_and_no_cached_scor
             // The test's own reader may still be on the dead node (the
             // daemon's failover watch reconnects the daemon's client; this
             // one is the test's): what a library user does after a failover.
-            ctx.cache.reconnect().await;
+            ctx.redis.reconnect().await;
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         assert!(

@@ -815,8 +815,8 @@ pub async fn refresh(ctx: &Context) -> loyaltyd::leaderboard::RefreshReport {
 }
 
 /// What a slow reader read before any write: score 0 at version 0.
-pub fn stale_score(user: i64) -> loyaltyd::cache::VersionedScore {
-    loyaltyd::cache::VersionedScore {
+pub fn stale_score(user: i64) -> loyaltyd::score_row::ScoreRow {
+    loyaltyd::score_row::ScoreRow {
         user: uid(user),
         score: 0,
         version: 0,

@@ -625,7 +625,7 @@ async fn the_cache_sync_catches_up_on_what_it_missed_while_no_daemon_ran(pool: P
     // Redis away: the position stays, and the window is written once it is back.
     let mut away = common::config(&pool, "gap");
     away.redis.url = common::dead_redis_url().into();
-    away.redis.key_prefix = ctx.cache.prefix().to_owned();
+    away.redis.key_prefix = ctx.redis.prefix().to_owned();
     let away = common::ctx_with(&pool, away, false);
     exec(
         &pool,
@@ -653,7 +653,7 @@ async fn the_seeds_redis_counter_counts_as_pending_and_a_refresh_keeps_what_arri
     pool: PgPool,
 ) {
     let ctx = common::ctx(&pool, "seedcount");
-    let key = ctx.cache.key("leaderboard:refresh_pending");
+    let key = ctx.redis.key("leaderboard:refresh_pending");
     let mut r = common::redis().await;
     let _: i64 = redis::cmd("INCRBY")
         .arg(&key)
@@ -682,6 +682,6 @@ async fn the_seeds_redis_counter_counts_as_pending_and_a_refresh_keeps_what_arri
         .query_async(&mut r)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    ctx.cache.consume_seed_pending(2).await;
+    loyaltyd::leaderboard::refresh::consume_seed_pending(&ctx.redis, 2).await;
     assert_eq!(common::redis_get_i64(&key).await, Some(1));
 }

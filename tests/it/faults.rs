@@ -200,7 +200,7 @@ async fn a_refill_cannot_land_over_a_newer_score_when_redis_loses_keys(pool: PgP
                 .fetch_one(&pool)
                 .await
                 .unwrap_or_else(|e| panic!("{e}"));
-        loyaltyd::cache::VersionedScore {
+        loyaltyd::score_row::ScoreRow {
             user,
             score,
             version,
@@ -419,7 +419,8 @@ async fn an_unreachable_redis_is_asked_once_per_back_off_not_once_per_command() 
         url: format!("redis://127.0.0.1:{port}/").into(),
         ..Default::default()
     };
-    let cache = loyaltyd::cache::Cache::new(&cfg, true).unwrap_or_else(|e| panic!("{e}"));
+    let redis = loyaltyd::redis_conn::Redis::new(&cfg).unwrap_or_else(|e| panic!("{e}"));
+    let cache = loyaltyd::cache::Cache::new(redis, &cfg);
     let started = std::time::Instant::now();
     for id in 1..=20 {
         assert_eq!(cache.lookup(uid(id)).await, Lookup::Miss);

@@ -77,7 +77,7 @@ pub async fn assert_exact(ctx: &Context, pool: &PgPool, what: &str) {
 }
 
 async fn build(ctx: &Context) -> u64 {
-    leaderboard::build_live_board(ctx)
+    loyaltyd::leaderboard::live::build(ctx)
         .await
         .unwrap_or_else(|e| panic!("{e}"))
 }
@@ -241,11 +241,14 @@ async fn the_sweep_finds_a_corrupted_board_and_repairs_it(pool: PgPool) {
     .unwrap_or_else(|e| panic!("{e}"));
     let ctx = common::ctx(&pool, "live-sweep");
     build(&ctx).await;
-    let (set, hash) = (ctx.cache.live_key(), ctx.cache.live_users_key());
+    let (set, hash) = (
+        loyaltyd::leaderboard::live::Board::new(&ctx.redis).key(),
+        loyaltyd::leaderboard::live::Board::new(&ctx.redis).users_key(),
+    );
     let member = |id: i64| {
         let minutes = id * 60_000_000;
         let epoch_2024 = 1_704_067_200_000_000i64;
-        loyaltyd::cache::live_member(uid(id), epoch_2024 + minutes)
+        loyaltyd::leaderboard::live::live_member(uid(id), epoch_2024 + minutes)
     };
     let mut redis = common::redis().await;
     // A wrong score, a user missing, a user who is not ranked (score 0)
@@ -312,11 +315,8 @@ async fn a_board_lost_with_redis_is_rebuilt_by_the_daemon_while_readers_use_the_
     };
     assert_eq!(source(&config), "live");
     // Redis restarts empty: the board is gone.
-    assert!(
-        ctx.cache
-            .delete(&[ctx.cache.live_key(), ctx.cache.live_users_key()])
-            .await
-    );
+    let board = loyaltyd::leaderboard::live::Board::new(&ctx.redis);
+    assert!(ctx.redis.delete(&[board.key(), board.users_key()]).await);
     assert_eq!(source(&config), "view", "readers fall back to the view");
     common::eventually(
         "the daemon builds the board again",

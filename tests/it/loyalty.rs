@@ -567,7 +567,7 @@ async fn a_batch_across_several_script_calls_leaves_every_cache_entry_and_board_
 ) {
     common::users(&pool, 1_200).await;
     let ctx = common::ctx(&pool, "batch-chunks");
-    loyaltyd::leaderboard::build_live_board(&ctx)
+    loyaltyd::leaderboard::live::build(&ctx)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     // Two batches over the same 1,200 users: the second overwrites what the

@@ -69,7 +69,7 @@ async fn perf_lists_keep_the_newest_samples_first_trimmed_to_length(pool: PgPool
         .unwrap_or_else(|e| panic!("{e}"));
     ctx.perf.flush(Duration::from_secs(5)).await;
     let mut r = common::redis().await;
-    let key = ctx.cache.key("perf:loyalty_updates");
+    let key = ctx.redis.key("perf:loyalty_updates");
     let entries: Vec<String> = redis::cmd("LRANGE")
         .arg(&key)
         .arg(0)
@@ -95,7 +95,7 @@ async fn perf_lists_keep_the_newest_samples_first_trimmed_to_length(pool: PgPool
         stamps.windows(2).all(|w| w[0] >= w[1]),
         "newest first: {stamps:?}"
     );
-    let queue_key = ctx.cache.key("perf:queue:add:message");
+    let queue_key = ctx.redis.key("perf:queue:add:message");
     let n: i64 = redis::cmd("LLEN")
         .arg(&queue_key)
         .query_async(&mut r)
@@ -130,7 +130,7 @@ async fn with_redis_down_operations_succeed_and_samples_are_counted_as_dropped(p
 async fn stats_summarizes_each_perf_list(pool: PgPool) {
     let ctx = common::ctx(&pool, "stats");
     let mut r = common::redis().await;
-    let key = ctx.cache.key("perf:queue:add:topic");
+    let key = ctx.redis.key("perf:queue:add:topic");
     for ms in 1..=20 {
         let entry = serde_json::json!({"duration_ms": f64::from(ms), "timestamp": 1.8e9});
         let _: i64 = redis::cmd("LPUSH")
@@ -153,7 +153,7 @@ async fn stats_summarizes_each_perf_list(pool: PgPool) {
             .unwrap_or_else(|e| panic!("{e}"));
     }
     // What the seed's own code writes: user_id as a string.
-    let seed_key = ctx.cache.key("perf:loyalty_updates");
+    let seed_key = ctx.redis.key("perf:loyalty_updates");
     for ms in [2.0, 4.0] {
         let entry = serde_json::json!({"user_id": "42", "duration_ms": ms, "timestamp": 1.8e9});
         let _: i64 = redis::cmd("LPUSH")
@@ -163,7 +163,7 @@ async fn stats_summarizes_each_perf_list(pool: PgPool) {
             .await
             .unwrap_or_else(|e| panic!("{e}"));
     }
-    let stats = loyaltyd::perf::collect(&ctx.cache, &ctx.perf)
+    let stats = loyaltyd::perf::collect(&ctx.redis, &ctx.perf)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(stats.lists.len(), 2, "only this test's prefix: {stats:?}");
@@ -211,7 +211,7 @@ async fn failed_operations_are_timed_and_counted_as_errors(pool: PgPool) {
     let stats_errors = r#"loyaltyd_operation_errors_total{operation="stats"}"#;
     let s0 = common::metric(addr, stats_errors).await;
     assert!(
-        loyaltyd::perf::collect(&away.cache, &away.perf)
+        loyaltyd::perf::collect(&away.redis, &away.perf)
             .await
             .is_err()
     );

@@ -205,7 +205,7 @@ async fn in_legacy_mode_an_imported_score_and_a_forum_triggers_write_reach_the_c
     common::users(&pool, 3).await;
     let ctx = common::ctx(&pool, "legacy-sync");
     assert!(ctx.config.leaderboard.live);
-    loyaltyd::leaderboard::build_live_board(&ctx)
+    loyaltyd::leaderboard::live::build(&ctx)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     common::sync(&ctx).await;

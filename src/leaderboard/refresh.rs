@@ -1,17 +1,5 @@
-//! The leaderboard: exact live ranks from Redis, and the seed's materialized
-//! view for SQL consumers, refreshed only when it is worth it.
-//!
-//! Reads ([`page`], [`rank`]) answer from the **live board** when it is
-//! built: a Redis sorted set of every user with a positive score, kept by
-//! the same pipeline that writes a score to the cache (each write guarded by
-//! the score's version, so a late write cannot put an older score back),
-//! built by the daemon from PostgreSQL on start and after Redis lost it, and
-//! checked by the nightly sweep. Its order is the seed's (score descending,
-//! sign-up ascending, then id: the member is the sign-up time and the id in
-//! fixed-width hex, so Redis's order among equal scores is the tie-break);
-//! rank and page are O(log n). Until it is built, or while Redis is away,
-//! reads fall back to the view (`source` says which answered). README
-//! "The live leaderboard" has the study behind the choice.
+//! The view's refresh: the seed's materialized view `user_leaderboard`,
+//! refreshed only when it is worth it.
 //!
 //! [`refresh`] runs in one transaction on one connection:
 //! 1. `pg_try_advisory_xact_lock`: if another process or host is refreshing,
@@ -37,17 +25,13 @@ use serde::Serialize;
 use sqlx::PgConnection;
 use tokio_util::sync::CancellationToken;
 
-use crate::cache::{LiveRank, VersionedScore};
 use crate::config::RefreshMode;
 use crate::context::Context;
 use crate::db;
 use crate::error::{DbContext, Error, Result};
 use crate::perf::Timer;
+use crate::redis_conn::Redis;
 use crate::telemetry::{self, Operation};
-use crate::types::UserId;
-
-/// Largest page `leaderboard show` returns.
-pub const MAX_PAGE: i64 = 1000;
 
 /// The debounce policy: refresh when enough changes are pending, or when any
 /// change is pending and the view is older than the staleness limit.
@@ -58,46 +42,6 @@ pub fn should_refresh(
     max_staleness: Duration,
 ) -> bool {
     pending > 0 && (pending as u64 >= threshold || age >= max_staleness)
-}
-
-/// One row of the leaderboard.
-#[derive(Debug, Clone, Serialize, PartialEq, sqlx::FromRow)]
-pub struct Entry {
-    /// The user.
-    pub user_id: i64,
-    /// The user's name.
-    pub username: String,
-    /// The score as of the last refresh.
-    pub loyalty_score: i64,
-    /// 1-based rank: score descending, then earlier sign-up first.
-    pub rank: i64,
-    /// True for the top 10 % of ranked users.
-    pub can_create_topics: bool,
-}
-
-/// A page of the leaderboard.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct Page {
-    /// The entries, by rank.
-    pub entries: Vec<Entry>,
-    /// Where they came from.
-    pub source: Source,
-}
-
-/// One user's standing.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct Standing {
-    /// The user.
-    pub user_id: UserId,
-    /// The rank, or `None` when the user is not on the board (score ≤ 0, or
-    /// not there at the last refresh).
-    pub rank: Option<i64>,
-    /// The score the rank is based on (the current score when unranked).
-    pub loyalty_score: i64,
-    /// True for the top 10 % of ranked users.
-    pub can_create_topics: bool,
-    /// Where the answer came from.
-    pub source: Source,
 }
 
 /// Why a refresh did or did not run.
@@ -138,242 +82,6 @@ pub struct Status {
     pub age_seconds: f64,
 }
 
-/// `rank`'s row: the live score, and the board's rank, score and topic right.
-type RankRow = (i64, Option<i64>, Option<i64>, Option<bool>);
-
-/// Where an answer came from.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum Source {
-    /// The live board: committed scores.
-    Live,
-    /// The view as last refreshed (the live board is off, not built yet, or
-    /// Redis is away).
-    View,
-}
-
-/// Whether a rank is within the topic right: rank <= 10 % of the ranked
-/// users (the seed's `rank <= COUNT(*) * 0.1`).
-fn may_create_topics(rank: i64, ranked: i64) -> bool {
-    rank as f64 <= ranked as f64 * 0.1
-}
-
-/// A page of the leaderboard: `limit` entries (1 to 1000) after `offset`
-/// ranks, from the live board if it is there, else the view.
-pub async fn page(ctx: &Context, limit: i64, offset: i64) -> Result<Page> {
-    if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(Error::invalid(
-            "--limit",
-            format!("{limit} is outside 1 to {MAX_PAGE}"),
-        ));
-    }
-    if offset < 0 {
-        return Err(Error::invalid("--offset", format!("{offset} is negative")));
-    }
-    let timer = Timer::start(&ctx.perf, Operation::LeaderboardPage, None);
-    if ctx.config.leaderboard.live
-        && let Some((ranked, board)) = ctx.cache.live_page(offset, limit).await
-    {
-        // Ranks and scores from the board; names from PostgreSQL, one query.
-        let ids: Vec<i64> = board.iter().map(|(u, _)| u.get()).collect();
-        let names: Vec<(i64, String)> = ctx
-            .replicas
-            .read(&ctx.pool, |pool| {
-                let ids = &ids;
-                async move {
-                    sqlx::query_as(
-                        "SELECT id::BIGINT, username::TEXT FROM users WHERE id = ANY($1)",
-                    )
-                    .bind(ids)
-                    .fetch_all(&pool)
-                    .await
-                    .db("reading user names")
-                }
-            })
-            .await?;
-        let names: std::collections::HashMap<i64, String> = names.into_iter().collect();
-        let entries = board
-            .into_iter()
-            .enumerate()
-            .map(|(i, (user, score))| {
-                let rank = offset + i as i64 + 1;
-                Entry {
-                    user_id: user.get(),
-                    username: names.get(&user.get()).cloned().unwrap_or_default(),
-                    loyalty_score: score,
-                    rank,
-                    can_create_topics: may_create_topics(rank, ranked),
-                }
-            })
-            .collect();
-        timer.ok(None);
-        return Ok(Page {
-            entries,
-            source: Source::Live,
-        });
-    }
-    // Ranks are dense 1..n, so "rank > offset" is OFFSET without reading the
-    // skipped rows: an index range scan on idx_leaderboard_rank at any depth.
-    let entries: Vec<Entry> = ctx
-        .replicas
-        .read(&ctx.pool, |pool| async move {
-            sqlx::query_as(
-                "SELECT user_id::BIGINT, username::TEXT, loyalty_score::BIGINT, rank, can_create_topics \
-                 FROM user_leaderboard WHERE rank > $1 ORDER BY rank LIMIT $2",
-            )
-            .bind(offset)
-            .bind(limit)
-            .fetch_all(&pool)
-            .await
-            .db("reading the leaderboard")
-        })
-        .await?;
-    timer.ok(None);
-    Ok(Page {
-        entries,
-        source: Source::View,
-    })
-}
-
-/// A user's rank, or a clear "not ranked": from the live board if it is
-/// there (committed scores), else the view as last refreshed.
-pub async fn rank(ctx: &Context, user: UserId) -> Result<Standing> {
-    let timer = Timer::start(&ctx.perf, Operation::LeaderboardRank, None);
-    if ctx.config.leaderboard.live
-        && let Some(place) = ctx.cache.live_rank(user).await
-    {
-        let standing = match place {
-            LiveRank::Ranked {
-                rank,
-                score,
-                ranked,
-            } => Standing {
-                user_id: user,
-                rank: Some(rank),
-                loyalty_score: score,
-                can_create_topics: may_create_topics(rank, ranked),
-                source: Source::Live,
-            },
-            LiveRank::Unranked { .. } => {
-                // Not on the board: an unknown user, or a score of 0 or less.
-                let score: Option<i64> =
-                    sqlx::query_scalar("SELECT loyalty_score::BIGINT FROM users WHERE id = $1")
-                        .bind(user.get())
-                        .fetch_optional(&ctx.pool)
-                        .await
-                        .db("reading the score")?;
-                Standing {
-                    user_id: user,
-                    rank: None,
-                    loyalty_score: score.ok_or(Error::UnknownUser(user.get()))?,
-                    can_create_topics: false,
-                    source: Source::Live,
-                }
-            }
-        };
-        timer.ok(Some(user));
-        return Ok(standing);
-    }
-    // One round trip tells both "is the user known" and "are they on the board".
-    let row: Option<RankRow> = ctx
-        .replicas
-        .read(&ctx.pool, |pool| async move {
-            sqlx::query_as(
-                "SELECT u.loyalty_score::BIGINT, l.rank, l.loyalty_score::BIGINT, l.can_create_topics \
-                 FROM users u LEFT JOIN user_leaderboard l ON l.user_id = u.id WHERE u.id = $1",
-            )
-            .bind(user.get())
-            .fetch_optional(&pool)
-            .await
-            .db("reading the rank")
-        })
-        .await?;
-    let (current, rank, ranked_score, can) = row.ok_or(Error::UnknownUser(user.get()))?;
-    timer.ok(Some(user));
-    Ok(Standing {
-        user_id: user,
-        rank,
-        loyalty_score: ranked_score.unwrap_or(current),
-        can_create_topics: can.unwrap_or(false),
-        source: Source::View,
-    })
-}
-
-/// A build's Redis write, tried again after a miss (one slow moment must
-/// not throw away a build of millions; every write is version-guarded, so a
-/// repeat is harmless): up to five tries, a second apart (the cache's own
-/// back-off after a failure). A macro, not a function over an async closure:
-/// the daemon spawns the build, and such closures' futures are not `Send`.
-macro_rules! retried {
-    ($write:expr) => {{
-        let mut done = false;
-        for attempt in 1..=5 {
-            if $write {
-                done = true;
-                break;
-            }
-            if attempt < 5 {
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-            }
-        }
-        done
-    }};
-}
-
-/// Builds the live board from PostgreSQL: clears it, writes every user with
-/// a positive score in batches (each write guarded by its version, so a
-/// score written meanwhile is never overwritten by the older one read here),
-/// then marks it built. Until then readers use the view. Returns the users
-/// written.
-#[tracing::instrument(name = "live_board_build", skip_all)]
-pub async fn build_live_board(ctx: &Context) -> Result<u64> {
-    use futures_util::TryStreamExt;
-    let unavailable = || Error::Runtime("Redis unavailable: the live board is not built".into());
-    let keys = [ctx.cache.live_key(), ctx.cache.live_users_key()];
-    if !retried!(ctx.cache.delete(&keys).await) {
-        return Err(unavailable());
-    }
-    let mut tx = ctx
-        .pool
-        .begin()
-        .await
-        .db("starting the live board's build")?;
-    db::set_local_timeout(&mut tx, ctx.config.sweep.timeout).await?;
-    let mut written = 0u64;
-    {
-        let mut chunks = sqlx::query_as::<_, (i64, i64, i64, i64)>(concat!(
-            "SELECT ",
-            crate::score_columns!(),
-            " FROM users WHERE loyalty_score > 0"
-        ))
-        .fetch(&mut *tx)
-        .try_chunks(BOARD_BATCH);
-        while let Some(chunk) = chunks
-            .try_next()
-            .await
-            .map_err(|e| e.1)
-            .db("reading scores for the live board")?
-        {
-            let batch: Vec<VersionedScore> = chunk
-                .into_iter()
-                .filter_map(VersionedScore::from_row)
-                .collect();
-            if !retried!(ctx.cache.live_set(&batch).await) {
-                return Err(unavailable());
-            }
-            written += batch.len() as u64;
-        }
-    }
-    let _ = tx.rollback().await;
-    if !retried!(ctx.cache.live_mark_ready(true).await) {
-        return Err(unavailable());
-    }
-    Ok(written)
-}
-
-/// Users written to the live board per pipeline.
-const BOARD_BATCH: usize = 5_000;
-
 /// Pending changes (PostgreSQL's and the seed's Redis counter) and view
 /// age, and publishes them as gauges.
 pub async fn status(ctx: &Context) -> Result<Status> {
@@ -385,7 +93,7 @@ pub async fn status(ctx: &Context) -> Result<Status> {
     .fetch_one(&ctx.pool)
     .await
     .db("reading the leaderboard state")?;
-    let pending = pending + ctx.cache.seed_pending().await;
+    let pending = pending + seed_pending(&ctx.redis).await;
     telemetry::leaderboard_state(pending, Duration::from_secs_f64(age.max(0.0)));
     Ok(Status {
         pending_changes: pending,
@@ -422,7 +130,7 @@ pub async fn refresh(
             return Err(e);
         }
     };
-    ctx.cache.consume_seed_pending(seed_pending).await;
+    consume_seed_pending(&ctx.redis, seed_pending).await;
     timer.ok(None);
     // After the commit: only the changes that arrived during the refresh are left.
     let _ = status(ctx).await;
@@ -456,7 +164,7 @@ async fn refresh_in(
             .db("taking the refresh lock")?;
     let (observed, age) = observe_pending(&mut *tx).await?;
     // A seed-era application counts its changes in Redis: they are pending too.
-    let seed_pending = ctx.cache.seed_pending().await;
+    let seed_pending = seed_pending(&ctx.redis).await;
     let pending: i64 = observed + seed_pending;
     let report = |refreshed, reason| RefreshReport {
         refreshed,
@@ -646,6 +354,36 @@ async fn observe_pending(conn: &mut PgConnection) -> Result<(i64, f64)> {
     .fetch_one(conn)
     .await
     .db("reading pending leaderboard changes")
+}
+
+/// The seed's Redis counter of pending leaderboard changes.
+pub const SEED_PENDING: &str = "leaderboard:refresh_pending";
+
+/// The seed's own pending-refresh counter (`leaderboard:refresh_pending`),
+/// which an application still running the seed's code increments; 0 when
+/// absent, not a number, or Redis is away.
+pub async fn seed_pending(redis: &Redis) -> i64 {
+    let cmd = redis::cmd("GET").arg(redis.key(SEED_PENDING)).to_owned();
+    redis
+        .query::<Option<String>>("GET", cmd)
+        .await
+        .flatten()
+        .and_then(|v| v.parse::<i64>().ok())
+        .unwrap_or(0)
+        .max(0)
+}
+
+/// Takes `n` consumed changes off the seed's counter (DECRBY, not DEL:
+/// increments that landed meanwhile stay).
+pub async fn consume_seed_pending(redis: &Redis, n: i64) {
+    if n <= 0 {
+        return;
+    }
+    let cmd = redis::cmd("DECRBY")
+        .arg(redis.key(SEED_PENDING))
+        .arg(n)
+        .to_owned();
+    let _ = redis.query::<i64>("DECRBY", cmd).await;
 }
 
 #[cfg(test)]
