@@ -2023,12 +2023,12 @@ impl Adoption<'_> {
             match failed {
                 None => return tx.commit().await.db("committing a step"),
                 Some((_, e)) if Refusal::of(&e) == Some(Refusal::LockBusy) && attempt < 600 => {
-                    let _ = tx.rollback().await;
+                    crate::db::rollback(tx).await;
                     tokio::time::sleep(Duration::from_millis(50 + 10 * u64::from(attempt.min(20))))
                         .await;
                 }
                 Some((s, e)) => {
-                    let _ = tx.rollback().await;
+                    crate::db::rollback(tx).await;
                     return Err(adopt_error(&s, &e));
                 }
             }

@@ -81,7 +81,7 @@ pub async fn run(config: Config, reload: Reload) -> Result<()> {
     ));
     let mut current = Generation::start(&ctx, &instance, &shutdown, &tracker, &events).await?;
 
-    let _ = sd_notify::notify(&[NotifyState::Ready]);
+    notify(NotifyState::Ready);
     if let Some(every) = sd_notify::watchdog_enabled() {
         tracker.spawn(watchdog(every / 2, shutdown.clone()));
     }
@@ -92,7 +92,7 @@ pub async fn run(config: Config, reload: Reload) -> Result<()> {
             () = shutdown.cancelled() => break,
             _ = hangup.recv() => {}
         }
-        let _ = sd_notify::notify(&[NotifyState::Reloading]);
+        notify(NotifyState::Reloading);
         match reload_config(&ctx, &reload, &pool) {
             Err(e) => tracing::error!(
                 error = %e.one_line(),
@@ -116,10 +116,10 @@ pub async fn run(config: Config, reload: Reload) -> Result<()> {
                 }
             }
         }
-        let _ = sd_notify::notify(&[NotifyState::Ready]);
+        notify(NotifyState::Ready);
     }
 
-    let _ = sd_notify::notify(&[NotifyState::Stopping]);
+    notify(NotifyState::Stopping);
     tracing::info!("stopping: finishing or cancelling running jobs");
     current.stop().await;
     tracker.close();
@@ -204,11 +204,14 @@ impl Generation {
             let cron = CronJob::new_async(schedule.as_str(), move |_, _| {
                 let (runner, token, tasks) = (runner.clone(), token.clone(), tasks.clone());
                 Box::pin(async move {
-                    if !token.is_cancelled() {
-                        tasks
-                            .spawn(async move { runner.tick(&token).await })
-                            .await
-                            .ok();
+                    if !token.is_cancelled()
+                        && let Err(e) = tasks.spawn(async move { runner.tick(&token).await }).await
+                    {
+                        telemetry::background_failure(
+                            telemetry::Task::JobTick,
+                            "a job's tick ended without a result",
+                            &e,
+                        );
                     }
                 })
             })
@@ -258,7 +261,13 @@ impl Generation {
     async fn stop(mut self) {
         self.stop.cancel();
         if tokio::time::timeout(LOOPS_GRACE, async {
-            let _ = self.scheduler.shutdown().await;
+            if let Err(e) = self.scheduler.shutdown().await {
+                telemetry::background_failure(
+                    telemetry::Task::Shutdown,
+                    "the scheduler did not shut down cleanly",
+                    &e,
+                );
+            }
             self.loops.wait().await;
         })
         .await
@@ -268,6 +277,14 @@ impl Generation {
                 "the scheduler or a loop did not stop within {LOOPS_GRACE:?}; going on without it"
             );
         }
+    }
+}
+
+/// Tells systemd a state (nothing outside systemd: no `NOTIFY_SOCKET`);
+/// a message that cannot be sent is a counted background failure.
+fn notify(state: NotifyState) {
+    if let Err(e) = sd_notify::notify(&[state]) {
+        telemetry::background_failure(telemetry::Task::Systemd, "could not notify systemd", &e);
     }
 }
 
@@ -365,7 +382,7 @@ async fn sync_loop(ctx: Context, shutdown: CancellationToken) {
 }
 
 /// The forum's backlog and traffic (see [`crate::backlog`]), every
-/// [`crate::backlog::CHECK`]; a failure is logged at most once a minute and
+/// [`crate::backlog::CHECK`]; a failure is a counted background failure and
 /// the next check reads again.
 async fn forum_watch(
     ctx: Context,
@@ -375,7 +392,6 @@ async fn forum_watch(
     telemetry::queue_oldest_bound(ctx.config.queues.oldest_item_bound);
     let mut ticks = tokio::time::interval(crate::backlog::CHECK);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_logged: Option<std::time::Instant> = None;
     loop {
         tokio::select! {
             _ = ticks.tick() => {}
@@ -399,11 +415,12 @@ async fn forum_watch(
             r = observed => r,
             () = stop.cancelled() => return,
         };
-        if let Err(e) = result
-            && last_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
-        {
-            last_logged = Some(std::time::Instant::now());
-            tracing::warn!(error = %e.one_line(), "could not read the forum's backlog and traffic; retrying");
+        if let Err(e) = result {
+            telemetry::background_failure(
+                telemetry::Task::ForumWatch,
+                "could not read the forum's backlog and traffic; retrying",
+                &e,
+            );
         }
     }
 }
@@ -507,16 +524,19 @@ async fn board_upkeep(ctx: Context, shutdown: CancellationToken) {
             r = crate::leaderboard::live::build(&ctx) => r,
             () = shutdown.cancelled() => return,
         };
-        let _ = ctx.redis.delete(&[ctx.redis.key(BOARD_BUILD_KEY)]).await;
+        // (A failed UNLINK is counted by the runner; the lock expires.)
+        ctx.redis.delete(&[ctx.redis.key(BOARD_BUILD_KEY)]).await;
         match built {
             Ok(users) => tracing::info!(
                 users,
                 seconds = started.elapsed().as_secs_f64(),
                 "built the live leaderboard"
             ),
-            Err(e) => {
-                tracing::warn!(error = %e.one_line(), "could not build the live leaderboard; retrying")
-            }
+            Err(e) => telemetry::background_failure(
+                telemetry::Task::BoardBuild,
+                "could not build the live leaderboard; retrying",
+                &e,
+            ),
         }
     }
 }
@@ -533,7 +553,7 @@ async fn watchdog(every: Duration, shutdown: CancellationToken) {
     let mut ticks = tokio::time::interval(every);
     loop {
         tokio::select! {
-            _ = ticks.tick() => { let _ = sd_notify::notify(&[NotifyState::Watchdog]); }
+            _ = ticks.tick() => { notify(NotifyState::Watchdog); }
             () = shutdown.cancelled() => return,
         }
     }

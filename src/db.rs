@@ -222,6 +222,19 @@ pub async fn cancellable<T>(
 /// How long a cancelled statement has to give up before it is cancelled again.
 const CANCEL_RETRY: Duration = Duration::from_millis(200);
 
+/// Ends a transaction that is not to commit. A ROLLBACK that fails (the
+/// connection broke) is one background failure, counted and logged: sqlx
+/// closes such a connection instead of returning it to the pool.
+pub async fn rollback(tx: sqlx::Transaction<'_, sqlx::Postgres>) {
+    if let Err(e) = tx.rollback().await {
+        crate::telemetry::background_failure(
+            crate::telemetry::Task::Rollback,
+            "could not roll back a transaction; its connection is closed",
+            &e,
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::url_names_user;

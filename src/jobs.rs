@@ -34,7 +34,7 @@ use crate::error::{DbContext, Error, Result};
 use crate::leaderboard::{self, RefreshReason};
 use crate::queues;
 use crate::sweep;
-use crate::telemetry::{self, Job, JobOutcome};
+use crate::telemetry::{self, Job, JobOutcome, Task};
 use crate::types::QueueKind;
 
 /// What a run did: worth a `success`, or nothing to do (`skipped`).
@@ -348,7 +348,8 @@ pub fn scheduled_instant(schedule: &croner::Cron, now: DateTime<Utc>) -> DateTim
 }
 
 /// Records that a job ran to its end (cluster-wide, so a restarted daemon and
-/// the alerts know when it last did); a failure to record is only logged.
+/// the alerts know when it last did); a failure to record is counted and
+/// logged (the job did run).
 async fn record_success(pool: &PgPool, job: Job) {
     let recorded = sqlx::query(
         "INSERT INTO job_ticks AS t (job, last_tick, claimed_by, succeeded_at)
@@ -359,18 +360,29 @@ async fn record_success(pool: &PgPool, job: Job) {
     .execute(pool)
     .await;
     if let Err(e) = recorded {
-        tracing::warn!(job = job.as_str(), error = %crate::error::one_line(&e.to_string()), "could not record the job's success");
+        telemetry::background_failure(Task::JobHistory, "could not record a job's success", &e);
     }
 }
 
 /// When each job last ran to its end anywhere in the cluster (from
 /// `job_ticks`), for the gauges at start-up.
 pub async fn last_successes(pool: &PgPool) -> Vec<(Job, SystemTime)> {
-    let rows: Vec<(String, DateTime<Utc>)> =
-        sqlx::query_as("SELECT job, succeeded_at FROM job_ticks WHERE succeeded_at IS NOT NULL")
-            .fetch_all(pool)
-            .await
-            .unwrap_or_default();
+    let rows: Vec<(String, DateTime<Utc>)> = match sqlx::query_as(
+        "SELECT job, succeeded_at FROM job_ticks WHERE succeeded_at IS NOT NULL",
+    )
+    .fetch_all(pool)
+    .await
+    {
+        Ok(rows) => rows,
+        Err(e) => {
+            telemetry::background_failure(
+                Task::JobHistory,
+                "could not read the jobs' last successes (their gauges start empty)",
+                &e,
+            );
+            Vec::new()
+        }
+    };
     rows.into_iter()
         .filter_map(|(name, at)| {
             let job = Job::ALL.into_iter().find(|j| j.as_str() == name)?;
@@ -453,7 +465,7 @@ impl Drop for ClusterLock {
 async fn idle_holder(pool: &PgPool, key: i64, limit: Duration) -> Option<(i32, f64)> {
     // A bigint advisory key is stored as two halves: classid (high 32 bits)
     // and objid (low 32 bits), objsubid 1.
-    sqlx::query_as(
+    let holder = sqlx::query_as(
         "SELECT a.pid, EXTRACT(EPOCH FROM clock_timestamp() - a.state_change)::FLOAT8
          FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
          WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
@@ -464,9 +476,18 @@ async fn idle_holder(pool: &PgPool, key: i64, limit: Duration) -> Option<(i32, f
     .bind(key)
     .bind(limit.as_secs_f64())
     .fetch_optional(pool)
-    .await
-    .ok()
-    .flatten()
+    .await;
+    match holder {
+        Ok(holder) => holder,
+        Err(e) => {
+            telemetry::background_failure(
+                Task::JobHistory,
+                "could not look for an idle holder of a job's lock",
+                &e,
+            );
+            None
+        }
+    }
 }
 
 #[cfg(test)]

@@ -25,6 +25,10 @@
 //! * [`adopt`]: the online upgrade of a database of the original design.
 //! * [`daemon`], [`cli`]: the entry points.
 
+// Panics stay out of the program: an input or an outage reaches nearly
+// every line, so nothing outside tests may unwrap or expect.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod adopt;
 pub mod backlog;
 pub mod cache;

@@ -1,5 +1,9 @@
 //! The `loyaltyd` binary: parse the command line, run it, map errors to exit codes.
 
+// Panics stay out of the program: an input or an outage reaches nearly
+// every line, so nothing outside tests may unwrap or expect.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 use std::process::ExitCode;
 
 use clap::Parser;

@@ -520,7 +520,7 @@ async fn rekey_locked(
                 if attempt == REKEY_ATTEMPTS {
                     break;
                 }
-                drop(tx.rollback().await);
+                crate::db::rollback(tx).await;
                 tokio::time::sleep(std::time::Duration::from_millis(25 * u64::from(attempt))).await;
                 continue;
             }
@@ -538,7 +538,7 @@ async fn rekey_locked(
             Ok(_) => {}
             // 55P03: a writer holds an item. Let go of everything and retry.
             Err(e) if Refusal::of(&e) == Some(Refusal::LockBusy) && attempt < REKEY_ATTEMPTS => {
-                drop(tx.rollback().await);
+                crate::db::rollback(tx).await;
                 tokio::time::sleep(std::time::Duration::from_millis(25 * u64::from(attempt))).await;
                 continue;
             }

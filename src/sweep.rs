@@ -269,7 +269,7 @@ async fn cached_scores_differing(
             );
         }
     }
-    let _ = tx.rollback().await;
+    crate::db::rollback(tx).await;
     Ok((differing, checked))
 }
 
@@ -323,7 +323,7 @@ async fn verify_live_board(ctx: &Context, batch: u32, cancel: &CancellationToken
             }
         }
     }
-    let _ = tx.rollback().await;
+    crate::db::rollback(tx).await;
     if Board::new(&ctx.redis)
         .count()
         .await

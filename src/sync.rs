@@ -59,7 +59,7 @@ pub async fn sync_once(ctx: &Context) -> Result<Synced> {
             Ok(Synced::Wrote(n))
         }
         other => {
-            let _ = tx.rollback().await;
+            crate::db::rollback(tx).await;
             other
         }
     }

@@ -45,6 +45,9 @@ pub const PERF_DROPPED: &str = "loyaltyd_perf_samples_dropped_total";
 pub const CACHE_SYNC_DELAY: &str = "loyaltyd_cache_sync_delay_seconds";
 /// Counter: cache syncs that did not complete (Redis or PostgreSQL away).
 pub const CACHE_SYNC_FAILURES: &str = "loyaltyd_cache_sync_failures_total";
+/// Counter: failures of the daemon's background work that no request
+/// sees (label `task`, one of [`Task`]); each is logged too.
+pub const BACKGROUND_FAILURES: &str = "loyaltyd_background_failures_total";
 /// Counter: reads that may lag, by `target` (`replica` or `primary`) and
 /// `reason` (`ok` on a replica; for the primary `no_replica`, `lag`,
 /// `down`, `error`).
@@ -84,6 +87,7 @@ pub const METRICS: &[&str] = &[
     PERF_DROPPED,
     CACHE_SYNC_DELAY,
     CACHE_SYNC_FAILURES,
+    BACKGROUND_FAILURES,
     LAGGING_READS,
     REPLICA_LAG,
     QUEUE_ITEMS,
@@ -192,6 +196,11 @@ pub const DESCRIPTIONS: &[(&str, Unit, &str)] = &[
         CACHE_SYNC_FAILURES,
         Unit::Count,
         "Cache syncs that did not complete (Redis or PostgreSQL unavailable); the same changes are tried again.",
+    ),
+    (
+        BACKGROUND_FAILURES,
+        Unit::Count,
+        "Failures of background work no request sees, by task (forum_watch, board_build, job_tick, job_history, leaderboard_state, rollback, systemd, shutdown); each is logged too (at most once a minute per task).",
     ),
     (
         LAGGING_READS,
@@ -455,6 +464,9 @@ pub fn export_startup_series() {
     counter!(PERF_DROPPED).increment(0);
     let _ = histogram!(CACHE_SYNC_DELAY);
     counter!(CACHE_SYNC_FAILURES).increment(0);
+    for task in Task::ALL {
+        counter!(BACKGROUND_FAILURES, "task" => task.as_str()).increment(0);
+    }
     for q in QueueKind::ALL {
         gauge!(QUEUE_ITEMS, "queue" => q.as_str()).set(0.0);
         gauge!(QUEUE_LONGEST_SCOPE, "queue" => q.as_str()).set(0.0);
@@ -505,6 +517,89 @@ pub fn forum_events(content_type: &str, outcome: &str, n: u64) {
 /// The live board's size.
 pub fn live_board_users(n: i64) {
     gauge!(LIVE_BOARD_USERS).set(n as f64);
+}
+
+/// Background work whose failures no request sees: each failure is one
+/// event, a log line (at most one a minute per task, the rest counted) and
+/// a count in [`BACKGROUND_FAILURES`] — vector's rule, so none vanishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Task {
+    /// The forum's backlog and traffic check.
+    ForumWatch,
+    /// A build of the live board.
+    BoardBuild,
+    /// A scheduled job's tick that ended without a result (it panicked).
+    JobTick,
+    /// Recording or reading the jobs' last successes.
+    JobHistory,
+    /// Reading the leaderboard's state for the gauges.
+    LeaderboardState,
+    /// Ending a transaction that failed (its connection is closed instead).
+    Rollback,
+    /// A message to systemd (ready, watchdog, stopping).
+    Systemd,
+    /// The scheduler's or a loop's shutdown.
+    Shutdown,
+}
+
+impl Task {
+    /// Every task, for exporting their counters at zero.
+    pub const ALL: [Task; 8] = [
+        Task::ForumWatch,
+        Task::BoardBuild,
+        Task::JobTick,
+        Task::JobHistory,
+        Task::LeaderboardState,
+        Task::Rollback,
+        Task::Systemd,
+        Task::Shutdown,
+    ];
+
+    /// The `task` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Task::ForumWatch => "forum_watch",
+            Task::BoardBuild => "board_build",
+            Task::JobTick => "job_tick",
+            Task::JobHistory => "job_history",
+            Task::LeaderboardState => "leaderboard_state",
+            Task::Rollback => "rollback",
+            Task::Systemd => "systemd",
+            Task::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// When each task's failure was last logged.
+static LAST_LOGGED: std::sync::Mutex<Vec<(Task, std::time::Instant)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// One failure of background work: counted, and logged unless this task
+/// logged one in the last minute.
+pub fn background_failure(task: Task, what: &str, error: &dyn std::fmt::Display) {
+    counter!(BACKGROUND_FAILURES, "task" => task.as_str()).increment(1);
+    let now = std::time::Instant::now();
+    let log = match LAST_LOGGED.lock() {
+        Ok(mut seen) => match seen.iter_mut().find(|(t, _)| *t == task) {
+            Some((_, at)) if now.duration_since(*at) < Duration::from_secs(60) => false,
+            Some((_, at)) => {
+                *at = now;
+                true
+            }
+            None => {
+                seen.push((task, now));
+                true
+            }
+        },
+        Err(_) => true,
+    };
+    if log {
+        tracing::warn!(
+            task = task.as_str(),
+            error = %crate::error::one_line(&error.to_string()),
+            "{what} (further failures of this task this minute are counted, not logged)"
+        );
+    }
 }
 
 /// Counts a cache sync that did not complete.

@@ -452,7 +452,7 @@ pub async fn build(ctx: &Context) -> Result<u64> {
             written += batch.len() as u64;
         }
     }
-    let _ = tx.rollback().await;
+    crate::db::rollback(tx).await;
     if !retried!(board.mark_ready(true).await) {
         return Err(unavailable());
     }

@@ -121,19 +121,25 @@ pub async fn refresh(
             (report, seed_pending)
         }
         Ok(Step::Skipped(report)) => {
-            let _ = tx.rollback().await;
+            crate::db::rollback(tx).await;
             timer.nothing_to_do();
             return Ok(report);
         }
         Err(e) => {
-            let _ = tx.rollback().await;
+            crate::db::rollback(tx).await;
             return Err(e);
         }
     };
     consume_seed_pending(&ctx.redis, seed_pending).await;
     timer.ok(None);
     // After the commit: only the changes that arrived during the refresh are left.
-    let _ = status(ctx).await;
+    if let Err(e) = status(ctx).await {
+        telemetry::background_failure(
+            telemetry::Task::LeaderboardState,
+            "could not read the leaderboard's state after a refresh",
+            &e,
+        );
+    }
     Ok(RefreshReport {
         duration_ms: started.elapsed().as_secs_f64() * 1000.0,
         ..report
@@ -383,7 +389,9 @@ pub async fn consume_seed_pending(redis: &Redis, n: i64) {
         .arg(redis.key(SEED_PENDING))
         .arg(n)
         .to_owned();
-    let _ = redis.query::<i64>("DECRBY", cmd).await;
+    // A failure is counted by the runner; the changes stay counted and
+    // cost one extra refresh, never a lost one.
+    redis.query::<i64>("DECRBY", cmd).await;
 }
 
 #[cfg(test)]
