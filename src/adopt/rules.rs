@@ -11,7 +11,7 @@
 //! leaves out the rows an earlier quarantine rule of the same table moves,
 //! so a row is counted, and moved, once.
 
-use super::QUEUES;
+use super::target::QUEUES;
 
 /// What a rule does to the rows it selects.
 #[derive(Debug, Clone)]
