@@ -80,7 +80,9 @@ pub(super) fn replace_word(text: &str, word: &str, with: &str) -> String {
     out
 }
 
-/// The sequence a `nextval('…'::regclass)` default draws from.
+/// The sequence a `nextval('…'::regclass)` default draws from, as the
+/// default's text names it: a regclass printed by PostgreSQL, so quoted
+/// where it needs quotes, ready to splice into SQL.
 pub(super) fn sequence_of(default: &str) -> Option<String> {
     let rest = default.strip_prefix("nextval('")?;
     Some(rest[..rest.find('\'')?].to_owned())
@@ -372,8 +374,12 @@ impl Adoption<'_> {
                 .await?;
             }
         }
-        let indexes: Vec<(String, String, bool)> = sqlx::query_as(
-            "SELECT i.relname::TEXT, pg_get_indexdef(x.indexrelid), x.indisprimary
+        // Each index's name as stored (to find it) and quoted as
+        // pg_get_indexdef quotes it (to name it in SQL), its copy's likewise.
+        type Index = (String, String, String, String, String, bool);
+        let indexes: Vec<Index> = sqlx::query_as(
+            "SELECT i.relname::TEXT, quote_ident(i.relname), i.relname || '__new', quote_ident(i.relname || '__new'),
+                    pg_get_indexdef(x.indexrelid), x.indisprimary
              FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
              WHERE x.indrelid = $1::REGCLASS AND i.relname NOT LIKE '%\\_\\_new'",
         )
@@ -382,28 +388,29 @@ impl Adoption<'_> {
         .await
         .db("reading indexes")?;
         let mut swaps = Vec::new();
-        for (name, def, primary) in indexes {
+        for (_, name, new_raw, new_name, def, primary) in indexes {
             let touched = wants.iter().any(|w| mentions(&def, w.column));
             if !touched {
                 continue;
             }
             let mut new_def = def.replacen(
                 &format!("INDEX {name} ON"),
-                &format!("INDEX {name}__new ON"),
+                &format!("INDEX {new_name} ON"),
                 1,
             );
             for w in wants {
                 new_def = replace_word(&new_def, w.column, &format!("{}__new", w.column));
             }
             let new_def = new_def.replacen("INDEX ", "INDEX CONCURRENTLY IF NOT EXISTS ", 1);
-            self.concurrently(&format!("{name}__new"), &new_def).await?;
-            swaps.push((name, primary));
+            self.concurrently(&new_raw, &new_def).await?;
+            swaps.push((name, new_name, primary));
         }
         // 4. The swap: one short transaction of metadata changes.
         let mut swap = Vec::new();
         // Foreign keys that reference a swapped column go, and come back NOT VALID.
         let fks: Vec<(String, String, String)> = sqlx::query_as(
-            "SELECT c.conname::TEXT, c.conrelid::REGCLASS::TEXT, pg_get_constraintdef(c.oid)
+            // (Names quoted for SQL: REGCLASS's text is quoted already.)
+            "SELECT quote_ident(c.conname), c.conrelid::REGCLASS::TEXT, pg_get_constraintdef(c.oid)
              FROM pg_constraint c WHERE c.contype = 'f' AND (c.confrelid = $1::REGCLASS OR c.conrelid = $1::REGCLASS)",
         )
         .bind(table)
@@ -418,7 +425,7 @@ impl Adoption<'_> {
         if table == "users" {
             swap.push("DROP MATERIALIZED VIEW IF EXISTS user_leaderboard".into());
         }
-        for (name, primary) in &swaps {
+        for (name, _, primary) in &swaps {
             if *primary {
                 swap.push(format!(
                     "ALTER TABLE {table} DROP CONSTRAINT IF EXISTS {name}"
@@ -469,8 +476,8 @@ impl Adoption<'_> {
                 swap.push(format!("ALTER TABLE {table} DROP CONSTRAINT {check}"));
             }
         }
-        for (name, primary) in &swaps {
-            swap.push(format!("ALTER INDEX {name}__new RENAME TO {name}"));
+        for (name, new_name, primary) in &swaps {
+            swap.push(format!("ALTER INDEX {new_name} RENAME TO {name}"));
             if *primary {
                 swap.push(format!(
                     "ALTER TABLE {table} ADD CONSTRAINT {name} PRIMARY KEY USING INDEX {name}"

@@ -135,16 +135,17 @@ impl Adoption<'_> {
 
     /// CREATE INDEX CONCURRENTLY; an invalid leftover of a killed build is dropped first.
     pub(super) async fn concurrently(&self, name: &str, sql: &str) -> Result<()> {
-        let invalid: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
-                            WHERE i.relname = $1 AND NOT x.indisvalid)",
+        // An invalid index of that name (a build killed midway), quoted for SQL.
+        let invalid: Option<String> = sqlx::query_scalar(
+            "SELECT quote_ident(i.relname) FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
+             WHERE i.relname = $1 AND NOT x.indisvalid",
         )
         .bind(name)
-        .fetch_one(self.pool)
+        .fetch_optional(self.pool)
         .await
         .db("reading an index")?;
-        if invalid {
-            self.exec(&format!("DROP INDEX CONCURRENTLY IF EXISTS {name}"))
+        if let Some(quoted) = invalid {
+            self.exec(&format!("DROP INDEX CONCURRENTLY IF EXISTS {quoted}"))
                 .await?;
         }
         self.exec(sql).await
