@@ -657,17 +657,21 @@ impl Redis {
         // A Redis that just failed to answer is not asked again for a
         // moment: a process (a one-shot CLI call above all) pays for an
         // outage once, not once per command.
-        let away = self
-            .inner
+        if self.is_away() {
+            return None;
+        }
+        self.attempt(what, fut).await
+    }
+
+    /// True while Redis counts as away: within [`BACK_OFF`] of a failure to
+    /// answer (on tokio's clock).
+    fn is_away(&self) -> bool {
+        self.inner
             .down_until
             .lock()
             .ok()
             .and_then(|d| *d)
-            .is_some_and(|until| Instant::now() < until);
-        if away {
-            return None;
-        }
-        self.attempt(what, fut).await
+            .is_some_and(|until| Instant::now() < until)
     }
 
     /// [`Redis::run`] without the back-off: for score writes, which are
@@ -757,4 +761,33 @@ async fn load_scripts(c: &mut Handle, scripts: &[&Lua]) -> RedisResult<()> {
             .await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Tokio's paused clock: the back-off is measured on it, so the test
+    // moves time instead of waiting for it.
+    #[tokio::test(start_paused = true)]
+    async fn a_failure_keeps_redis_away_for_the_back_off_and_no_longer() {
+        let cfg = RedisConfig {
+            // Nothing listens on port 1: every connect is refused.
+            url: "redis://127.0.0.1:1/".to_owned().into(),
+            ..Default::default()
+        };
+        let redis = Redis::new(&cfg).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!redis.is_away());
+        let get = || redis::cmd("GET").arg("k").to_owned();
+        assert_eq!(redis.query::<Option<String>>("GET", get()).await, None);
+        assert!(redis.is_away(), "a failure starts the back-off");
+        tokio::time::advance(BACK_OFF - Duration::from_millis(10)).await;
+        assert!(redis.is_away(), "still within the back-off");
+        // Within it, a read does not even try (it answers at once).
+        let before = Instant::now();
+        assert_eq!(redis.query::<Option<String>>("GET", get()).await, None);
+        assert_eq!(Instant::now(), before);
+        tokio::time::advance(Duration::from_millis(20)).await;
+        assert!(!redis.is_away(), "after the back-off Redis is asked again");
+    }
 }

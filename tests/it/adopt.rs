@@ -152,6 +152,23 @@ pub(crate) fn old_app(
         .unwrap_or_else(|e| panic!("python3: {e}"))
 }
 
+/// Waits until the forum's applications are writing: their events grow.
+async fn writing(pool: &PgPool) {
+    let events = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM moderation_events")
+            .fetch_one(pool)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let from = events().await;
+    common::eventually(
+        "the applications writing",
+        Duration::from_secs(30),
+        || async { events().await >= from + 20 },
+    )
+    .await;
+}
+
 pub(crate) async fn finish(app: Child) -> serde_json::Value {
     let out = tokio::task::spawn_blocking(move || app.wait_with_output())
         .await
@@ -252,7 +269,7 @@ async fn the_original_design_is_adopted_online_beside_its_own_code_and_resumes_a
             .map(|w| old_app(&config, &db, w, 120, USERS, &stop_path))
             .collect(),
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    writing(&pool).await;
 
     // Killed in the middle (once the events are being shaped), then resumed.
     let mut first = common::loyaltyd(&config)
@@ -629,7 +646,7 @@ async fn a_real_forum_keeps_its_objects_and_its_requests_succeed_through_an_adop
             .collect(),
     );
     apps.0.push(asyncpg_app(&db, 8, 300, &stop_path));
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    writing(&pool).await;
 
     // SIGKILLed three times at different moments, then run to its end.
     for after in [400u64, 1300, 2600] {
@@ -651,8 +668,8 @@ async fn a_real_forum_keeps_its_objects_and_its_requests_succeed_through_an_adop
     );
     let done: serde_json::Value =
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}"));
-    // Let the application go on a little on the adopted database.
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // The application goes on writing on the adopted database.
+    writing(&pool).await;
     std::fs::write(&stop, b"stop").unwrap_or_else(|e| panic!("{e}"));
     let mut worst: f64 = 0.0;
     for app in std::mem::take(&mut apps.0) {

@@ -338,7 +338,14 @@ async fn a_master_killed_under_sixteen_writers_loses_no_write_and_no_cached_scor
             n
         }));
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    common::eventually("the writers writing", Duration::from_secs(20), || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM moderation_events")
+            .fetch_one(&wide)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            >= 200
+    })
+    .await;
     // The master dies while its replica is frozen: the writes it took in
     // that time never reach the replica that takes its place (replication
     // is asynchronous), so their cached scores are lost with it.
@@ -350,7 +357,11 @@ async fn a_master_killed_under_sixteen_writers_loses_no_write_and_no_cached_scor
     // what was lost.
     stop.cancel();
     let _ = frozen.wait();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    common::eventually("a replica taking over", Duration::from_secs(30), || {
+        let gone = !cluster.masters().contains(&victim);
+        async move { gone }
+    })
+    .await;
     cluster.wait_settled().await;
     assert!(!cluster.masters().contains(&victim), "a replica took over");
     let mut writes = 0;

@@ -192,18 +192,31 @@ async fn two_daemons_on_one_database_run_each_tick_once(pool: PgPool) {
         .await;
     b.wait_for_log("loyaltyd ready", Duration::from_secs(20))
         .await;
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    let mut ran: HashMap<String, u32> = HashMap::new();
-    let mut seen: HashMap<String, u32> = HashMap::new();
-    for (job, tick, outcome, _) in runs(&a).into_iter().chain(runs(&b)) {
-        if job != "integrity_sweep" {
-            continue;
+    // Each tick's runs (by either daemon) and sightings (both).
+    let tally = || {
+        let mut ran: HashMap<String, u32> = HashMap::new();
+        let mut seen: HashMap<String, u32> = HashMap::new();
+        for (job, tick, outcome, _) in runs(&a).into_iter().chain(runs(&b)) {
+            if job != "integrity_sweep" {
+                continue;
+            }
+            *seen.entry(tick.clone()).or_default() += 1;
+            if outcome == "success" {
+                *ran.entry(tick).or_default() += 1;
+            }
         }
-        *seen.entry(tick.clone()).or_default() += 1;
-        if outcome == "success" {
-            *ran.entry(tick).or_default() += 1;
-        }
-    }
+        (ran, seen)
+    };
+    common::eventually(
+        "four sweep ticks seen by both daemons",
+        Duration::from_secs(30),
+        || {
+            let (ran, seen) = tally();
+            async move { ran.len() >= 4 && seen.values().filter(|n| **n == 2).count() >= 3 }
+        },
+    )
+    .await;
+    let (ran, seen) = tally();
     let twice: Vec<_> = ran.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "ticks run more than once: {twice:?}");
     assert!(ran.len() >= 4, "the sweep ran on most ticks: {ran:?}");
@@ -221,7 +234,14 @@ async fn killing_the_lock_holder_lets_the_other_daemon_take_over(pool: PgPool) {
     let mut a = Daemon::start(&a_config);
     a.wait_for_log("loyaltyd ready", Duration::from_secs(20))
         .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // A has the sweep (it runs the ticks) before B comes.
+    common::eventually("the first daemon sweeping", Duration::from_secs(10), || {
+        let swept = runs(&a)
+            .iter()
+            .any(|r| r.0 == "integrity_sweep" && r.2 == "success");
+        async move { swept }
+    })
+    .await;
     let b = Daemon::start(&b_config);
     b.wait_for_log("loyaltyd ready", Duration::from_secs(20))
         .await;

@@ -166,9 +166,22 @@ async fn a_soak_under_load_with_every_job_firing_loses_nothing(
     daemon
         .wait_for_log("loyaltyd ready", Duration::from_secs(20))
         .await;
+    let sweeps = |daemon: &Daemon| {
+        daemon
+            .events()
+            .iter()
+            .filter(|e| e["job"] == "integrity_sweep" && e["outcome"] == "success")
+            .count()
+    };
     load(ctx.clone(), 200, 250).await;
-    // Let the jobs catch up with the last writes, then stop the daemon cleanly.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The jobs catch up with the last writes (a sweep that began after
+    // them ends), then the daemon stops cleanly.
+    let swept = sweeps(&daemon) + 1;
+    common::eventually("a sweep after the load", Duration::from_secs(30), || {
+        let n = sweeps(&daemon);
+        async move { n > swept }
+    })
+    .await;
     daemon.signal("TERM");
     assert_eq!(daemon.wait_exit(Duration::from_secs(10)).await.0, Some(0));
     assert_invariants(&pool, &ctx, &redis, 0).await;
@@ -211,14 +224,27 @@ async fn redis_killed_and_postgres_connections_cut_mid_load_lose_nothing(
         .wait_for_log("loyaltyd ready", Duration::from_secs(20))
         .await;
     let writers = tokio::spawn(load(ctx.clone(), 100, 300));
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Each fault lands while the writers write: the events grow between.
+    let events = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM moderation_events")
+            .fetch_one(&pool)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let writing = |from: i64| async move {
+        common::eventually("the writers writing", Duration::from_secs(20), || async {
+            events().await >= from + 10
+        })
+        .await;
+    };
+    writing(0).await;
     redis.kill();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    writing(events().await).await;
     assert!(
         terminate_daemon_connections(&pool).await >= 1,
         "the daemon holds connections"
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    writing(events().await).await;
     redis.restart().await;
     writers.await.unwrap_or_else(|e| panic!("writers: {e}"));
     // The daemon carries on by itself: a sweep succeeds after the faults.
