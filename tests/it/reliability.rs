@@ -307,7 +307,7 @@ async fn connections_cut_mid_sweep_and_a_sigkill_mid_sweep_are_recovered(pool: P
     )
     .await;
     daemon
-        .wait_for_log("\"outcome\":\"failed\"", Duration::from_secs(10))
+        .wait_for_log("\"outcome\":\"failed\"", Duration::from_secs(30))
         .await;
     let at_cut = repaired(&pool).await;
     assert_eq!(at_cut % 200, 0, "whole batches only: {at_cut}");
@@ -375,7 +375,7 @@ async fn a_refresh_cut_off_or_stopped_midway_keeps_its_changes_pending(pool: PgP
     .await;
     terminate_daemon_connections(&pool).await;
     daemon
-        .wait_for_log("\"outcome\":\"failed\"", Duration::from_secs(10))
+        .wait_for_log("\"outcome\":\"failed\"", Duration::from_secs(30))
         .await;
     common::eventually(
         "the next refresh consuming",
