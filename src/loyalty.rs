@@ -287,7 +287,9 @@ pub async fn recalc_user(ctx: &Context, user: UserId) -> Result<Recalculated> {
 }
 
 /// A repaired score.
+#[derive(sqlx::FromRow)]
 pub(crate) struct Repaired {
+    #[sqlx(flatten)]
     pub(crate) fresh: ScoreRow,
     pub(crate) previous: i64,
 }
@@ -311,9 +313,10 @@ pub(crate) async fn repair(
     .db("locking users to repair")?;
     // A seed-era writer's fresh credit (its event is on its way) counts; one
     // older than LEGACY_CREDIT_GRACE never got its event: it is dropped.
-    const SQL: &str = r#"
+    const SQL: &str = concat!(
+        r#"
         WITH truth AS (
-            SELECT u.id, u.loyalty_score AS previous,
+            SELECT u.id AS uid, u.loyalty_score AS previous,
                    COALESCE((SELECT SUM(e.score_delta) FROM moderation_events e WHERE e.user_id = u.id), 0)
                  + COALESCE((SELECT SUM(c.delta) FROM legacy_score_credits c
                              WHERE c.user_id = u.id AND c.written_at > now() - $2 * INTERVAL '1 second'), 0) AS score
@@ -327,34 +330,24 @@ pub(crate) async fn repair(
             SET loyalty_score = t.score, score_version = next_score_version(u.score_version),
                 score_xid = pg_current_xact_id(), updated_at = now()
             FROM truth t
-            WHERE u.id = t.id AND u.loyalty_score <> t.score
-            -- (Casts: an adopted forum's id and score may be INTEGER.)
-            RETURNING u.id::BIGINT AS id, u.loyalty_score::BIGINT AS loyalty_score, u.score_version,
-                      t.previous::BIGINT AS previous,
-                      (EXTRACT(EPOCH FROM u.created_at) * 1000000)::BIGINT AS created_us
+            WHERE u.id = t.uid AND u.loyalty_score <> t.score
+            RETURNING "#,
+        crate::score_row_columns!(),
+        r#", t.previous::BIGINT AS previous
         ), counted AS (
             -- A repaired score moves the leaderboard like any other change
             -- (read once, below: a CTE nobody reads would not run).
             SELECT leaderboard_count_changes(count(*)) FROM fixed HAVING count(*) > 0
         )
-        SELECT f.id, f.loyalty_score, f.score_version, f.previous, f.created_us
-        FROM fixed f LEFT JOIN counted ON true ORDER BY f.id
-    "#;
-    let rows: Vec<(i64, i64, i64, i64, i64)> = sqlx::query_as(SQL)
+        SELECT f.* FROM fixed f LEFT JOIN counted ON true ORDER BY f.user_id
+    "#
+    );
+    sqlx::query_as(SQL)
         .bind(ids)
         .bind(LEGACY_CREDIT_GRACE.as_secs_f64())
         .fetch_all(&mut **tx)
         .await
-        .db("repairing scores")?;
-    Ok(rows
-        .into_iter()
-        .filter_map(|(id, score, version, previous, created)| {
-            Some(Repaired {
-                fresh: ScoreRow::from_parts(id, score, version, created)?,
-                previous,
-            })
-        })
-        .collect())
+        .db("repairing scores")
 }
 
 /// Repairs the scores of `ids` in the caller's transaction (the sweep's

@@ -27,6 +27,8 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
+use sqlx::postgres::PgRow;
+use sqlx::{FromRow, Row};
 
 use crate::context::Context;
 use crate::error::{DbContext, Result};
@@ -81,42 +83,48 @@ async fn sync_in(ctx: &Context, tx: &mut sqlx::PgConnection) -> Result<Synced> {
             .fetch_one(&mut *tx)
             .await
             .db("reading the cache sync position")?;
-    // One statement: the changed rows and the snapshot they were read in.
-    const CHANGED: &str = r#"
-        WITH snap AS (
-            SELECT pg_current_snapshot() AS s
-        ), changed AS (
-            -- (Casts: an adopted forum's id and score may be INTEGER.)
-            SELECT id::BIGINT AS id, loyalty_score::BIGINT AS loyalty_score, score_version, created_at FROM users
-            WHERE score_xid >= $1::xid8
-            UNION
-            SELECT id::BIGINT, loyalty_score::BIGINT, score_version, created_at FROM users
-            WHERE score_xid = ANY($2::xid8[])
-        )
-        SELECT (SELECT pg_snapshot_xmax(s)::TEXT FROM snap),
-               (SELECT COALESCE(array_agg(x::TEXT), '{}') FROM snap, pg_snapshot_xip(s) AS x),
-               (SELECT COALESCE(array_agg(id ORDER BY id), '{}') FROM changed),
-               (SELECT COALESCE(array_agg(loyalty_score ORDER BY id), '{}') FROM changed),
-               (SELECT COALESCE(array_agg(score_version ORDER BY id), '{}') FROM changed),
-               (SELECT COALESCE(array_agg((EXTRACT(EPOCH FROM created_at) * 1000000)::BIGINT ORDER BY id), '{}')
-                FROM changed)
-    "#;
-    type Changed = (String, Vec<String>, Vec<i64>, Vec<i64>, Vec<i64>, Vec<i64>);
-    let (next_xmax, next_xip, ids, scores, versions, created): Changed = sqlx::query_as(CHANGED)
+    // One statement: the changed rows and the snapshot they were read in
+    // (on every row; one row without a score when nothing changed).
+    const CHANGED: &str = concat!(
+        "WITH snap AS (SELECT pg_current_snapshot() AS s),
+         changed AS (
+             SELECT ",
+        crate::score_row_columns!(),
+        " FROM users WHERE score_xid >= $1::xid8
+             UNION
+             SELECT ",
+        crate::score_row_columns!(),
+        " FROM users WHERE score_xid = ANY($2::xid8[])
+         )
+         SELECT pg_snapshot_xmax(snap.s)::TEXT AS next_xmax,
+                ARRAY(SELECT x::TEXT FROM pg_snapshot_xip(snap.s) AS x) AS next_xip,
+                changed.*
+         FROM snap LEFT JOIN changed ON true
+         ORDER BY changed.user_id"
+    );
+    let rows: Vec<PgRow> = sqlx::query(CHANGED)
         .bind(&xmax)
         .bind(&xip)
-        .fetch_one(&mut *tx)
+        .fetch_all(&mut *tx)
         .await
         .db("reading changed scores")?;
-    let fresh: Vec<ScoreRow> = ids
-        .iter()
-        .zip(&scores)
-        .zip(&versions)
-        .zip(&created)
-        .filter_map(|(((&id, &score), &version), &created)| {
-            ScoreRow::from_parts(id, score, version, created)
-        })
-        .collect();
+    let snapshot = |row: &PgRow| -> std::result::Result<(String, Vec<String>), sqlx::Error> {
+        Ok((row.try_get("next_xmax")?, row.try_get("next_xip")?))
+    };
+    let (next_xmax, next_xip) = match rows.first() {
+        Some(row) => snapshot(row).db("reading changed scores")?,
+        None => (xmax.clone(), xip.clone()),
+    };
+    let mut fresh = Vec::with_capacity(rows.len());
+    for row in &rows {
+        if row
+            .try_get::<Option<i64>, _>("user_id")
+            .db("reading changed scores")?
+            .is_some()
+        {
+            fresh.push(ScoreRow::from_row(row).db("reading changed scores")?);
+        }
+    }
     for chunk in fresh.chunks(CHUNK) {
         if !crate::publish::scores(ctx, chunk).await {
             // The position stays: the same window is read again.
