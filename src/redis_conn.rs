@@ -365,11 +365,14 @@ impl ConnectionLike for Handle {
     }
 }
 
-/// A Lua script of ours: its source (to load it again after Redis forgot
-/// it) and its SHA1 (to call it with `EVALSHA`).
+/// Lua of ours: a script (called with `EVALSHA` by its SHA1) or a function
+/// library (called with `FCALL` by its functions' names), with its source,
+/// to load it again after Redis forgot it.
 pub struct Lua {
     source: &'static str,
     hash: String,
+    /// A library's name; `None` for a script.
+    library: Option<&'static str>,
 }
 
 impl Lua {
@@ -378,6 +381,16 @@ impl Lua {
         Lua {
             source,
             hash: redis::Script::new(source).get_hash().to_owned(),
+            library: None,
+        }
+    }
+
+    /// The function library `name` of `source` (which starts `#!lua name=…`).
+    pub fn library(name: &'static str, source: &'static str) -> Lua {
+        Lua {
+            source,
+            hash: String::new(),
+            library: Some(name),
         }
     }
 
@@ -607,6 +620,55 @@ impl Redis {
         Some(keys)
     }
 
+    /// Loads a function library unless every node that holds keys has it
+    /// already (`replace`: load it whatever they have, e.g. a newer
+    /// version's); false when Redis is away. For clients of other languages,
+    /// which call the library but cannot load it.
+    pub async fn ensure_library(&self, library: &Lua, replace: bool) -> bool {
+        let Some(name) = library.library else {
+            return false;
+        };
+        if !replace {
+            let conn = &self.inner.conn;
+            let nodes = match self.run("CLUSTER SLOTS", conn.masters()).await {
+                Some(Some(masters)) => masters.into_iter().map(Some).collect(),
+                Some(None) => vec![None],
+                None => return false,
+            };
+            let mut missing = false;
+            for node in nodes {
+                let list = redis::cmd("FUNCTION")
+                    .arg("LIST")
+                    .arg("LIBRARYNAME")
+                    .arg(name)
+                    .to_owned();
+                let listed = self
+                    .run("FUNCTION LIST", async {
+                        let mut c = conn.handle().await?;
+                        match &node {
+                            Some((host, port)) => c.on_node(list, host, *port).await,
+                            None => list.query_async::<Value>(&mut c).await,
+                        }
+                    })
+                    .await;
+                match listed {
+                    Some(Value::Array(libraries)) if !libraries.is_empty() => {}
+                    Some(_) => missing = true,
+                    None => return false,
+                }
+            }
+            if !missing {
+                return true;
+            }
+        }
+        let conn = &self.inner.conn;
+        self.run("FUNCTION LOAD", async {
+            load_scripts(&mut conn.handle().await?, &[library]).await
+        })
+        .await
+        .is_some()
+    }
+
     /// How many keys match `pattern` under the prefix, with up to five of
     /// them; -1 when Redis is away.
     pub async fn count_keys(&self, pattern: &str) -> (i64, Vec<String>) {
@@ -745,20 +807,28 @@ pub fn escape_glob(s: &str) -> String {
     out
 }
 
-/// Whether Redis answered that it does not know a script.
+/// Whether Redis answered that it does not know a script or a function.
 fn is_no_script(e: &redis::RedisError) -> bool {
     e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+        || e.to_string().contains("Function not found")
 }
 
-/// Loads scripts (on every node of a cluster: the cluster client sends
-/// `SCRIPT LOAD` to all of them).
+/// Loads scripts and libraries (on every master of a cluster: the cluster
+/// client sends `SCRIPT LOAD` and `FUNCTION LOAD` to all of them).
 async fn load_scripts(c: &mut Handle, scripts: &[&Lua]) -> RedisResult<()> {
     for script in scripts {
-        let _: String = redis::cmd("SCRIPT")
-            .arg("LOAD")
-            .arg(script.source)
-            .query_async(c)
-            .await?;
+        let cmd = match script.library {
+            None => redis::cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(script.source)
+                .to_owned(),
+            Some(_) => redis::cmd("FUNCTION")
+                .arg("LOAD")
+                .arg("REPLACE")
+                .arg(script.source)
+                .to_owned(),
+        };
+        let _: Value = cmd.query_async(c).await?;
     }
     Ok(())
 }

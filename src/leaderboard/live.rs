@@ -58,35 +58,10 @@ end
 return n
 "#;
 
-/// One user's place: {0-based rank or -1, score, ranked users}, or {-2}
-/// while the board is not built. KEYS: the set, the hash. ARGV: user id.
-const LIVE_RANK: &str = r#"
-if redis.call('HGET', KEYS[2], '_ready') ~= '1' then
-  return {-2}
-end
-local card = redis.call('ZCARD', KEYS[1])
-local cur = redis.call('HGET', KEYS[2], ARGV[1])
-if not cur then
-  return {-1, '0', card}
-end
-local member = string.sub(cur, string.find(cur, ' ') + 1)
-local r = redis.call('ZRANK', KEYS[1], member)
-if not r then
-  return {-1, '0', card}
-end
-return {r, redis.call('ZSCORE', KEYS[1], member), card}
-"#;
-
-/// A page: {ranked users, member, score, member, score, ...}, or {-2} while
-/// the board is not built. KEYS: the set, the hash. ARGV: offset, limit.
-const LIVE_PAGE: &str = r#"
-if redis.call('HGET', KEYS[2], '_ready') ~= '1' then
-  return {-2}
-end
-local out = redis.call('ZRANGE', KEYS[1], ARGV[1], tonumber(ARGV[1]) + tonumber(ARGV[2]) - 1, 'WITHSCORES')
-table.insert(out, 1, redis.call('ZCARD', KEYS[1]))
-return out
-"#;
+/// The read contract of live standing for every client language: a Redis
+/// function library (`loyaltyd_rank`, `loyaltyd_page`), documented in its
+/// source. loyaltyd's own reads call it too: one definition of a rank.
+const LIBRARY: &str = include_str!("live.lua");
 
 /// The ids of users whose place on the live board differs from the
 /// database's: KEYS: the set, the hash. ARGV: (user id, member, score) for
@@ -108,8 +83,7 @@ return bad
 "#;
 
 static LIVE_SET_SCRIPT: LazyLock<Lua> = LazyLock::new(|| Lua::new(LIVE_SET));
-static LIVE_RANK_SCRIPT: LazyLock<Lua> = LazyLock::new(|| Lua::new(LIVE_RANK));
-static LIVE_PAGE_SCRIPT: LazyLock<Lua> = LazyLock::new(|| Lua::new(LIVE_PAGE));
+static LIBRARY_LUA: LazyLock<Lua> = LazyLock::new(|| Lua::library("loyaltyd", LIBRARY));
 static LIVE_CHECK_SCRIPT: LazyLock<Lua> = LazyLock::new(|| Lua::new(LIVE_CHECK));
 
 /// The script a score write runs on the board, for loading it where a
@@ -314,62 +288,54 @@ impl Board {
         self.redis.query("ZCARD", cmd).await
     }
 
-    /// A user's place on the live board; `None` when the board is not built
-    /// or Redis is away (the caller reads the view instead).
-    pub async fn rank(&self, user: UserId) -> Option<LiveRank> {
+    /// Loads the read library where Redis lacks it (`replace`: whatever
+    /// Redis has, as after an upgrade); false when Redis is away. The daemon
+    /// calls it on start and every few seconds, so that other clients find
+    /// it after a Redis restart or a failover.
+    pub async fn ensure_library(&self, replace: bool) -> bool {
+        self.redis.ensure_library(&LIBRARY_LUA, replace).await
+    }
+
+    /// Calls one of the library's functions (`FCALL_RO`) on the board.
+    async fn fcall(&self, function: &str, args: &[i64]) -> Option<Vec<redis::Value>> {
         let mut pipe = redis::pipe();
-        pipe.cmd("EVALSHA")
-            .arg(LIVE_RANK_SCRIPT.get_hash())
+        pipe.cmd("FCALL_RO")
+            .arg(function)
             .arg(2)
             .arg(self.key())
             .arg(self.users_key())
-            .arg(user.get());
+            .arg(args);
         let (reply,): (Vec<redis::Value>,) = self
             .redis
-            .query_pipeline("EVALSHA", &pipe, false, &[&LIVE_RANK_SCRIPT])
+            .query_pipeline("FCALL_RO", &pipe, false, &[&LIBRARY_LUA])
             .await?;
-        let int = |v: Option<&redis::Value>| -> Option<i64> {
-            match v? {
-                redis::Value::Int(i) => Some(*i),
-                redis::Value::BulkString(b) => std::str::from_utf8(b)
-                    .ok()?
-                    .parse::<f64>()
-                    .ok()
-                    .map(|f| f as i64),
-                _ => None,
-            }
+        Some(reply)
+    }
+
+    /// A user's place on the live board; `None` when the board is not built
+    /// or Redis is away (the caller reads the view instead).
+    pub async fn rank(&self, user: UserId) -> Option<LiveRank> {
+        let reply = self.fcall("loyaltyd_rank", &[user.get()]).await?;
+        let int = |i: usize| match reply.get(i) {
+            Some(redis::Value::Int(n)) => Some(*n),
+            _ => None,
         };
-        let rank = int(reply.first())?;
-        if rank == -2 {
-            return None;
+        match int(0)? {
+            -2 => None,
+            0 => Some(LiveRank::Unranked { ranked: int(1)? }),
+            rank => Some(LiveRank::Ranked {
+                rank,
+                score: int(1)?,
+                ranked: int(2)?,
+            }),
         }
-        let ranked = int(reply.get(2))?;
-        if rank < 0 {
-            return Some(LiveRank::Unranked { ranked });
-        }
-        Some(LiveRank::Ranked {
-            rank: rank + 1,
-            score: -int(reply.get(1))?,
-            ranked,
-        })
     }
 
     /// A page of the live board: how many users it ranks, and (user, score)
     /// from rank `offset + 1` on; `None` when the board is not built or Redis
     /// is away.
     pub async fn page(&self, offset: i64, limit: i64) -> Option<(i64, Vec<(UserId, i64)>)> {
-        let mut pipe = redis::pipe();
-        pipe.cmd("EVALSHA")
-            .arg(LIVE_PAGE_SCRIPT.get_hash())
-            .arg(2)
-            .arg(self.key())
-            .arg(self.users_key())
-            .arg(offset)
-            .arg(limit);
-        let (reply,): (Vec<redis::Value>,) = self
-            .redis
-            .query_pipeline("EVALSHA", &pipe, false, &[&LIVE_PAGE_SCRIPT])
-            .await?;
+        let reply = self.fcall("loyaltyd_page", &[offset, limit]).await?;
         let mut items = reply.into_iter();
         let ranked = match items.next()? {
             redis::Value::Int(-2) => return None,
@@ -377,13 +343,13 @@ impl Board {
             _ => return None,
         };
         let mut page = Vec::new();
-        while let (Some(member), Some(score)) = (items.next(), items.next()) {
-            let (redis::Value::BulkString(m), redis::Value::BulkString(s)) = (member, score) else {
+        while let (Some(_rank), Some(id), Some(score)) = (items.next(), items.next(), items.next())
+        {
+            let (redis::Value::BulkString(id), redis::Value::Int(score)) = (id, score) else {
                 return None;
             };
-            let user = live_member_user(std::str::from_utf8(&m).ok()?)?;
-            let score = std::str::from_utf8(&s).ok()?.parse::<f64>().ok()?;
-            page.push((user, -score as i64));
+            let user = std::str::from_utf8(&id).ok()?.parse::<UserId>().ok()?;
+            page.push((user, score));
         }
         Some((ranked, page))
     }

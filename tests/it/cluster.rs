@@ -351,6 +351,7 @@ async fn a_master_killed_under_sixteen_writers_loses_no_write_and_no_cached_scor
     // is asynchronous), so their cached scores are lost with it.
     let victim = cluster.masters()[0];
     let mut frozen = cluster.freeze(cluster.replica_of(victim), 1.5);
+    // Into the freeze: the writes of this window are what the replica misses.
     tokio::time::sleep(Duration::from_millis(700)).await;
     cluster.kill(victim);
     // The writers stop with it: no later write of the same users hides
@@ -477,4 +478,39 @@ async fn after_a_failover_the_daemon_rewrites_what_the_new_master_missed(pool: P
             Duration::from_secs(5),
         )
         .await;
+}
+
+#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+async fn a_python_cluster_client_reads_exact_live_standing_through_the_function_library(
+    pool: PgPool,
+) {
+    let cluster = RedisCluster::start().await;
+    common::users(&pool, 90).await;
+    let ctx = common::ctx_with(&pool, config(&pool, &cluster, "cl-python"), false);
+    // On every master: the board's keys share one slot, but which master
+    // holds it is the cluster's business.
+    let board = loyaltyd::leaderboard::live::Board::new(&ctx.redis);
+    assert!(board.ensure_library(true).await, "the library loads");
+    loyaltyd::leaderboard::live::build(&ctx)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    common::write_both_kinds(&ctx, &pool, 90, 40).await;
+    common::sync(&ctx).await;
+    let db = crate::adopt::database(&pool).await;
+    let node = format!("127.0.0.1:{}", cluster.ports[0]);
+    let out = common::python_live_standing(&db, "cluster", &node, ctx.redis.prefix(), "exact");
+    assert!(out.contains("\"users\": 90"), "{out}");
+    // A master that lost the library (FUNCTION FLUSH on each) gets it back
+    // from the check the daemon runs.
+    let mut c = client(&cluster).await;
+    let _: redis::Value = redis::cmd("FUNCTION")
+        .arg("FLUSH")
+        .query_async(&mut c)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        board.ensure_library(false).await,
+        "the library is loaded again"
+    );
+    common::python_live_standing(&db, "cluster", &node, ctx.redis.prefix(), "exact");
 }

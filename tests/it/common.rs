@@ -982,3 +982,79 @@ pub async fn migrated_database(pool: &PgPool, suffix: &str) -> PgPool {
         .unwrap_or_else(|e| panic!("migrate {name}: {e}"));
     fresh
 }
+
+/// Writers of both kinds at once on users `1..=users`: four through
+/// loyaltyd (`record_event`, which writes the cache and the live board) and
+/// four plain-SQL INSERTs (which reach Redis through the cache sync), with
+/// every outcome, so scores rise, fall and tie. Returns when all are done.
+pub async fn write_both_kinds(ctx: &Context, pool: &PgPool, users: i64, each: usize) {
+    let mut tasks = Vec::new();
+    for w in 0..4usize {
+        let ctx = ctx.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..each {
+                let user = 1 + ((w * 7919 + i * 31) as i64 % users);
+                loyaltyd::loyalty::record_event(&ctx, &varied_event(user, w * 100_000 + i))
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"));
+            }
+        }));
+        let pool = pool.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..each {
+                let user = 1 + ((w * 104_729 + i * 17) as i64 % users);
+                let outcome = ["approved", "rejected", "calibrated"][(i / 2) % 3];
+                sqlx::query(
+                    "INSERT INTO moderation_events (user_id, event_type, content_type, content_id, outcome)
+                     VALUES ($1, 'plain', $2, $3, $4)",
+                )
+                .bind(user)
+                .bind(["post", "topic"][i % 2])
+                .bind(format!("sql-{w}-{i}"))
+                .bind(outcome)
+                .execute(&pool)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+/// Runs README.md's "python-standing" example with
+/// tests/fixtures/live_standing_check.py (redis-py and psycopg, Debian's):
+/// `mode` "single" with a Redis URL or "cluster" with a node's host:port;
+/// `expect` "exact" or "not-ready". Panics with its output when it fails.
+pub fn python_live_standing(
+    pool_db: &str,
+    mode: &str,
+    address: &str,
+    prefix: &str,
+    expect: &str,
+) -> String {
+    let script = format!(
+        "{}\n{}",
+        readme_example("python-standing"),
+        include_str!("../fixtures/live_standing_check.py")
+    );
+    let out = std::process::Command::new(PYTHON)
+        .args(["-c", &script])
+        .args([
+            &format!("host=/var/run/postgresql dbname={pool_db} user=root"),
+            mode,
+            address,
+            prefix,
+            expect,
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("python3: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "the Python client ({mode}, {expect}): {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}

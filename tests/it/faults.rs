@@ -71,7 +71,8 @@ async fn a_tick_whose_claim_fails_under_a_lock_storm_lets_go_of_the_job_lock(
     assert_eq!(job_locks_held(&pool, Job::QueueReorder).await, 0);
     storm.rollback().await.unwrap_or_else(|e| panic!("{e}"));
     // The other daemon runs the next tick instead of skipping it as
-    // "another instance is running it".
+    // "another instance is running it". (A tick is a second of the
+    // schedule: time itself, not a condition, is what is waited for.)
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(b.tick(&never).await, JobOutcome::Skipped); // ran: nothing to reorder
     let succeeded: Option<chrono::DateTime<chrono::Utc>> =
@@ -164,6 +165,7 @@ async fn a_retry_of_an_event_id_after_a_kill_after_commit_repairs_the_cache(pool
             == 1
     })
     .await;
+    // A moment into its wait, not a condition: where a kill lands.
     tokio::time::sleep(Duration::from_millis(100)).await;
     let _ = cli.kill(); // SIGKILL
     let _ = cli.wait();

@@ -306,10 +306,36 @@ async fn a_board_lost_with_redis_is_rebuilt_by_the_daemon_while_readers_use_the_
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     }
+    // Redis without the read library (a restart loses functions unless it
+    // persists them): the daemon loads it, for every other client.
+    let mut c = common::redis().await;
+    let _: () = redis::cmd("FUNCTION")
+        .arg("FLUSH")
+        .query_async(&mut c)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     let daemon = Daemon::start(&config);
     daemon
         .wait_for_log("built the live leaderboard", Duration::from_secs(30))
         .await;
+    common::eventually(
+        "the daemon loading the library",
+        Duration::from_secs(30),
+        || {
+            let mut c = c.clone();
+            async move {
+                let listed: Vec<redis::Value> = redis::cmd("FUNCTION")
+                    .arg("LIST")
+                    .arg("LIBRARYNAME")
+                    .arg("loyaltyd")
+                    .query_async(&mut c)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"));
+                !listed.is_empty()
+            }
+        },
+    )
+    .await;
     let source = |config: &loyaltyd::config::Config| {
         common::run_json(config, &["leaderboard", "rank", "--user", "7"])["source"].clone()
     };
@@ -443,4 +469,43 @@ async fn the_swap_refresh_keeps_grants_indexes_and_never_fails_a_reader(pool: Pg
     .execute(&pool)
     .await
     .unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+async fn a_python_client_reads_exact_live_standing_through_the_function_library(pool: PgPool) {
+    common::users(&pool, 120).await;
+    let ctx = common::ctx(&pool, "live-python");
+    let board = loyaltyd::leaderboard::live::Board::new(&ctx.redis);
+    assert!(board.ensure_library(true).await, "the library loads");
+    build(&ctx).await;
+    // Writers of both kinds at once; then the cache sync brings the
+    // plain-SQL writes to the board, as the daemon's would.
+    common::write_both_kinds(&ctx, &pool, 120, 60).await;
+    common::sync(&ctx).await;
+    let db = crate::adopt::database(&pool).await;
+    let url = ctx.config.redis.url.expose().to_owned();
+    let out = common::python_live_standing(&db, "single", &url, ctx.redis.prefix(), "exact");
+    let report: serde_json::Value =
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(report["users"], 120, "{out}");
+    assert!(report["ranked"].as_i64().is_some_and(|n| n > 10), "{out}");
+    // loyaltyd's own reads answer from the same functions.
+    assert_exact(&ctx, &pool, "after both kinds of writers").await;
+    // While the board is built again, a clear "not ready", never a rank.
+    assert!(board.mark_ready(false).await);
+    common::python_live_standing(&db, "single", &url, ctx.redis.prefix(), "not-ready");
+    // Redis lost the library (a restart, FUNCTION FLUSH): loyaltyd's own
+    // read loads it again; the daemon's check does it for other clients.
+    assert!(board.mark_ready(true).await);
+    let mut c = common::redis().await;
+    let _: () = redis::cmd("FUNCTION")
+        .arg("FLUSH")
+        .query_async(&mut c)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        leaderboard::rank(&ctx, uid(1)).await.map(|s| s.source).ok(),
+        Some(Source::Live)
+    );
+    common::python_live_standing(&db, "single", &url, ctx.redis.prefix(), "exact");
 }

@@ -272,6 +272,7 @@ async fn a_real_prometheus_scrapes_the_daemon_and_every_documented_series_and_pa
             .execute(&pool)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
+        // Spread over Prometheus's scrapes (time, not a condition).
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Every series the program documents, through Prometheus.

@@ -295,6 +295,7 @@ async fn sixteen_concurrent_adders_and_removers_leave_exact_unique_positions(
     let reorderer = {
         let ctx = ctx.clone();
         tokio::spawn(async move {
+            // A moment into the writes: where the reorder lands.
             tokio::time::sleep(std::time::Duration::from_millis(300)).await;
             queues::reorder(&ctx, QueueKind::Topic, &Scope::Global)
                 .await

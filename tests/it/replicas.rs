@@ -153,7 +153,11 @@ async fn a_replica_stopped_mid_reads_sends_them_to_the_primary_without_an_error(
             ranks
         })
     };
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // The replica stops while the reads go to it.
+    common::eventually("reads on the replica", Duration::from_secs(20), || async {
+        common::metric(addr, ON_REPLICA).await >= served_before + 20.0
+    })
+    .await;
     replica.stop();
     let ranks = reads.await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(ranks.len(), 300);

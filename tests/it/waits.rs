@@ -144,6 +144,7 @@ async fn unknown_without_history_the_queues_pace_for_a_new_scope_and_reorders_st
     .execute(&pool)
     .await
     .unwrap_or_else(|e| panic!("{e}"));
+    // Time passes after the removals (the pace is removals over time).
     tokio::time::sleep(Duration::from_millis(200)).await;
     // A new topic: the queue's typical pace stands in for its own.
     add_items(&pool, "new", 3).await;
