@@ -117,6 +117,8 @@ async fn insert_event(pool: &PgPool, e: &NewEvent) -> Result<(Recorded, ScoreRow
         score,
         version,
         created_us,
+        // (The function does not answer it: the board keeps the name it has.)
+        username: None,
     };
     Ok((recorded, fresh))
 }
@@ -275,7 +277,7 @@ pub async fn recalc_user(ctx: &Context, user: UserId) -> Result<Recalculated> {
     let current = read_score(&mut *tx, user).await?;
     tx.commit().await.db("committing the recalculation")?;
     // Always refresh the cache: recalc is also how an operator fixes a bad cached value.
-    publish::scores(ctx, &[current]).await;
+    publish::scores(ctx, std::slice::from_ref(&current)).await;
     timer.ok(Some(user));
     let previous = repaired.first().map_or(current.score, |r| r.previous);
     Ok(Recalculated {

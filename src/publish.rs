@@ -25,7 +25,7 @@ pub async fn scores(ctx: &Context, rows: &[ScoreRow]) -> bool {
             "EVALSHA",
             &pipe,
             true,
-            &[cache::write_script(), live::write_script()],
+            &[cache::write_script(), live::library()],
         )
         .await
 }

@@ -7,7 +7,7 @@ use crate::types::UserId;
 /// A committed score: the score and the version it was read or written
 /// at, and the user's sign-up time (the live board's tie-break). Read from
 /// `users` with [`score_row_columns!`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct ScoreRow {
     /// The user (`users.id`; a row whose id is not a user id does not decode).
     #[sqlx(rename = "user_id", try_from = "i64")]
@@ -20,6 +20,9 @@ pub struct ScoreRow {
     pub version: i64,
     /// `users.created_at`, in microseconds since the Unix epoch.
     pub created_us: i64,
+    /// `users.username`, where the read had it (`None`: a function's result
+    /// without it; the live board keeps the name it has).
+    pub username: Option<String>,
 }
 
 impl ScoreRow {
@@ -31,6 +34,7 @@ impl ScoreRow {
             score,
             version,
             created_us,
+            username: None,
         })
     }
 }
@@ -42,6 +46,6 @@ impl ScoreRow {
 macro_rules! score_row_columns {
     () => {
         "id::BIGINT AS user_id, loyalty_score::BIGINT AS loyalty_score, score_version, \
-         (EXTRACT(EPOCH FROM created_at) * 1000000)::BIGINT AS created_us"
+         (EXTRACT(EPOCH FROM created_at) * 1000000)::BIGINT AS created_us, username::TEXT AS username"
     };
 }

@@ -207,7 +207,7 @@ async fn repair_drifted(ctx: &Context, ids: &[i64], report: &mut SweepReport) ->
         }
         tracing::warn!(user_id = %r.fresh.user, stored = r.previous, recomputed = r.fresh.score, "repaired a drifted loyalty score");
     }
-    let fresh: Vec<ScoreRow> = repaired.iter().map(|r| r.fresh).collect();
+    let fresh: Vec<ScoreRow> = repaired.iter().map(|r| r.fresh.clone()).collect();
     crate::publish::scores(ctx, &fresh).await;
     Ok(())
 }
@@ -354,8 +354,8 @@ async fn remove_unranked_from_board(
         };
         let ids: Vec<UserId> = members.iter().map(|(u, _)| *u).collect();
         let fresh = read_scores(&ctx.pool, &ids).await?;
-        let wrong: Vec<ScoreRow> = fresh.iter().filter(|s| s.score <= 0).copied().collect();
-        let gone: Vec<(UserId, String)> = members
+        let wrong: Vec<ScoreRow> = fresh.iter().filter(|s| s.score <= 0).cloned().collect();
+        let gone: Vec<(UserId, Vec<u8>)> = members
             .into_iter()
             .filter(|(u, _)| !fresh.iter().any(|s| s.user == *u))
             .collect();
@@ -399,11 +399,11 @@ async fn repair_cache_entries(ctx: &Context, users: &[UserId]) -> u64 {
     let Ok(rows) = read_scores(&ctx.pool, users).await else {
         return 0;
     };
-    let current: std::collections::HashMap<UserId, ScoreRow> =
+    let mut current: std::collections::HashMap<UserId, ScoreRow> =
         rows.into_iter().map(|s| (s.user, s)).collect();
     let (mut newer, mut replace) = (Vec::new(), Vec::new());
     for (user, entry) in users.iter().zip(entries) {
-        let (Some(entry), Some(&fresh)) = (entry, current.get(user)) else {
+        let (Some(entry), Some(fresh)) = (entry, current.remove(user)) else {
             continue;
         };
         if entry.value.parse() == Ok(fresh.score) {

@@ -1,36 +1,72 @@
 #!lua name=loyaltyd
--- loyaltyd's live standing, callable from any Redis client (README "Live
--- standing from any language"). The daemon loads this library on every
--- master and loads it again when Redis lost it; loyaltyd's own reads call it
--- too, so there is one definition of a rank.
+-- loyaltyd's live board and its read contract for any Redis client (README
+-- "Live standing from any language"). The daemon loads this library on
+-- every master and loads it again when Redis lost it; loyaltyd's own writes
+-- and reads call it too, so there is one definition of the board and of a
+-- rank.
 --
 -- KEYS[1]: the board's sorted set, `<prefix>leaderboard:live`; KEYS[2]: its
--- hash, `<prefix>leaderboard:live:users` (in a Redis Cluster the tag is
+-- base, `<prefix>leaderboard:live:users` (in a Redis Cluster the tag is
 -- `{leaderboard:live}`: `<prefix>{leaderboard:live}` and
--- `<prefix>{leaderboard:live}:users`). Both functions only read
--- (`FCALL_RO` works) and answer {-2} while the board is not built: then
--- read the view's answers from PostgreSQL (`loyalty_standing`,
--- `leaderboard_page`); never a wrong rank.
+-- `<prefix>{leaderboard:live}:users`, so every key below shares one slot).
+--
+-- The layout, for the bytes it costs:
+-- * the sorted set holds every user with a positive score, scored by minus
+--   the score; a member is 16 bytes, the sign-up time (microseconds + 2^62)
+--   and the id, each 8 bytes big-endian, so that Redis's order among equal
+--   scores (the member's bytes) is the seed's tie-break: earlier sign-up,
+--   then lower id;
+-- * each user ever written has an entry in a bucket hash of at most 100
+--   users (`<base>:<id without its last two digits>`, small enough for
+--   Redis's compact listpack encoding): the member, then the score's version
+--   and the user name, `<member><version> <name>`. The version guards every
+--   write (an older score never lands over a newer one);
+-- * the base hash holds `_ready` = 2 once the board is built (2: this
+--   layout; a board of another layout reads as not built and is rebuilt).
+--
+-- Reads answer {-2} while the board is not built: then read the view's
+-- answers from PostgreSQL (`loyalty_standing`, `leaderboard_page`); never a
+-- wrong rank.
 
+local READY = '2'
 local MAX_PAGE = 1000
 
 local function ready(keys)
-  return redis.call('HGET', keys[2], '_ready') == '1'
+  return redis.call('HGET', keys[2], '_ready') == READY
 end
 
--- The user id of a member (sign-up time and id in fixed-width hex) as a
--- decimal string: exact for any 64-bit id (Lua's numbers are doubles).
+-- The bucket hash of a user id (a decimal string): no arithmetic, so exact
+-- for any 64-bit id (Lua's numbers are doubles).
+local function bucket(keys, id)
+  local b = string.sub(id, 1, -3)
+  if b == '' then
+    b = '0'
+  end
+  return keys[2] .. ':' .. b
+end
+
+-- An entry's member, version and name.
+local function parse(entry)
+  local rest = string.sub(entry, 17)
+  local sep = string.find(rest, ' ', 1, true)
+  return string.sub(entry, 1, 16), tonumber(string.sub(rest, 1, sep - 1)), string.sub(rest, sep + 1)
+end
+
+-- The user id of a member, as a decimal string (exact for any 64-bit id).
 local function member_id(member)
-  local hex = string.sub(member, 17, 32)
-  local n = tonumber(hex, 16)
-  if n < 9007199254740992 then
+  local b = {string.byte(member, 9, 16)}
+  if b[1] == 0 and b[2] == 0 then
+    local n = 0
+    for i = 3, 8 do
+      n = n * 256 + b[i]
+    end
     return string.format('%.0f', n)
   end
   local digits = {0}
-  for i = 1, #hex do
-    local carry = tonumber(string.sub(hex, i, i), 16)
+  for i = 1, 8 do
+    local carry = b[i]
     for j = 1, #digits do
-      local v = digits[j] * 16 + carry
+      local v = digits[j] * 256 + carry
       digits[j] = v % 10
       carry = math.floor(v / 10)
     end
@@ -54,30 +90,30 @@ local function topic_right(rank, ranked)
   return 0
 end
 
--- ARGV: user id. {rank, score, ranked users, topic right (1 or 0)} for a
--- ranked user; {0, ranked users} for one not on the board (a score of 0 or
--- less, or no such user); {-2} while the board is not built.
+-- ARGV: user id. {rank, score, ranked users, topic right (1 or 0), name}
+-- for a ranked user; {0, ranked users} for one not on the board (a score of
+-- 0 or less, or no such user); {-2} while the board is not built.
 local function rank(keys, args)
   if not ready(keys) then
     return {-2}
   end
   local ranked = redis.call('ZCARD', keys[1])
-  local cur = redis.call('HGET', keys[2], args[1])
-  if not cur then
+  local entry = redis.call('HGET', bucket(keys, args[1]), args[1])
+  if not entry then
     return {0, ranked}
   end
-  local member = string.sub(cur, string.find(cur, ' ') + 1)
+  local member, _, name = parse(entry)
   local r = redis.call('ZRANK', keys[1], member)
   if not r then
     return {0, ranked}
   end
   local score = -tonumber(redis.call('ZSCORE', keys[1], member))
-  return {r + 1, score, ranked, topic_right(r + 1, ranked)}
+  return {r + 1, score, ranked, topic_right(r + 1, ranked), name}
 end
 
 -- ARGV: offset (ranks skipped), limit (1 to 1000). {ranked users, then rank,
--- user id (a decimal string), score for each entry}; {-2} while the board
--- is not built.
+-- user id (a decimal string), score, name for each entry}; {-2} while the
+-- board is not built.
 local function page(keys, args)
   local offset, limit = tonumber(args[1]), tonumber(args[2])
   if not offset or offset < 0 or not limit or limit < 1 or limit > MAX_PAGE then
@@ -90,12 +126,100 @@ local function page(keys, args)
   local items = redis.call('ZRANGE', keys[1], offset, offset + limit - 1, 'WITHSCORES')
   local out = {ranked}
   for i = 1, #items, 2 do
+    local id = member_id(items[i])
+    local entry = redis.call('HGET', bucket(keys, id), id)
+    local name = ''
+    if entry then
+      local _, _, n = parse(entry)
+      name = n
+    end
     out[#out + 1] = offset + (i + 1) / 2
-    out[#out + 1] = member_id(items[i])
+    out[#out + 1] = id
     out[#out + 1] = -tonumber(items[i + 1])
+    out[#out + 1] = name
   end
   return out
 end
 
+-- loyaltyd's write. ARGV: for each user, id, member, score, version, and
+-- the name prefixed `=` (or `?` alone when the writer does not know it: the
+-- name kept is the board's). Each user is written unless the board holds a
+-- newer version (an equal one overwrites: the database is the authority at
+-- that version). Answers how many were written.
+local function set(keys, args)
+  local n = 0
+  for i = 1, #args, 5 do
+    local id, member, score, version, name = args[i], args[i + 1], tonumber(args[i + 2]), args[i + 3], args[i + 4]
+    local key = bucket(keys, id)
+    local entry = redis.call('HGET', key, id)
+    local newer = false
+    if entry then
+      local old, v, old_name = parse(entry)
+      if v > tonumber(version) then
+        newer = true
+      else
+        if old ~= member then
+          redis.call('ZREM', keys[1], old)
+        end
+        if name == '?' then
+          name = '=' .. old_name
+        end
+      end
+    end
+    if not newer then
+      if name == '?' then
+        name = '='
+      end
+      redis.call('HSET', key, id, member .. version .. ' ' .. string.sub(name, 2))
+      if score > 0 then
+        redis.call('ZADD', keys[1], -score, member)
+      else
+        redis.call('ZREM', keys[1], member)
+      end
+      n = n + 1
+    end
+  end
+  return n
+end
+
+-- The sweep's check. ARGV: (user id, member, score) for each user checked.
+-- Answers the ids whose place on the board differs.
+local function check(keys, args)
+  local bad = {}
+  for i = 1, #args, 3 do
+    local z = redis.call('ZSCORE', keys[1], args[i + 1])
+    local score = tonumber(args[i + 2])
+    if score > 0 then
+      if (not z) or tonumber(z) ~= -score then
+        table.insert(bad, args[i])
+      end
+    elseif z then
+      table.insert(bad, args[i])
+    end
+  end
+  return bad
+end
+
+-- Marks the board built (ARGV[1] = 1) or to be built again (0).
+local function mark(keys, args)
+  if args[1] == '1' then
+    return redis.call('HSET', keys[2], '_ready', READY)
+  end
+  return redis.call('HDEL', keys[2], '_ready')
+end
+
+-- Takes users off the board. ARGV: (user id, member) for each.
+local function remove(keys, args)
+  for i = 1, #args, 2 do
+    redis.call('ZREM', keys[1], args[i + 1])
+    redis.call('HDEL', bucket(keys, args[i]), args[i])
+  end
+  return #args / 2
+end
+
 redis.register_function{function_name = 'loyaltyd_rank', callback = rank, flags = {'no-writes'}}
 redis.register_function{function_name = 'loyaltyd_page', callback = page, flags = {'no-writes'}}
+redis.register_function{function_name = 'loyaltyd_check', callback = check, flags = {'no-writes'}}
+redis.register_function('loyaltyd_set', set)
+redis.register_function('loyaltyd_mark', mark)
+redis.register_function('loyaltyd_remove', remove)

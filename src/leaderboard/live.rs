@@ -1,14 +1,15 @@
 //! The live board: the leaderboard answered from committed scores, in Redis.
 //!
-//! A sorted set of every user with a positive score, scored by minus the
-//! score, each member a [`live_member`] (sign-up time and id in fixed-width
-//! hex, so Redis's order among equal scores is the seed's tie-break); beside
-//! it a hash of each user's version and member, and its `_ready` field once
-//! the board is built. Every score write lands on it in the same Redis round
+//! A Redis function library (`live.lua`, loaded as `loyaltyd`) holds the
+//! whole board: its layout (a sorted set of 16-byte members, each user's
+//! version and name in small bucket hashes), loyaltyd's writes and checks,
+//! and the reads every client calls (`loyaltyd_rank`, `loyaltyd_page`), so
+//! there is one definition of a rank for loyaltyd and for a forum in any
+//! language. Every score write lands on the board in the same Redis round
 //! trip as the cache's ([`crate::publish`]), guarded by the score's version,
 //! so a late write cannot put an older score back. The daemon builds it from
-//! PostgreSQL on start and after Redis lost it ([`build`]); the nightly sweep
-//! checks it. Rank and page are O(log n).
+//! PostgreSQL on start and after Redis lost it ([`build`]); the nightly
+//! sweep checks it. Rank and page are O(log n).
 
 use std::sync::LazyLock;
 
@@ -21,79 +22,19 @@ use crate::redis_conn::{Lua, Redis, SCRIPT_BATCH};
 use crate::score_row::ScoreRow;
 use crate::types::UserId;
 
-/// The live board (the leaderboard answered from committed scores): a sorted
-/// set of the users with a positive score, scored by minus their score, each
-/// a [`live_member`]; beside it a hash of each user's version and member, and
-/// its `_ready` field once the daemon built the board. Sets each user of the
-/// call unless the hash holds a newer version (an equal one overwrites: the
-/// database is the authority at that version). KEYS: the set, the hash.
-/// ARGV: user id, member, score, version of each user.
-const LIVE_SET: &str = r#"
-local n = 0
-for i = 1, #ARGV, 4 do
-  local user, member, score, version = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3]
-  local cur = redis.call('HGET', KEYS[2], user)
-  local newer = false
-  if cur then
-    local sep = string.find(cur, ' ')
-    if tonumber(string.sub(cur, 1, sep - 1)) > tonumber(version) then
-      newer = true
-    else
-      local old = string.sub(cur, sep + 1)
-      if old ~= member then
-        redis.call('ZREM', KEYS[1], old)
-      end
-    end
-  end
-  if not newer then
-    redis.call('HSET', KEYS[2], user, version .. ' ' .. member)
-    if score > 0 then
-      redis.call('ZADD', KEYS[1], -score, member)
-    else
-      redis.call('ZREM', KEYS[1], member)
-    end
-    n = n + 1
-  end
-end
-return n
-"#;
-
-/// The read contract of live standing for every client language: a Redis
-/// function library (`loyaltyd_rank`, `loyaltyd_page`), documented in its
-/// source. loyaltyd's own reads call it too: one definition of a rank.
+/// The library's source (its header documents the layout and the contract).
 const LIBRARY: &str = include_str!("live.lua");
 
-/// The ids of users whose place on the live board differs from the
-/// database's: KEYS: the set, the hash. ARGV: (user id, member, score) for
-/// each user checked.
-const LIVE_CHECK: &str = r#"
-local bad = {}
-for i = 1, #ARGV, 3 do
-  local z = redis.call('ZSCORE', KEYS[1], ARGV[i + 1])
-  local score = tonumber(ARGV[i + 2])
-  if score > 0 then
-    if (not z) or tonumber(z) ~= -score then
-      table.insert(bad, ARGV[i])
-    end
-  elseif z then
-    table.insert(bad, ARGV[i])
-  end
-end
-return bad
-"#;
-
-static LIVE_SET_SCRIPT: LazyLock<Lua> = LazyLock::new(|| Lua::new(LIVE_SET));
 static LIBRARY_LUA: LazyLock<Lua> = LazyLock::new(|| Lua::library("loyaltyd", LIBRARY));
-static LIVE_CHECK_SCRIPT: LazyLock<Lua> = LazyLock::new(|| Lua::new(LIVE_CHECK));
 
-/// The script a score write runs on the board, for loading it where a
-/// write pipeline is composed (see [`Redis::exec_pipeline`]).
-pub fn write_script() -> &'static Lua {
-    &LIVE_SET_SCRIPT
+/// The library, for loading it where a write pipeline is composed (see
+/// [`Redis::exec_pipeline`]).
+pub fn library() -> &'static Lua {
+    &LIBRARY_LUA
 }
 
 /// A user's place on the live board.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LiveRank {
     /// Ranked: the 1-based rank, the score, and how many users are ranked.
     Ranked {
@@ -112,18 +53,33 @@ pub enum LiveRank {
     },
 }
 
-/// The member of a user in the live board's sorted set: sign-up time, then
-/// id, as fixed-width hex, so that Redis's order among equal scores (the
-/// member's bytes) is the seed's tie-break (earlier sign-up first, then id).
-pub fn live_member(user: UserId, created_us: i64) -> String {
+/// One entry of a page of the live board.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveEntry {
+    /// The user.
+    pub user: UserId,
+    /// The score.
+    pub score: i64,
+    /// The user name as the board has it (empty when no write told it yet).
+    pub name: String,
+}
+
+/// The member of a user in the live board's sorted set: sign-up time
+/// (microseconds + 2^62, so any time sorts as unsigned) and id, each 8 bytes
+/// big-endian, so that Redis's order among equal scores (the member's bytes)
+/// is the seed's tie-break (earlier sign-up first, then id).
+pub fn live_member(user: UserId, created_us: i64) -> [u8; 16] {
     let time = (i128::from(created_us) + (1i128 << 62)).clamp(0, i128::from(u64::MAX)) as u64;
-    format!("{time:016x}{:016x}", user.get() as u64)
+    let mut member = [0u8; 16];
+    member[..8].copy_from_slice(&time.to_be_bytes());
+    member[8..].copy_from_slice(&(user.get() as u64).to_be_bytes());
+    member
 }
 
 /// The user id in a live board member.
-pub fn live_member_user(member: &str) -> Option<UserId> {
-    let id = i64::from_str_radix(member.get(16..32)?, 16).ok()?;
-    UserId::new(id).ok()
+pub fn live_member_user(member: &[u8]) -> Option<UserId> {
+    let id: [u8; 8] = member.get(8..16)?.try_into().ok()?;
+    UserId::new(i64::from_be_bytes(id)).ok()
 }
 
 /// The live board's keys and commands, on the shared Redis runner.
@@ -149,30 +105,43 @@ impl Board {
         }
     }
 
-    /// `leaderboard:live:users`: each user's version and member, and `_ready`.
+    /// `leaderboard:live:users`: the base of the board's hashes (`_ready`;
+    /// each bucket is `<base>:<id without its last two digits>`).
     pub fn users_key(&self) -> String {
-        if self.redis.is_cluster() {
-            self.redis.key("{leaderboard:live}:users")
-        } else {
-            self.redis.key("leaderboard:live:users")
-        }
+        format!("{}:users", self.key())
     }
 
-    /// Queues [`LIVE_SET`] calls for `scores` on a pipeline: one per
-    /// [`SCRIPT_BATCH`] users (the board's two keys share a slot).
+    /// A call of one of the library's functions on the board's keys
+    /// (`FCALL_RO` for the read-only ones); the caller adds the arguments.
+    fn add_fcall<'p>(
+        &self,
+        pipe: &'p mut Pipeline,
+        function: &str,
+        reads: bool,
+    ) -> &'p mut Pipeline {
+        pipe.cmd(if reads { "FCALL_RO" } else { "FCALL" })
+            .arg(function)
+            .arg(2)
+            .arg(self.key())
+            .arg(self.users_key())
+    }
+
+    /// Queues `loyaltyd_set` calls for `scores` on a pipeline: one per
+    /// [`SCRIPT_BATCH`] users (the board's keys share a slot). A name the
+    /// row does not carry is kept as the board has it.
     pub fn add_set(&self, pipe: &mut Pipeline, scores: &[ScoreRow]) {
         for chunk in scores.chunks(SCRIPT_BATCH) {
-            let call = pipe
-                .cmd("EVALSHA")
-                .arg(LIVE_SET_SCRIPT.get_hash())
-                .arg(2)
-                .arg(self.key())
-                .arg(self.users_key());
+            let call = self.add_fcall(pipe, "loyaltyd_set", false);
             for s in chunk {
+                let name = match &s.username {
+                    Some(name) => format!("={name}"),
+                    None => "?".to_owned(),
+                };
                 call.arg(s.user.get())
-                    .arg(live_member(s.user, s.created_us))
+                    .arg(&live_member(s.user, s.created_us)[..])
                     .arg(s.score)
-                    .arg(s.version);
+                    .arg(s.version)
+                    .arg(name);
             }
             call.ignore();
         }
@@ -187,35 +156,29 @@ impl Board {
         let mut pipe = redis::pipe();
         self.add_set(&mut pipe, scores);
         self.redis
-            .exec_pipeline("EVALSHA", &pipe, true, &[&LIVE_SET_SCRIPT])
+            .exec_pipeline("FCALL", &pipe, true, &[&LIBRARY_LUA])
             .await
     }
 
-    /// Whether the live board is built (`None`: Redis is away).
+    /// Whether the live board is built in this layout (`None`: Redis is away).
     pub async fn ready(&self) -> Option<bool> {
         let cmd = redis::cmd("HGET")
             .arg(self.users_key())
             .arg("_ready")
             .to_owned();
         let v: Option<String> = self.redis.query("HGET", cmd).await?;
-        Some(v.as_deref() == Some("1"))
+        Some(v.as_deref() == Some(READY))
     }
 
     /// Marks the live board built (or, with `false`, to be built again).
     pub async fn mark_ready(&self, ready: bool) -> bool {
-        let cmd = if ready {
-            redis::cmd("HSET")
-                .arg(self.users_key())
-                .arg("_ready")
-                .arg("1")
-                .to_owned()
-        } else {
-            redis::cmd("HDEL")
-                .arg(self.users_key())
-                .arg("_ready")
-                .to_owned()
-        };
-        self.redis.query::<i64>("HSET", cmd).await.is_some()
+        let mut pipe = redis::pipe();
+        self.add_fcall(&mut pipe, "loyaltyd_mark", false)
+            .arg(i32::from(ready))
+            .ignore();
+        self.redis
+            .exec_pipeline("FCALL", &pipe, false, &[&LIBRARY_LUA])
+            .await
     }
 
     /// The users among `scores` whose place on the live board differs from
@@ -225,20 +188,15 @@ impl Board {
             return Some(Vec::new());
         }
         let mut pipe = redis::pipe();
-        let call = pipe
-            .cmd("EVALSHA")
-            .arg(LIVE_CHECK_SCRIPT.get_hash())
-            .arg(2)
-            .arg(self.key())
-            .arg(self.users_key());
+        let call = self.add_fcall(&mut pipe, "loyaltyd_check", true);
         for s in scores {
             call.arg(s.user.get())
-                .arg(live_member(s.user, s.created_us))
+                .arg(&live_member(s.user, s.created_us)[..])
                 .arg(s.score);
         }
         let (ids,): (Vec<i64>,) = self
             .redis
-            .query_pipeline("EVALSHA", &pipe, false, &[&LIVE_CHECK_SCRIPT])
+            .query_pipeline("FCALL_RO", &pipe, false, &[&LIBRARY_LUA])
             .await?;
         Some(
             ids.into_iter()
@@ -249,14 +207,14 @@ impl Board {
 
     /// Up to about `count` members of the live board from `cursor` on (a
     /// ZSCAN step): the next cursor (0 at the end) and (user, member) pairs.
-    pub async fn scan(&self, cursor: u64, count: u32) -> Option<(u64, Vec<(UserId, String)>)> {
+    pub async fn scan(&self, cursor: u64, count: u32) -> Option<(u64, Vec<(UserId, Vec<u8>)>)> {
         let cmd = redis::cmd("ZSCAN")
             .arg(self.key())
             .arg(cursor)
             .arg("COUNT")
             .arg(count)
             .to_owned();
-        let (next, items): (u64, Vec<String>) = self.redis.query("ZSCAN", cmd).await?;
+        let (next, items): (u64, Vec<Vec<u8>>) = self.redis.query("ZSCAN", cmd).await?;
         // Members and scores alternate.
         let users = items
             .into_iter()
@@ -269,17 +227,19 @@ impl Board {
     /// Takes users the database no longer has off the live board (no write
     /// can bring them back: a write needs the user's row); false when Redis
     /// is away.
-    pub async fn remove(&self, users: &[(UserId, String)]) -> bool {
+    pub async fn remove(&self, users: &[(UserId, Vec<u8>)]) -> bool {
         if users.is_empty() {
             return true;
         }
         let mut pipe = redis::pipe();
-        pipe.atomic();
-        let members: Vec<&str> = users.iter().map(|(_, m)| m.as_str()).collect();
-        let ids: Vec<i64> = users.iter().map(|(u, _)| u.get()).collect();
-        pipe.zrem(self.key(), members).ignore();
-        pipe.hdel(self.users_key(), ids).ignore();
-        self.redis.exec_pipeline("ZREM", &pipe, false, &[]).await
+        let call = self.add_fcall(&mut pipe, "loyaltyd_remove", false);
+        for (user, member) in users {
+            call.arg(user.get()).arg(&member[..]);
+        }
+        call.ignore();
+        self.redis
+            .exec_pipeline("FCALL", &pipe, false, &[&LIBRARY_LUA])
+            .await
     }
 
     /// How many users the live board ranks (`None`: Redis is away).
@@ -288,23 +248,29 @@ impl Board {
         self.redis.query("ZCARD", cmd).await
     }
 
-    /// Loads the read library where Redis lacks it (`replace`: whatever
-    /// Redis has, as after an upgrade); false when Redis is away. The daemon
-    /// calls it on start and every few seconds, so that other clients find
-    /// it after a Redis restart or a failover.
+    /// Every key of the board: the set, the base hash and the buckets
+    /// (`None`: Redis is away).
+    async fn all_keys(&self) -> Option<Vec<String>> {
+        let base = self.users_key();
+        let pattern = format!("{}:*", &base[self.redis.prefix().len()..]);
+        let mut keys = self.redis.keys(&pattern).await?;
+        keys.push(self.key());
+        keys.push(base);
+        Some(keys)
+    }
+
+    /// Loads the library where Redis lacks it (`replace`: whatever Redis
+    /// has, as after an upgrade); false when Redis is away. The daemon calls
+    /// it on start and every few seconds, so that other clients find it
+    /// after a Redis restart or a failover.
     pub async fn ensure_library(&self, replace: bool) -> bool {
         self.redis.ensure_library(&LIBRARY_LUA, replace).await
     }
 
-    /// Calls one of the library's functions (`FCALL_RO`) on the board.
-    async fn fcall(&self, function: &str, args: &[i64]) -> Option<Vec<redis::Value>> {
+    /// Calls one of the library's read functions on the board.
+    async fn read(&self, function: &str, args: &[i64]) -> Option<Vec<redis::Value>> {
         let mut pipe = redis::pipe();
-        pipe.cmd("FCALL_RO")
-            .arg(function)
-            .arg(2)
-            .arg(self.key())
-            .arg(self.users_key())
-            .arg(args);
+        self.add_fcall(&mut pipe, function, true).arg(args);
         let (reply,): (Vec<redis::Value>,) = self
             .redis
             .query_pipeline("FCALL_RO", &pipe, false, &[&LIBRARY_LUA])
@@ -315,7 +281,7 @@ impl Board {
     /// A user's place on the live board; `None` when the board is not built
     /// or Redis is away (the caller reads the view instead).
     pub async fn rank(&self, user: UserId) -> Option<LiveRank> {
-        let reply = self.fcall("loyaltyd_rank", &[user.get()]).await?;
+        let reply = self.read("loyaltyd_rank", &[user.get()]).await?;
         let int = |i: usize| match reply.get(i) {
             Some(redis::Value::Int(n)) => Some(*n),
             _ => None,
@@ -331,11 +297,11 @@ impl Board {
         }
     }
 
-    /// A page of the live board: how many users it ranks, and (user, score)
-    /// from rank `offset + 1` on; `None` when the board is not built or Redis
-    /// is away.
-    pub async fn page(&self, offset: i64, limit: i64) -> Option<(i64, Vec<(UserId, i64)>)> {
-        let reply = self.fcall("loyaltyd_page", &[offset, limit]).await?;
+    /// A page of the live board: how many users it ranks, and its entries
+    /// from rank `offset + 1` on; `None` when the board is not built or
+    /// Redis is away.
+    pub async fn page(&self, offset: i64, limit: i64) -> Option<(i64, Vec<LiveEntry>)> {
+        let reply = self.read("loyaltyd_page", &[offset, limit]).await?;
         let mut items = reply.into_iter();
         let ranked = match items.next()? {
             redis::Value::Int(-2) => return None,
@@ -343,17 +309,29 @@ impl Board {
             _ => return None,
         };
         let mut page = Vec::new();
-        while let (Some(_rank), Some(id), Some(score)) = (items.next(), items.next(), items.next())
+        while let (Some(_rank), Some(id), Some(score), Some(name)) =
+            (items.next(), items.next(), items.next(), items.next())
         {
-            let (redis::Value::BulkString(id), redis::Value::Int(score)) = (id, score) else {
+            let (
+                redis::Value::BulkString(id),
+                redis::Value::Int(score),
+                redis::Value::BulkString(name),
+            ) = (id, score, name)
+            else {
                 return None;
             };
-            let user = std::str::from_utf8(&id).ok()?.parse::<UserId>().ok()?;
-            page.push((user, score));
+            page.push(LiveEntry {
+                user: std::str::from_utf8(&id).ok()?.parse::<UserId>().ok()?,
+                score,
+                name: String::from_utf8_lossy(&name).into_owned(),
+            });
         }
         Some((ranked, page))
     }
 }
+
+/// The `_ready` value of a board in this layout (the library's `READY`).
+const READY: &str = "2";
 
 /// A build's Redis write, tried again after a miss (one slow moment must
 /// not throw away a build of millions; every write is version-guarded, so a
@@ -386,8 +364,24 @@ pub async fn build(ctx: &Context) -> Result<u64> {
     use futures_util::TryStreamExt;
     let unavailable = || Error::Runtime("Redis unavailable: the live board is not built".into());
     let board = Board::new(&ctx.redis);
-    let keys = [board.key(), board.users_key()];
-    if !retried!(ctx.redis.delete(&keys).await) {
+    // Whatever was there goes (a board of an older layout too): the set, the
+    // base hash and every bucket.
+    let mut cleared = false;
+    for attempt in 1..=5 {
+        if let Some(keys) = board.all_keys().await {
+            cleared = true;
+            for chunk in keys.chunks(1000) {
+                cleared &= ctx.redis.delete(chunk).await;
+            }
+        }
+        if cleared {
+            break;
+        }
+        if attempt < 5 {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+    }
+    if !cleared {
         return Err(unavailable());
     }
     let mut tx = ctx

@@ -110,33 +110,46 @@ pub async fn page(ctx: &Context, limit: i64, offset: i64) -> Result<Page> {
     if ctx.config.leaderboard.live
         && let Some((ranked, board)) = Board::new(&ctx.redis).page(offset, limit).await
     {
-        // Ranks and scores from the board; names from PostgreSQL, one query.
-        let ids: Vec<i64> = board.iter().map(|(u, _)| u.get()).collect();
-        let names: Vec<(i64, String)> = ctx
-            .replicas
-            .read(&ctx.pool, |pool| {
-                let ids = &ids;
-                async move {
-                    sqlx::query_as(
-                        "SELECT id::BIGINT, username::TEXT FROM users WHERE id = ANY($1)",
-                    )
-                    .bind(ids)
-                    .fetch_all(&pool)
-                    .await
-                    .db("reading user names")
-                }
-            })
-            .await?;
+        // Ranks, scores and names from the board, in the one call; a name
+        // no write told the board yet from PostgreSQL, in one query.
+        let ids: Vec<i64> = board
+            .iter()
+            .filter(|e| e.name.is_empty())
+            .map(|e| e.user.get())
+            .collect();
+        let names: Vec<(i64, String)> = if ids.is_empty() {
+            Vec::new()
+        } else {
+            ctx.replicas
+                .read(&ctx.pool, |pool| {
+                    let ids = &ids;
+                    async move {
+                        sqlx::query_as(
+                            "SELECT id::BIGINT, username::TEXT FROM users WHERE id = ANY($1)",
+                        )
+                        .bind(ids)
+                        .fetch_all(&pool)
+                        .await
+                        .db("reading user names")
+                    }
+                })
+                .await?
+        };
         let names: std::collections::HashMap<i64, String> = names.into_iter().collect();
         let entries = board
             .into_iter()
             .enumerate()
-            .map(|(i, (user, score))| {
+            .map(|(i, e)| {
                 let rank = offset + i as i64 + 1;
+                let username = if e.name.is_empty() {
+                    names.get(&e.user.get()).cloned().unwrap_or_default()
+                } else {
+                    e.name
+                };
                 Entry {
-                    user_id: user.get(),
-                    username: names.get(&user.get()).cloned().unwrap_or_default(),
-                    loyalty_score: score,
+                    user_id: e.user.get(),
+                    username,
+                    loyalty_score: e.score,
                     rank,
                     can_create_topics: may_create_topics(rank, ranked),
                 }

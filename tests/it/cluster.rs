@@ -495,6 +495,10 @@ async fn a_python_cluster_client_reads_exact_live_standing_through_the_function_
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     common::write_both_kinds(&ctx, &pool, 90, 40).await;
+    sqlx::query("UPDATE users SET username = 'renamed ' || id WHERE id % 10 = 0")
+        .execute(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     common::sync(&ctx).await;
     let db = crate::adopt::database(&pool).await;
     let node = format!("127.0.0.1:{}", cluster.ports[0]);

@@ -821,6 +821,7 @@ pub fn stale_score(user: i64) -> loyaltyd::score_row::ScoreRow {
         score: 0,
         version: 0,
         created_us: 0,
+        username: None,
     }
 }
 

@@ -207,6 +207,7 @@ async fn a_refill_cannot_land_over_a_newer_score_when_redis_loses_keys(pool: PgP
             score,
             version,
             created_us: 0,
+            username: None,
         }
     };
     let redis_url = redis.url();

@@ -253,11 +253,12 @@ async fn the_sweep_finds_a_corrupted_board_and_repairs_it(pool: PgPool) {
     let mut redis = common::redis().await;
     // A wrong score, a user missing, a user who is not ranked (score 0)
     // and one the database never had.
-    let corrupt: [(&str, Vec<String>); 4] = [
-        ("ZADD", vec![set.clone(), "-100".into(), member(3)]),
-        ("ZREM", vec![set.clone(), member(5)]),
-        ("ZADD", vec![set.clone(), "-2".into(), member(14)]),
-        ("ZADD", vec![set.clone(), "-9".into(), member(9999)]),
+    let b = |s: &str| s.as_bytes().to_vec();
+    let corrupt: [(&str, Vec<Vec<u8>>); 4] = [
+        ("ZADD", vec![b(&set), b("-100"), member(3).to_vec()]),
+        ("ZREM", vec![b(&set), member(5).to_vec()]),
+        ("ZADD", vec![b(&set), b("-2"), member(14).to_vec()]),
+        ("ZADD", vec![b(&set), b("-9"), member(9999).to_vec()]),
     ];
     for (cmd, args) in corrupt {
         let _: i64 = redis::cmd(cmd)
@@ -266,10 +267,11 @@ async fn the_sweep_finds_a_corrupted_board_and_repairs_it(pool: PgPool) {
             .await
             .unwrap_or_else(|e| panic!("{cmd}: {e}"));
     }
+    // Its entry in its bucket hash (ids 9900-9999): member, version, name.
     let _: i64 = redis::cmd("HSET")
-        .arg(&hash)
+        .arg(format!("{hash}:99"))
         .arg(9999)
-        .arg(format!("1 {}", member(9999)))
+        .arg([&member(9999)[..], b"1 ghost"].concat())
         .query_async(&mut redis)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -481,6 +483,11 @@ async fn a_python_client_reads_exact_live_standing_through_the_function_library(
     // Writers of both kinds at once; then the cache sync brings the
     // plain-SQL writes to the board, as the daemon's would.
     common::write_both_kinds(&ctx, &pool, 120, 60).await;
+    // The forum renames users with its own SQL: the names on the board follow.
+    sqlx::query("UPDATE users SET username = 'renamed ' || id WHERE id % 10 = 0")
+        .execute(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     common::sync(&ctx).await;
     let db = crate::adopt::database(&pool).await;
     let url = ctx.config.redis.url.expose().to_owned();
