@@ -38,12 +38,14 @@ pub async fn board(b: &Bench, report: &mut Report, target: i64) -> R<()> {
     let memory_before = redis_memory(b).await;
     let (written, build) = timed(loyaltyd::leaderboard::live::build(&live)).await?;
     let memory = redis_memory(b).await.saturating_sub(memory_before);
+    let bytes = board_bytes(b, &live).await?;
     report.case(
         &group,
         "build the live board from PostgreSQL (daemon start, Redis lost)",
         vec![Side::new("loyaltyd", &[build]).note(format!(
-            "{written} users; Redis memory +{} MB",
-            memory / 1_000_000
+            "{written} users; Redis memory +{} MB; MEMORY USAGE of the board's keys {:.0} bytes per ranked user, names included",
+            memory / 1_000_000,
+            bytes as f64 / written.max(1) as f64
         ))],
     );
     leaderboard::refresh(&view, true, &CancellationToken::new())
@@ -79,6 +81,45 @@ async fn top_up(b: &Bench, target: i64) -> R<i64> {
         .fetch_one(&b.pool)
         .await
         .map_err(|e| e.to_string())
+}
+
+/// Redis's own `MEMORY USAGE` (every element counted) summed over the live
+/// board's keys: the sorted set, the base hash and every bucket.
+async fn board_bytes(b: &Bench, live: &Context) -> R<u64> {
+    let board = loyaltyd::leaderboard::live::Board::new(&live.redis);
+    let mut r = b.redis.clone();
+    let mut keys = vec![board.key(), board.users_key()];
+    let mut cursor = 0u64;
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{}:*", board.users_key()))
+            .arg("COUNT")
+            .arg(10_000)
+            .query_async(&mut r)
+            .await
+            .map_err(|e| e.to_string())?;
+        keys.extend(batch);
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
+    let mut total = 0u64;
+    for chunk in keys.chunks(1000) {
+        let mut pipe = redis::pipe();
+        for key in chunk {
+            pipe.cmd("MEMORY")
+                .arg("USAGE")
+                .arg(key)
+                .arg("SAMPLES")
+                .arg(0);
+        }
+        let sizes: Vec<Option<u64>> = pipe.query_async(&mut r).await.map_err(|e| e.to_string())?;
+        total += sizes.into_iter().flatten().sum::<u64>();
+    }
+    Ok(total)
 }
 
 /// Redis's `used_memory`, in bytes.
@@ -150,7 +191,7 @@ async fn reads(
         group,
         "a page of 100 at a random offset",
         vec![
-            Side::new("loyaltyd", &t[3]).note("live board + names from PostgreSQL"),
+            Side::new("loyaltyd", &t[3]).note("live board, names included: one Redis call"),
             Side::new("the view (leaderboard.live = false)", &t[4]),
             Side::new("plain: rank on the fly, no view", &t[5]),
         ],
