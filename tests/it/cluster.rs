@@ -487,19 +487,10 @@ async fn a_python_cluster_client_reads_exact_live_standing_through_the_function_
     let cluster = RedisCluster::start().await;
     common::users(&pool, 90).await;
     let ctx = common::ctx_with(&pool, config(&pool, &cluster, "cl-python"), false);
-    // On every master: the board's keys share one slot, but which master
-    // holds it is the cluster's business.
+    // The library goes to every master: the board's keys share one slot,
+    // but which master holds it is the cluster's business.
     let board = loyaltyd::leaderboard::live::Board::new(&ctx.redis);
-    assert!(board.ensure_library(true).await, "the library loads");
-    loyaltyd::leaderboard::live::build(&ctx)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    common::write_both_kinds(&ctx, &pool, 90, 40).await;
-    sqlx::query("UPDATE users SET username = 'renamed ' || id WHERE id % 10 = 0")
-        .execute(&pool)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    common::sync(&ctx).await;
+    common::live_board_after_writers(&ctx, &pool, 90, 40).await;
     let db = crate::adopt::database(&pool).await;
     let node = format!("127.0.0.1:{}", cluster.ports[0]);
     let out = common::python_live_standing(&db, "cluster", &node, ctx.redis.prefix(), "exact");

@@ -1024,6 +1024,36 @@ pub async fn write_both_kinds(ctx: &Context, pool: &PgPool, users: i64, each: us
     }
 }
 
+/// The live board as the Python client then reads it: the library loaded
+/// and the board built, writers of both kinds at once ([`write_both_kinds`]),
+/// a rename of every tenth user by the forum's own SQL, and the cache sync
+/// that brings the plain-SQL writes and renames to the board, as the
+/// daemon's would.
+pub async fn live_board_after_writers(ctx: &Context, pool: &PgPool, users: i64, each: usize) {
+    let board = loyaltyd::leaderboard::live::Board::new(&ctx.redis);
+    assert!(board.ensure_library(true).await, "the library loads");
+    loyaltyd::leaderboard::live::build(ctx)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    write_both_kinds(ctx, pool, users, each).await;
+    sqlx::query("UPDATE users SET username = 'renamed ' || id WHERE id % 10 = 0")
+        .execute(pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    sync(ctx).await;
+}
+
+/// Drops every Redis function of the suite's Redis (`FUNCTION FLUSH`), as a
+/// Redis restarted without persistence has none.
+pub async fn flush_redis_functions() {
+    let mut c = redis().await;
+    let _: () = redis::cmd("FUNCTION")
+        .arg("FLUSH")
+        .query_async(&mut c)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
 /// Runs README.md's "python-standing" example with
 /// tests/fixtures/live_standing_check.py (redis-py and psycopg, Debian's):
 /// `mode` "single" with a Redis URL or "cluster" with a node's host:port;

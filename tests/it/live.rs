@@ -310,12 +310,8 @@ async fn a_board_lost_with_redis_is_rebuilt_by_the_daemon_while_readers_use_the_
     }
     // Redis without the read library (a restart loses functions unless it
     // persists them): the daemon loads it, for every other client.
-    let mut c = common::redis().await;
-    let _: () = redis::cmd("FUNCTION")
-        .arg("FLUSH")
-        .query_async(&mut c)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    common::flush_redis_functions().await;
+    let c = common::redis().await;
     let daemon = Daemon::start(&config);
     daemon
         .wait_for_log("built the live leaderboard", Duration::from_secs(30))
@@ -478,17 +474,7 @@ async fn a_python_client_reads_exact_live_standing_through_the_function_library(
     common::users(&pool, 120).await;
     let ctx = common::ctx(&pool, "live-python");
     let board = loyaltyd::leaderboard::live::Board::new(&ctx.redis);
-    assert!(board.ensure_library(true).await, "the library loads");
-    build(&ctx).await;
-    // Writers of both kinds at once; then the cache sync brings the
-    // plain-SQL writes to the board, as the daemon's would.
-    common::write_both_kinds(&ctx, &pool, 120, 60).await;
-    // The forum renames users with its own SQL: the names on the board follow.
-    sqlx::query("UPDATE users SET username = 'renamed ' || id WHERE id % 10 = 0")
-        .execute(&pool)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    common::sync(&ctx).await;
+    common::live_board_after_writers(&ctx, &pool, 120, 60).await;
     let db = crate::adopt::database(&pool).await;
     let url = ctx.config.redis.url.expose().to_owned();
     let out = common::python_live_standing(&db, "single", &url, ctx.redis.prefix(), "exact");
@@ -504,12 +490,7 @@ async fn a_python_client_reads_exact_live_standing_through_the_function_library(
     // Redis lost the library (a restart, FUNCTION FLUSH): loyaltyd's own
     // read loads it again; the daemon's check does it for other clients.
     assert!(board.mark_ready(true).await);
-    let mut c = common::redis().await;
-    let _: () = redis::cmd("FUNCTION")
-        .arg("FLUSH")
-        .query_async(&mut c)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    common::flush_redis_functions().await;
     assert_eq!(
         leaderboard::rank(&ctx, uid(1)).await.map(|s| s.source).ok(),
         Some(Source::Live)
