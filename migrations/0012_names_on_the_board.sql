@@ -27,3 +27,13 @@ DO $$
 BEGIN
     EXECUTE format('ALTER FUNCTION users_username_changed() SET search_path = %I, pg_temp', current_schema());
 END $$;
+
+-- The SQL API says which answers are the view's: exact live ranks come from
+-- the live board's function library in Redis (README "Live standing from
+-- any language"), which PostgreSQL cannot read.
+COMMENT ON FUNCTION loyalty_standing(BIGINT) IS
+    'The user''s current score, and the rank and topic right of the leaderboard view as of its last refresh. '
+    'Live ranks from committed scores: Redis FCALL_RO loyaltyd_rank (README "Live standing from any language").';
+COMMENT ON FUNCTION leaderboard_page(INTEGER, BIGINT) IS
+    'A page of the leaderboard view as of its last refresh. '
+    'Live pages from committed scores, with names: Redis FCALL_RO loyaltyd_page (README "Live standing from any language").';

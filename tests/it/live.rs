@@ -473,6 +473,24 @@ async fn the_swap_refresh_keeps_grants_indexes_and_never_fails_a_reader(pool: Pg
 async fn a_python_client_reads_exact_live_standing_through_the_function_library(pool: PgPool) {
     common::users(&pool, 120).await;
     let ctx = common::ctx(&pool, "live-python");
+    // The SQL API says its ranks are the view's, and where live ones are.
+    for function in [
+        "loyalty_standing(bigint)",
+        "leaderboard_page(integer, bigint)",
+    ] {
+        let comment: Option<String> =
+            sqlx::query_scalar("SELECT obj_description($1::REGPROCEDURE, 'pg_proc')")
+                .bind(function)
+                .fetch_one(&pool)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        let comment = comment.unwrap_or_default();
+        assert!(
+            comment.contains("view as of its last refresh")
+                && comment.contains("FCALL_RO loyaltyd_"),
+            "{function}: {comment}"
+        );
+    }
     let board = loyaltyd::leaderboard::live::Board::new(&ctx.redis);
     common::live_board_after_writers(&ctx, &pool, 120, 60).await;
     let db = crate::adopt::database(&pool).await;
