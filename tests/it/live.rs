@@ -515,3 +515,147 @@ async fn a_python_client_reads_exact_live_standing_through_the_function_library(
     );
     common::python_live_standing(&db, "single", &url, ctx.redis.prefix(), "exact");
 }
+
+/// The whole board's (user, name) as the board itself holds them (not
+/// `leaderboard show`, which would fill a missing name from PostgreSQL),
+/// against the database's names of the ranked users.
+async fn assert_names(ctx: &Context, pool: &PgPool, what: &str) {
+    let live = loyaltyd::leaderboard::live::Board::new(&ctx.redis);
+    let mut board = Vec::new();
+    loop {
+        let (_, page) = live
+            .page(board.len() as i64, 50)
+            .await
+            .unwrap_or_else(|| panic!("{what}: the board did not answer"));
+        if page.is_empty() {
+            break;
+        }
+        board.extend(page.into_iter().map(|e| (e.user.get(), e.name)));
+    }
+    board.sort();
+    let want: Vec<(i64, String)> =
+        sqlx::query_as("SELECT id, username FROM users WHERE loyalty_score > 0 ORDER BY id")
+            .fetch_all(pool)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(board, want, "{what}: names on the board");
+}
+
+#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+async fn renames_by_every_path_reach_the_board_and_leave_the_sweep_nothing_to_repair(pool: PgPool) {
+    common::users(&pool, 60).await;
+    let ctx = common::ctx(&pool, "live-renames");
+    for id in 1..=60 {
+        loyalty::record_event(
+            &ctx,
+            &common::event(id, ContentType::Post, Outcome::Approved),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+    build(&ctx).await;
+    // The cache sync is past every write so far: from here on it sees a row
+    // only if something advanced its transaction.
+    common::sync(&ctx).await;
+    common::sync(&ctx).await;
+    sqlx::query("UPDATE users SET username = 'one' WHERE id = 1")
+        .execute(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    sqlx::query("UPDATE users SET username = 'many ' || id WHERE id BETWEEN 2 AND 20")
+        .execute(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // A rolled-back rename changes nothing.
+    let before: i64 = sqlx::query_scalar("SELECT score_version FROM users WHERE id = 21")
+        .fetch_one(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut tx = pool.begin().await.unwrap_or_else(|e| panic!("{e}"));
+    sqlx::query("UPDATE users SET username = 'ghost' WHERE id = 21")
+        .execute(&mut *tx)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    tx.rollback().await.unwrap_or_else(|e| panic!("{e}"));
+    let after: i64 = sqlx::query_scalar("SELECT score_version FROM users WHERE id = 21")
+        .fetch_one(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(before, after, "a rolled-back rename changes nothing");
+    // An UPDATE that sets the same name is no rename: no new version.
+    let version = || async {
+        sqlx::query_scalar::<_, i64>("SELECT score_version FROM users WHERE id = 22")
+            .fetch_one(&pool)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let unchanged = version().await;
+    sqlx::query("UPDATE users SET username = username WHERE id = 22")
+        .execute(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(version().await, unchanged, "the same name is no rename");
+    // Renames and score writes of the same users at once, from many writers.
+    let mut tasks = Vec::new();
+    for w in 0..4i64 {
+        let pool = pool.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..40i64 {
+                sqlx::query("UPDATE users SET username = $2 WHERE id = $1")
+                    .bind(30 + (w * 7 + i) % 20)
+                    .bind(format!("w{w}-{i}"))
+                    .execute(&pool)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"));
+            }
+        }));
+        let ctx = ctx.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..40usize {
+                let user = 30 + (w * 3 + i as i64) % 20;
+                loyalty::record_event(&ctx, &common::varied_event(user, w as usize * 1000 + i))
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"));
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    // New users COPYed in with their names, then scored: they join the
+    // board with them.
+    let mut conn = pool.acquire().await.unwrap_or_else(|e| panic!("{e}"));
+    let mut copy = conn
+        .copy_in_raw("COPY users (id, username, created_at) FROM STDIN")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    copy.send(
+        b"61\tcopied 61\t2024-03-01 00:00:00+00\n62\tcopied 62\t2024-03-02 00:00:00+00\n"
+            .as_slice(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    copy.finish().await.unwrap_or_else(|e| panic!("{e}"));
+    drop(conn);
+    for id in [61, 62] {
+        loyalty::record_event(
+            &ctx,
+            &common::event(id, ContentType::Topic, Outcome::Approved),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+    common::sync(&ctx).await;
+    assert_names(&ctx, &pool, "after renames of every kind").await;
+    assert_exact(&ctx, &pool, "after renames of every kind").await;
+    let report = common::sweep(&ctx, 16).await;
+    assert_eq!(
+        (
+            report.drifted_users,
+            report.cache_repaired,
+            report.board_repaired
+        ),
+        (0, 0, 0),
+        "{report:?}"
+    );
+}
