@@ -507,6 +507,7 @@ const FAILOVER_CHECK: Duration = Duration::from_secs(1);
 /// Redis that restarted empty, a sweep that found it wrong): checked every
 /// few seconds, built by one daemon at a time (a lock in Redis).
 async fn board_upkeep(ctx: Context, shutdown: CancellationToken) {
+    let board = Board::new(&ctx.redis);
     let mut library_loaded = false;
     let mut ticks = tokio::time::interval(BOARD_CHECK);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -517,9 +518,8 @@ async fn board_upkeep(ctx: Context, shutdown: CancellationToken) {
         }
         // The read library for every client language: loaded (replacing an
         // older version's) on the first tick, again wherever Redis lost it.
-        library_loaded =
-            Board::new(&ctx.redis).ensure_library(!library_loaded).await || library_loaded;
-        if Board::new(&ctx.redis).ready().await != Some(false)
+        library_loaded = board.ensure_library(!library_loaded).await || library_loaded;
+        if board.ready().await != Some(false)
             || !ctx.redis.try_lock(BOARD_BUILD_KEY, BOARD_BUILD_LOCK).await
         {
             continue;

@@ -281,7 +281,8 @@ async fn cached_scores_differing(
 /// Returns the users corrected.
 async fn verify_live_board(ctx: &Context, batch: u32, cancel: &CancellationToken) -> Result<u64> {
     use futures_util::TryStreamExt;
-    if Board::new(&ctx.redis).ready().await != Some(true) {
+    let board = Board::new(&ctx.redis);
+    if board.ready().await != Some(true) {
         return Ok(0); // being built, or Redis away: nothing to check
     }
     let mut tx = ctx.pool.begin().await.db("starting the live board check")?;
@@ -307,7 +308,7 @@ async fn verify_live_board(ctx: &Context, batch: u32, cancel: &CancellationToken
                 });
             }
             ranked += chunk.iter().filter(|s| s.score > 0).count() as i64;
-            let Some(differing) = Board::new(&ctx.redis).differing(&chunk).await else {
+            let Some(differing) = board.differing(&chunk).await else {
                 return Ok(repaired);
             };
             let ids: Vec<UserId> = chunk
@@ -318,17 +319,13 @@ async fn verify_live_board(ctx: &Context, batch: u32, cancel: &CancellationToken
             if !ids.is_empty() {
                 // Read again: a writer may have moved them since the stream's snapshot.
                 let fresh = read_scores(&ctx.pool, &ids).await?;
-                Board::new(&ctx.redis).set(&fresh).await;
+                board.set(&fresh).await;
                 repaired += ids.len() as u64;
             }
         }
     }
     crate::db::rollback(tx).await;
-    if Board::new(&ctx.redis)
-        .count()
-        .await
-        .is_some_and(|n| n > ranked)
-    {
+    if board.count().await.is_some_and(|n| n > ranked) {
         repaired += remove_unranked_from_board(ctx, batch, cancel).await?;
     }
     Ok(repaired)
@@ -342,6 +339,7 @@ async fn remove_unranked_from_board(
     batch: u32,
     cancel: &CancellationToken,
 ) -> Result<u64> {
+    let board = Board::new(&ctx.redis);
     let (mut cursor, mut repaired) = (0u64, 0u64);
     loop {
         if cancel.is_cancelled() {
@@ -349,7 +347,7 @@ async fn remove_unranked_from_board(
                 context: "the live board check",
             });
         }
-        let Some((next, members)) = Board::new(&ctx.redis).scan(cursor, batch).await else {
+        let Some((next, members)) = board.scan(cursor, batch).await else {
             return Ok(repaired);
         };
         let ids: Vec<UserId> = members.iter().map(|(u, _)| *u).collect();
@@ -359,8 +357,8 @@ async fn remove_unranked_from_board(
             .into_iter()
             .filter(|(u, _)| !fresh.iter().any(|s| s.user == *u))
             .collect();
-        Board::new(&ctx.redis).set(&wrong).await;
-        Board::new(&ctx.redis).remove(&gone).await;
+        board.set(&wrong).await;
+        board.remove(&gone).await;
         repaired += (wrong.len() + gone.len()) as u64;
         if next == 0 {
             return Ok(repaired);

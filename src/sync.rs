@@ -84,10 +84,14 @@ async fn sync_in(ctx: &Context, tx: &mut sqlx::PgConnection) -> Result<Synced> {
             .await
             .db("reading the cache sync position")?;
     // One statement: the changed rows and the snapshot they were read in
-    // (on every row; one row without a score when nothing changed).
+    // (computed once, repeated on every row; one row without a score when
+    // nothing changed).
     const CHANGED: &str = concat!(
-        "WITH snap AS (SELECT pg_current_snapshot() AS s),
-         changed AS (
+        "WITH snap AS (
+             SELECT pg_snapshot_xmax(s)::TEXT AS next_xmax,
+                    ARRAY(SELECT x::TEXT FROM pg_snapshot_xip(s) AS x) AS next_xip
+             FROM pg_current_snapshot() AS s
+         ), changed AS (
              SELECT ",
         crate::score_row_columns!(),
         " FROM users WHERE score_xid >= $1::xid8
@@ -96,9 +100,7 @@ async fn sync_in(ctx: &Context, tx: &mut sqlx::PgConnection) -> Result<Synced> {
         crate::score_row_columns!(),
         " FROM users WHERE score_xid = ANY($2::xid8[])
          )
-         SELECT pg_snapshot_xmax(snap.s)::TEXT AS next_xmax,
-                ARRAY(SELECT x::TEXT FROM pg_snapshot_xip(snap.s) AS x) AS next_xip,
-                changed.*
+         SELECT snap.next_xmax, snap.next_xip, changed.*
          FROM snap LEFT JOIN changed ON true
          ORDER BY changed.user_id"
     );

@@ -248,15 +248,21 @@ impl Board {
         self.redis.query("ZCARD", cmd).await
     }
 
-    /// Every key of the board: the set, the base hash and the buckets
-    /// (`None`: Redis is away).
-    async fn all_keys(&self) -> Option<Vec<String>> {
+    /// Deletes the whole board: the set, the base hash and every bucket
+    /// (a board of an older layout too); false when Redis is away.
+    pub async fn clear(&self) -> bool {
         let base = self.users_key();
         let pattern = format!("{}:*", &base[self.redis.prefix().len()..]);
-        let mut keys = self.redis.keys(&pattern).await?;
+        let Some(mut keys) = self.redis.keys(&pattern).await else {
+            return false;
+        };
         keys.push(self.key());
         keys.push(base);
-        Some(keys)
+        let mut cleared = true;
+        for chunk in keys.chunks(1000) {
+            cleared &= self.redis.delete(chunk).await;
+        }
+        cleared
     }
 
     /// Loads the library where Redis lacks it (`replace`: whatever Redis
@@ -364,24 +370,7 @@ pub async fn build(ctx: &Context) -> Result<u64> {
     use futures_util::TryStreamExt;
     let unavailable = || Error::Runtime("Redis unavailable: the live board is not built".into());
     let board = Board::new(&ctx.redis);
-    // Whatever was there goes (a board of an older layout too): the set, the
-    // base hash and every bucket.
-    let mut cleared = false;
-    for attempt in 1..=5 {
-        if let Some(keys) = board.all_keys().await {
-            cleared = true;
-            for chunk in keys.chunks(1000) {
-                cleared &= ctx.redis.delete(chunk).await;
-            }
-        }
-        if cleared {
-            break;
-        }
-        if attempt < 5 {
-            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-        }
-    }
-    if !cleared {
+    if !retried!(board.clear().await) {
         return Err(unavailable());
     }
     let mut tx = ctx
@@ -405,11 +394,10 @@ pub async fn build(ctx: &Context) -> Result<u64> {
             .map_err(|e| e.1)
             .db("reading scores for the live board")?
         {
-            let batch = chunk;
-            if !retried!(board.set(&batch).await) {
+            if !retried!(board.set(&chunk).await) {
                 return Err(unavailable());
             }
-            written += batch.len() as u64;
+            written += chunk.len() as u64;
         }
     }
     crate::db::rollback(tx).await;

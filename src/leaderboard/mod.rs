@@ -2,17 +2,12 @@
 //! view for SQL consumers, refreshed only when it is worth it.
 //!
 //! Reads ([`page`], [`rank`]) answer from the **live board** when it is
-//! built: a Redis sorted set of every user with a positive score, kept by
-//! the same pipeline that writes a score to the cache (each write guarded by
-//! the score's version, so a late write cannot put an older score back),
-//! built by the daemon from PostgreSQL on start and after Redis lost it, and
-//! checked by the nightly sweep. Its order is the seed's (score descending,
-//! sign-up ascending, then id: the member is the sign-up time and the id in
-//! fixed-width hex, so Redis's order among equal scores is the tie-break);
-//! rank and page are O(log n). Until it is built, or while Redis is away,
-//! reads fall back to the view (`source` says which answered). README
-//! "The live leaderboard" has the study behind the choice.
-//!
+//! built ([`live`]: a Redis sorted set of every user with a positive score,
+//! in the seed's order, written with every score write and guarded by the
+//! score's version; rank and page are O(log n)). Until it is built, or while
+//! Redis is away, reads fall back to the view (`source` says which
+//! answered). README "Study: exact live ranks for a board of millions" has
+//! the study behind the choice.
 //!
 //! Rooms: [`live`] (the board in Redis and its build), [`refresh`] (the
 //! view's debounced refresh); here the reads that choose between them.
