@@ -20,8 +20,8 @@ pub struct ScoreRow {
     pub version: i64,
     /// `users.created_at`, in microseconds since the Unix epoch.
     pub created_us: i64,
-    /// `users.username`, where the read had it (`None`: a function's result
-    /// without it; the live board keeps the name it has).
+    /// `users.username` (empty for NULL), where the read had it (`None`: a
+    /// function's result without it; the live board keeps the name it has).
     pub username: Option<String>,
 }
 
@@ -46,6 +46,7 @@ impl ScoreRow {
 macro_rules! score_row_columns {
     () => {
         "id::BIGINT AS user_id, loyalty_score::BIGINT AS loyalty_score, score_version, \
-         (EXTRACT(EPOCH FROM created_at) * 1000000)::BIGINT AS created_us, username::TEXT AS username"
+         (EXTRACT(EPOCH FROM created_at) * 1000000)::BIGINT AS created_us, \
+         COALESCE(username::TEXT, '') AS username"
     };
 }

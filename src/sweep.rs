@@ -34,7 +34,7 @@ use tracing::Instrument;
 use crate::context::Context;
 use crate::db;
 use crate::error::{DbContext, Error, Result};
-use crate::leaderboard::live::Board;
+use crate::leaderboard::live::{Board, live_member};
 use crate::loyalty::repair;
 use crate::perf::Timer;
 use crate::score_row::ScoreRow;
@@ -353,13 +353,30 @@ async fn remove_unranked_from_board(
         let ids: Vec<UserId> = members.iter().map(|(u, _)| *u).collect();
         let fresh = read_scores(&ctx.pool, &ids).await?;
         let wrong: Vec<ScoreRow> = fresh.iter().filter(|s| s.score <= 0).cloned().collect();
+        // A ranked user's member other than the one their row says: a stray
+        // (its name since changed) unless the board's own entry still names
+        // it (a rename the cache sync has yet to bring), which the library
+        // checks as it removes.
+        let strays: Vec<(UserId, Vec<u8>)> = members
+            .iter()
+            .filter(|(u, m)| {
+                fresh.iter().any(|s| {
+                    s.user == *u
+                        && s.score > 0
+                        && live_member(s.user, s.created_us, s.username.as_deref().unwrap_or(""))
+                            != *m
+                })
+            })
+            .cloned()
+            .collect();
         let gone: Vec<(UserId, Vec<u8>)> = members
             .into_iter()
             .filter(|(u, _)| !fresh.iter().any(|s| s.user == *u))
             .collect();
         board.set(&wrong).await;
         board.remove(&gone).await;
-        repaired += (wrong.len() + gone.len()) as u64;
+        board.remove_strays(&strays).await;
+        repaired += (wrong.len() + gone.len() + strays.len()) as u64;
         if next == 0 {
             return Ok(repaired);
         }

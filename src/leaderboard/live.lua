@@ -12,58 +12,72 @@
 --
 -- The layout, for the bytes it costs:
 -- * the sorted set holds every user with a positive score, scored by minus
---   the score; a member is 16 bytes, the sign-up time (microseconds + 2^62)
---   and the id, each 8 bytes big-endian, so that Redis's order among equal
---   scores (the member's bytes) is the seed's tie-break: earlier sign-up,
---   then lower id;
+--   the score; a member is the user's key, then the user name: the key is
+--   the sign-up time (microseconds + 2^62, 8 bytes big-endian), the id's
+--   length in bytes (1 to 8) and the id (big-endian, no leading zero
+--   bytes), so that Redis's order among equal scores (the member's bytes,
+--   decided within the key, which no other user's shares) is the seed's
+--   tie-break: earlier sign-up, then lower id. A page is one ZRANGE: its
+--   names are in its members. With names of up to about 16 bytes a member
+--   costs no more than a bare 16-byte one (Redis rounds its string up to 32);
 -- * each user ever written has an entry in a bucket hash of at most 100
---   users (`<base>:<id without its last two digits>`, small enough for
---   Redis's compact listpack encoding): the member, then the score's version
---   and the user name, `<member><version> <name>`. The version guards every
---   write (an older score never lands over a newer one);
--- * the base hash holds `_ready` = 2 once the board is built (2: this
+--   users (`<base>:<id without its last two digits>`, field: the last two
+--   digits as a number, small enough for Redis's compact listpack
+--   encoding): the score's version and the member, `<version> <member>`.
+--   The version guards every write (an older score never lands over a newer
+--   one); the member finds the user in the set;
+-- * the base hash holds `_ready` = 3 once the board is built (3: this
 --   layout; a board of another layout reads as not built and is rebuilt).
 --
 -- Reads answer {-2} while the board is not built: then read the view's
 -- answers from PostgreSQL (`loyalty_standing`, `leaderboard_page`); never a
 -- wrong rank.
 
-local READY = '2'
+local READY = '3'
 local MAX_PAGE = 1000
 
 local function ready(keys)
   return redis.call('HGET', keys[2], '_ready') == READY
 end
 
--- The bucket hash of a user id (a decimal string): no arithmetic, so exact
--- for any 64-bit id (Lua's numbers are doubles).
-local function bucket(keys, id)
-  local b = string.sub(id, 1, -3)
+-- The bucket hash and field of a user id (a decimal string): no
+-- arithmetic, so exact for any 64-bit id (Lua's numbers are doubles). The
+-- field drops a leading zero, so that listpack stores it as a number.
+local function slot(keys, id)
+  local b, f = string.sub(id, 1, -3), string.sub(id, -2)
   if b == '' then
     b = '0'
   end
-  return keys[2] .. ':' .. b
-end
-
--- An entry's member, version and name.
-local function parse(entry)
-  local rest = string.sub(entry, 17)
-  local sep = string.find(rest, ' ', 1, true)
-  return string.sub(entry, 1, 16), tonumber(string.sub(rest, 1, sep - 1)), string.sub(rest, sep + 1)
-end
-
--- The user id of a member, as a decimal string (exact for any 64-bit id).
-local function member_id(member)
-  local b = {string.byte(member, 9, 16)}
-  if b[1] == 0 and b[2] == 0 then
-    local n = 0
-    for i = 3, 8 do
-      n = n * 256 + b[i]
-    end
-    return string.format('%.0f', n)
+  if #f == 2 and string.byte(f, 1) == 48 then
+    f = string.sub(f, 2)
   end
+  return keys[2] .. ':' .. b, f
+end
+
+-- A bucket entry's version and member.
+local function parse(entry)
+  local sep = string.find(entry, ' ', 1, true)
+  return tonumber(string.sub(entry, 1, sep - 1)), string.sub(entry, sep + 1)
+end
+
+-- The user name in a member (what follows its key).
+local function member_name(member)
+  return string.sub(member, 10 + string.byte(member, 9))
+end
+
+local ID_FORMAT = {'>I1', '>I2', '>I3', '>I4', '>I5', '>I6'}
+
+-- The user id of a member, as a decimal string (exact for any 64-bit id:
+-- up to 6 bytes a double holds it, longer ones are converted digit by
+-- digit).
+local function member_id(member)
+  local len = string.byte(member, 9)
+  if len <= 6 then
+    return string.format('%d', (struct.unpack(ID_FORMAT[len], member, 10)))
+  end
+  local b = {string.byte(member, 10, 9 + len)}
   local digits = {0}
-  for i = 1, 8 do
+  for i = 1, len do
     local carry = b[i]
     for j = 1, #digits do
       local v = digits[j] * 256 + carry
@@ -98,17 +112,17 @@ local function rank(keys, args)
     return {-2}
   end
   local ranked = redis.call('ZCARD', keys[1])
-  local entry = redis.call('HGET', bucket(keys, args[1]), args[1])
+  local entry = redis.call('HGET', slot(keys, args[1]))
   if not entry then
     return {0, ranked}
   end
-  local member, _, name = parse(entry)
+  local _, member = parse(entry)
   local r = redis.call('ZRANK', keys[1], member)
   if not r then
     return {0, ranked}
   end
   local score = -tonumber(redis.call('ZSCORE', keys[1], member))
-  return {r + 1, score, ranked, topic_right(r + 1, ranked), name}
+  return {r + 1, score, ranked, topic_right(r + 1, ranked), member_name(member)}
 end
 
 -- ARGV: offset (ranks skipped), limit (1 to 1000). {ranked users, then rank,
@@ -122,55 +136,53 @@ local function page(keys, args)
   if not ready(keys) then
     return {-2}
   end
-  local ranked = redis.call('ZCARD', keys[1])
   local items = redis.call('ZRANGE', keys[1], offset, offset + limit - 1, 'WITHSCORES')
-  local out = {ranked}
+  local out = {redis.call('ZCARD', keys[1])}
+  local k = 1
   for i = 1, #items, 2 do
-    local id = member_id(items[i])
-    local entry = redis.call('HGET', bucket(keys, id), id)
-    local name = ''
-    if entry then
-      local _, _, n = parse(entry)
-      name = n
-    end
-    out[#out + 1] = offset + (i + 1) / 2
-    out[#out + 1] = id
-    out[#out + 1] = -tonumber(items[i + 1])
-    out[#out + 1] = name
+    local member = items[i]
+    out[k + 1] = offset + (i + 1) / 2
+    out[k + 2] = member_id(member)
+    out[k + 3] = -tonumber(items[i + 1])
+    out[k + 4] = member_name(member)
+    k = k + 4
   end
   return out
 end
 
--- loyaltyd's write. ARGV: for each user, id, member, score, version, and
--- the name prefixed `=` (or `?` alone when the writer does not know it: the
--- name kept is the board's). Each user is written unless the board holds a
--- newer version (an equal one overwrites: the database is the authority at
--- that version). Answers how many were written.
+-- loyaltyd's write. ARGV: for each user, id, key (the member without the
+-- name), score, version, and the name prefixed `=` (or `?` alone when the
+-- writer does not know it: the name kept is the board's). Each user is
+-- written unless the board holds a newer version (an equal one overwrites:
+-- the database is the authority at that version). Answers how many were
+-- written.
 local function set(keys, args)
   local n = 0
   for i = 1, #args, 5 do
-    local id, member, score, version, name = args[i], args[i + 1], tonumber(args[i + 2]), args[i + 3], args[i + 4]
-    local key = bucket(keys, id)
-    local entry = redis.call('HGET', key, id)
-    local newer = false
+    local id, key, score, version, name = args[i], args[i + 1], tonumber(args[i + 2]), args[i + 3], args[i + 4]
+    local b, f = slot(keys, id)
+    local entry = redis.call('HGET', b, f)
+    local old
     if entry then
-      local old, v, old_name = parse(entry)
+      local v
+      v, old = parse(entry)
       if v > tonumber(version) then
-        newer = true
-      else
-        if old ~= member then
-          redis.call('ZREM', keys[1], old)
-        end
-        if name == '?' then
-          name = '=' .. old_name
-        end
+        key = nil
       end
     end
-    if not newer then
-      if name == '?' then
-        name = '='
+    if key then
+      local member
+      if name ~= '?' then
+        member = key .. string.sub(name, 2)
+      elseif old then
+        member = key .. member_name(old)
+      else
+        member = key
       end
-      redis.call('HSET', key, id, member .. version .. ' ' .. string.sub(name, 2))
+      if old and old ~= member then
+        redis.call('ZREM', keys[1], old)
+      end
+      redis.call('HSET', b, f, version .. ' ' .. member)
       if score > 0 then
         redis.call('ZADD', keys[1], -score, member)
       else
@@ -182,8 +194,9 @@ local function set(keys, args)
   return n
 end
 
--- The sweep's check. ARGV: (user id, member, score) for each user checked.
--- Answers the ids whose place on the board differs.
+-- The sweep's check. ARGV: (user id, member, score) for each user checked,
+-- the member with the name the database has. Answers the ids whose place on
+-- the board differs (a wrong score, or a stale name).
 local function check(keys, args)
   local bad = {}
   for i = 1, #args, 3 do
@@ -212,9 +225,28 @@ end
 local function remove(keys, args)
   for i = 1, #args, 2 do
     redis.call('ZREM', keys[1], args[i + 1])
-    redis.call('HDEL', bucket(keys, args[i]), args[i])
+    local b, f = slot(keys, args[i])
+    redis.call('HDEL', b, f)
   end
   return #args / 2
+end
+
+-- Takes strays off the set. ARGV: (user id, member) for each: the member
+-- is removed unless the user's bucket entry names it.
+local function unstray(keys, args)
+  local n = 0
+  for i = 1, #args, 2 do
+    local entry = redis.call('HGET', slot(keys, args[i]))
+    local current
+    if entry then
+      local _, member = parse(entry)
+      current = member
+    end
+    if current ~= args[i + 1] then
+      n = n + redis.call('ZREM', keys[1], args[i + 1])
+    end
+  end
+  return n
 end
 
 redis.register_function{function_name = 'loyaltyd_rank', callback = rank, flags = {'no-writes'}}
@@ -223,3 +255,4 @@ redis.register_function{function_name = 'loyaltyd_check', callback = check, flag
 redis.register_function('loyaltyd_set', set)
 redis.register_function('loyaltyd_mark', mark)
 redis.register_function('loyaltyd_remove', remove)
+redis.register_function('loyaltyd_unstray', unstray)

@@ -1,8 +1,8 @@
 //! The live board: the leaderboard answered from committed scores, in Redis.
 //!
 //! A Redis function library (`live.lua`, loaded as `loyaltyd`) holds the
-//! whole board: its layout (a sorted set of 16-byte members, each user's
-//! version and name in small bucket hashes), loyaltyd's writes and checks,
+//! whole board: its layout (a sorted set whose members are each user's
+//! sign-up time, id and name; each user's version in small bucket hashes), loyaltyd's writes and checks,
 //! and the reads every client calls (`loyaltyd_rank`, `loyaltyd_page`), so
 //! there is one definition of a rank for loyaltyd and for a forum in any
 //! language. Every score write lands on the board in the same Redis round
@@ -64,22 +64,36 @@ pub struct LiveEntry {
     pub name: String,
 }
 
-/// The member of a user in the live board's sorted set: sign-up time
-/// (microseconds + 2^62, so any time sorts as unsigned) and id, each 8 bytes
-/// big-endian, so that Redis's order among equal scores (the member's bytes)
-/// is the seed's tie-break (earlier sign-up first, then id).
-pub fn live_member(user: UserId, created_us: i64) -> [u8; 16] {
+/// A user's key on the live board: the sign-up time (microseconds + 2^62,
+/// so any time sorts as unsigned, 8 bytes big-endian), the id's length in
+/// bytes and the id (big-endian, without leading zero bytes), so that
+/// Redis's order among equal scores (the member's bytes) is the seed's
+/// tie-break (earlier sign-up first, then id). The member is the key and
+/// then the user name (see `live.lua`).
+pub fn live_key(user: UserId, created_us: i64) -> Vec<u8> {
     let time = (i128::from(created_us) + (1i128 << 62)).clamp(0, i128::from(u64::MAX)) as u64;
-    let mut member = [0u8; 16];
-    member[..8].copy_from_slice(&time.to_be_bytes());
-    member[8..].copy_from_slice(&(user.get() as u64).to_be_bytes());
+    let id = (user.get() as u64).to_be_bytes();
+    let skip = id.iter().take_while(|&&b| b == 0).count().min(7);
+    let mut key = Vec::with_capacity(17);
+    key.extend_from_slice(&time.to_be_bytes());
+    key.push((8 - skip) as u8);
+    key.extend_from_slice(&id[skip..]);
+    key
+}
+
+/// A user's member in the live board's sorted set: the key, then the name.
+pub fn live_member(user: UserId, created_us: i64, name: &str) -> Vec<u8> {
+    let mut member = live_key(user, created_us);
+    member.extend_from_slice(name.as_bytes());
     member
 }
 
 /// The user id in a live board member.
 pub fn live_member_user(member: &[u8]) -> Option<UserId> {
-    let id: [u8; 8] = member.get(8..16)?.try_into().ok()?;
-    UserId::new(i64::from_be_bytes(id)).ok()
+    let len = usize::from(*member.get(8)?);
+    let bytes = member.get(9..9 + len).filter(|_| (1..=8).contains(&len))?;
+    let id = bytes.iter().fold(0u64, |n, &b| (n << 8) | u64::from(b));
+    UserId::new(i64::try_from(id).ok()?).ok()
 }
 
 /// The live board's keys and commands, on the shared Redis runner.
@@ -138,7 +152,7 @@ impl Board {
                     None => "?".to_owned(),
                 };
                 call.arg(s.user.get())
-                    .arg(&live_member(s.user, s.created_us)[..])
+                    .arg(live_key(s.user, s.created_us))
                     .arg(s.score)
                     .arg(s.version)
                     .arg(name);
@@ -182,7 +196,8 @@ impl Board {
     }
 
     /// The users among `scores` whose place on the live board differs from
-    /// theirs (`None`: Redis is away).
+    /// theirs, or whose name there differs (`None`: Redis is away). A row
+    /// without a name (not read from `users`) is checked as nameless.
     pub async fn differing(&self, scores: &[ScoreRow]) -> Option<Vec<UserId>> {
         if scores.is_empty() {
             return Some(Vec::new());
@@ -191,7 +206,11 @@ impl Board {
         let call = self.add_fcall(&mut pipe, "loyaltyd_check", true);
         for s in scores {
             call.arg(s.user.get())
-                .arg(&live_member(s.user, s.created_us)[..])
+                .arg(live_member(
+                    s.user,
+                    s.created_us,
+                    s.username.as_deref().unwrap_or_default(),
+                ))
                 .arg(s.score);
         }
         let (ids,): (Vec<i64>,) = self
@@ -234,6 +253,24 @@ impl Board {
         let mut pipe = redis::pipe();
         let call = self.add_fcall(&mut pipe, "loyaltyd_remove", false);
         for (user, member) in users {
+            call.arg(user.get()).arg(&member[..]);
+        }
+        call.ignore();
+        self.redis
+            .exec_pipeline("FCALL", &pipe, false, &[&LIBRARY_LUA])
+            .await
+    }
+
+    /// Takes strays off the sorted set: members of users whose bucket
+    /// entry names another member (a name since changed), the entry kept;
+    /// a member the entry names stays. False when Redis is away.
+    pub async fn remove_strays(&self, members: &[(UserId, Vec<u8>)]) -> bool {
+        if members.is_empty() {
+            return true;
+        }
+        let mut pipe = redis::pipe();
+        let call = self.add_fcall(&mut pipe, "loyaltyd_unstray", false);
+        for (user, member) in members {
             call.arg(user.get()).arg(&member[..]);
         }
         call.ignore();
@@ -337,7 +374,7 @@ impl Board {
 }
 
 /// The `_ready` value of a board in this layout (the library's `READY`).
-const READY: &str = "2";
+const READY: &str = "3";
 
 /// A build's Redis write, tried again after a miss (one slow moment must
 /// not throw away a build of millions; every write is version-guarded, so a
@@ -409,3 +446,33 @@ pub async fn build(ctx: &Context) -> Result<u64> {
 
 /// Users written to the live board per pipeline.
 const BOARD_BATCH: usize = 5_000;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// PostgreSQL's timestamps from 4713 BC on, in microseconds since 1970.
+    const PG_TIMES: std::ops::RangeInclusive<i64> = -210_866_803_200_000_000..=i64::MAX;
+
+    proptest! {
+        /// The bytes of members order as the seed's tie-break (sign-up
+        /// time, then id), whatever the names, and give back the id.
+        #[test]
+        fn members_order_as_time_then_id(
+            t1 in PG_TIMES, t2 in PG_TIMES, same_time in any::<bool>(),
+            id1 in 1..=i64::MAX, id2 in 1..=i64::MAX, small in 0u32..64,
+            n1 in ".{0,20}", n2 in ".{0,20}",
+        ) {
+            let t2 = if same_time { t1 } else { t2 };
+            let id2 = if small < 32 { id2 >> small } else { id2 }.max(1);
+            let (u1, u2) = (UserId::new(id1).unwrap(), UserId::new(id2).unwrap());
+            let (m1, m2) = (live_member(u1, t1, &n1), live_member(u2, t2, &n2));
+            prop_assert_eq!(live_member_user(&m1), Some(u1));
+            prop_assert_eq!(live_member_user(&m2), Some(u2));
+            if (t1, id1) != (t2, id2) {
+                prop_assert_eq!(m1.cmp(&m2), (t1, id1).cmp(&(t2, id2)));
+            }
+        }
+    }
+}

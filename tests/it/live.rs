@@ -245,20 +245,24 @@ async fn the_sweep_finds_a_corrupted_board_and_repairs_it(pool: PgPool) {
         loyaltyd::leaderboard::live::Board::new(&ctx.redis).key(),
         loyaltyd::leaderboard::live::Board::new(&ctx.redis).users_key(),
     );
-    let member = |id: i64| {
+    let member = |id: i64, name: &str| {
         let minutes = id * 60_000_000;
         let epoch_2024 = 1_704_067_200_000_000i64;
-        loyaltyd::leaderboard::live::live_member(uid(id), epoch_2024 + minutes)
+        loyaltyd::leaderboard::live::live_member(uid(id), epoch_2024 + minutes, name)
     };
     let mut redis = common::redis().await;
-    // A wrong score, a user missing, a user who is not ranked (score 0)
-    // and one the database never had.
+    // A wrong score, a user missing, a user who is not ranked (score 0),
+    // one the database never had, a stale name (member and bucket entry)
+    // and a second member with an old name beside the right one.
     let b = |s: &str| s.as_bytes().to_vec();
-    let corrupt: [(&str, Vec<Vec<u8>>); 4] = [
-        ("ZADD", vec![b(&set), b("-100"), member(3).to_vec()]),
-        ("ZREM", vec![b(&set), member(5).to_vec()]),
-        ("ZADD", vec![b(&set), b("-2"), member(14).to_vec()]),
-        ("ZADD", vec![b(&set), b("-9"), member(9999).to_vec()]),
+    let corrupt: [(&str, Vec<Vec<u8>>); 7] = [
+        ("ZADD", vec![b(&set), b("-100"), member(3, "u3")]),
+        ("ZREM", vec![b(&set), member(5, "u5")]),
+        ("ZADD", vec![b(&set), b("-2"), member(14, "u14")]),
+        ("ZADD", vec![b(&set), b("-9"), member(9999, "ghost")]),
+        ("ZREM", vec![b(&set), member(6, "u6")]),
+        ("ZADD", vec![b(&set), b("-6"), member(6, "old6")]),
+        ("ZADD", vec![b(&set), b("-1"), member(8, "old8")]),
     ];
     for (cmd, args) in corrupt {
         let _: i64 = redis::cmd(cmd)
@@ -267,14 +271,20 @@ async fn the_sweep_finds_a_corrupted_board_and_repairs_it(pool: PgPool) {
             .await
             .unwrap_or_else(|e| panic!("{cmd}: {e}"));
     }
-    // Its entry in its bucket hash (ids 9900-9999): member, version, name.
-    let _: i64 = redis::cmd("HSET")
-        .arg(format!("{hash}:99"))
-        .arg(9999)
-        .arg([&member(9999)[..], b"1 ghost"].concat())
-        .query_async(&mut redis)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    // Bucket entries (ids 9900-9999, field: the last two digits): version,
+    // then member.
+    for (bucket, field, entry) in [
+        ("99", "99", [&b"1 "[..], &member(9999, "ghost")].concat()),
+        ("0", "6", [&b"1 "[..], &member(6, "old6")].concat()),
+    ] {
+        let _: i64 = redis::cmd("HSET")
+            .arg(format!("{hash}:{bucket}"))
+            .arg(field)
+            .arg(entry)
+            .query_async(&mut redis)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
     let wrong = leaderboard::rank(&ctx, uid(3))
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -286,7 +296,7 @@ async fn the_sweep_finds_a_corrupted_board_and_repairs_it(pool: PgPool) {
     let report = common::sweep(&ctx, 8).await;
     assert_eq!(
         (report.drifted_users, report.board_repaired),
-        (0, 4),
+        (0, 6),
         "{report:?}"
     );
     assert_exact(&ctx, &pool, "after the sweep").await;
@@ -658,4 +668,66 @@ async fn renames_by_every_path_reach_the_board_and_leave_the_sweep_nothing_to_re
         (0, 0, 0),
         "{report:?}"
     );
+}
+
+#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+async fn ids_of_every_byte_length_and_names_of_any_bytes_keep_the_order_and_read_back(
+    pool: PgPool,
+) {
+    // A member is the sign-up time, the id's length in bytes, the id and
+    // the name: ids across every length boundary (and past 2^53, beyond
+    // Lua's exact numbers), all signed up at the same moment and tied on
+    // score, so that the id alone decides; names with spaces, multi-byte
+    // characters, and longer than Redis's compact encoding takes.
+    let ids: [i64; 15] = [
+        1,
+        99,
+        100,
+        255,
+        256,
+        65_535,
+        65_536,
+        1 << 24,
+        (1 << 32) - 1,
+        (1 << 40) + 7,
+        (1 << 48) - 1,
+        1 << 48,
+        (1 << 53) + 1,
+        i64::MAX - 1,
+        i64::MAX,
+    ];
+    for (n, id) in ids.iter().enumerate() {
+        let name = match n % 3 {
+            0 => format!("u{id}"),
+            1 => format!("名前 with spaces {id}"),
+            _ => format!("{}-{id}", "long".repeat(20)),
+        };
+        sqlx::query(
+            "INSERT INTO users (id, username, loyalty_score, score_version, created_at)
+             VALUES ($1, $2, $3, 1, TIMESTAMPTZ '2024-01-01')",
+        )
+        .bind(id)
+        .bind(name)
+        .bind(if n % 4 == 0 { 7i64 } else { 5 })
+        .execute(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let ctx = common::ctx(&pool, "live-ids");
+    assert_eq!(build(&ctx).await, ids.len() as u64);
+    assert_exact(&ctx, &pool, "built").await;
+    assert_names(&ctx, &pool, "built").await;
+    // Writes that do not carry the name (record_event) keep the board's.
+    for id in [ids[1], ids[12], ids[14]] {
+        loyalty::record_event(
+            &ctx,
+            &common::event(id, ContentType::Post, Outcome::Approved),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+    assert_exact(&ctx, &pool, "after writes").await;
+    assert_names(&ctx, &pool, "after writes").await;
+    let report = common::sweep(&ctx, 4).await;
+    assert_eq!(report.board_repaired, 0, "{report:?}");
 }
