@@ -150,6 +150,27 @@ local function page(keys, args)
   return out
 end
 
+-- Applies a write's set changes, each member's last: one ZREM of the
+-- members leaving and as few ZADDs as Redis's argument limit allows (one
+-- call per member costs about twice as much).
+local function apply(set_key, changes)
+  local gone, added = {}, {}
+  for member, score in pairs(changes) do
+    if score then
+      added[#added + 1] = score
+      added[#added + 1] = member
+    else
+      gone[#gone + 1] = member
+    end
+  end
+  for i = 1, #gone, 4000 do
+    redis.call('ZREM', set_key, unpack(gone, i, math.min(i + 3999, #gone)))
+  end
+  for i = 1, #added, 4000 do
+    redis.call('ZADD', set_key, unpack(added, i, math.min(i + 3999, #added)))
+  end
+end
+
 -- loyaltyd's write. ARGV: for each user, id, key (the member without the
 -- name), score, version, and the name prefixed `=` (or `?` alone when the
 -- writer does not know it: the name kept is the board's). Each user is
@@ -158,6 +179,8 @@ end
 -- written.
 local function set(keys, args)
   local n = 0
+  -- Member -> its new score, or false to take it off.
+  local changes = {}
   for i = 1, #args, 5 do
     local id, key, score, version, name = args[i], args[i + 1], tonumber(args[i + 2]), args[i + 3], args[i + 4]
     local b, f = slot(keys, id)
@@ -180,17 +203,15 @@ local function set(keys, args)
         member = key
       end
       if old and old ~= member then
-        redis.call('ZREM', keys[1], old)
+        changes[old] = false
       end
       redis.call('HSET', b, f, version .. ' ' .. member)
-      if score > 0 then
-        redis.call('ZADD', keys[1], -score, member)
-      else
-        redis.call('ZREM', keys[1], member)
-      end
+      -- (The score as its decimal text: no number to format again.)
+      changes[member] = score > 0 and '-' .. args[i + 2]
       n = n + 1
     end
   end
+  apply(keys[1], changes)
   return n
 end
 

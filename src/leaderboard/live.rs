@@ -425,16 +425,22 @@ pub async fn build(ctx: &Context) -> Result<u64> {
         ))
         .fetch(&mut *tx)
         .try_chunks(BOARD_BATCH);
-        while let Some(chunk) = chunks
-            .try_next()
-            .await
+        let mut next = chunks.try_next().await;
+        // Each batch is written while the next is read: PostgreSQL and
+        // Redis work at once.
+        while let Some(chunk) = next
             .map_err(|e| e.1)
             .db("reading scores for the live board")?
         {
-            if !retried!(board.set(&chunk).await) {
+            let (wrote, read) = tokio::join!(
+                async { retried!(board.set(&chunk).await) },
+                chunks.try_next()
+            );
+            if !wrote {
                 return Err(unavailable());
             }
             written += chunk.len() as u64;
+            next = read;
         }
     }
     crate::db::rollback(tx).await;
