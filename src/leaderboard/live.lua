@@ -178,6 +178,14 @@ end
 -- the database is the authority at that version). Answers how many were
 -- written.
 local function set(keys, args)
+  -- A key of another layout (a loyaltyd older than this library, during an
+  -- upgrade) is refused whole rather than written as garbage.
+  for i = 2, #args, 5 do
+    local len = string.byte(args[i], 9)
+    if not len or len < 1 or len > 8 or #args[i] ~= 9 + len then
+      return redis.error_reply('ERR loyaltyd_set: a key of another board layout (upgrade every loyaltyd)')
+    end
+  end
   local n = 0
   -- Member -> its new score, or false to take it off.
   local changes = {}

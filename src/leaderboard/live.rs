@@ -2,14 +2,15 @@
 //!
 //! A Redis function library (`live.lua`, loaded as `loyaltyd`) holds the
 //! whole board: its layout (a sorted set whose members are each user's
-//! sign-up time, id and name; each user's version in small bucket hashes), loyaltyd's writes and checks,
-//! and the reads every client calls (`loyaltyd_rank`, `loyaltyd_page`), so
-//! there is one definition of a rank for loyaltyd and for a forum in any
-//! language. Every score write lands on the board in the same Redis round
-//! trip as the cache's ([`crate::publish`]), guarded by the score's version,
-//! so a late write cannot put an older score back. The daemon builds it from
+//! sign-up time, id and name, so a page is one `ZRANGE`; each user's version
+//! and member in small bucket hashes), loyaltyd's writes and checks, and the
+//! reads every client calls (`loyaltyd_rank`, `loyaltyd_page`), so there is
+//! one definition of a rank for loyaltyd and for a forum in any language.
+//! Every score write lands on the board in the same Redis round trip as the
+//! cache's ([`crate::publish`]), guarded by the score's version, so a late
+//! write cannot put an older score back. The daemon builds it from
 //! PostgreSQL on start and after Redis lost it ([`build`]); the nightly
-//! sweep checks it. Rank and page are O(log n).
+//! sweep checks it, names included. Rank and page are O(log n).
 
 use std::sync::LazyLock;
 

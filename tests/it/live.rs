@@ -730,4 +730,41 @@ async fn ids_of_every_byte_length_and_names_of_any_bytes_keep_the_order_and_read
     assert_names(&ctx, &pool, "after writes").await;
     let report = common::sweep(&ctx, 4).await;
     assert_eq!(report.board_repaired, 0, "{report:?}");
+    // A write from a loyaltyd of the previous layout (16-byte members: the
+    // time and the id) during an upgrade is refused whole, not misread.
+    let board = loyaltyd::leaderboard::live::Board::new(&ctx.redis);
+    let mut old_member = (1_704_067_200_000_000i64 + (1 << 62))
+        .to_be_bytes()
+        .to_vec();
+    old_member.extend_from_slice(&ids[2].to_be_bytes());
+    let refused: redis::RedisResult<i64> = redis::cmd("FCALL")
+        .arg("loyaltyd_set")
+        .arg(2)
+        .arg(board.key())
+        .arg(board.users_key())
+        .arg(&[
+            ids[0].to_string().into_bytes(),
+            board_key(ids[0]),
+            b"3".to_vec(),
+            b"99".to_vec(),
+            b"=x".to_vec(),
+        ])
+        .arg(&[
+            ids[2].to_string().into_bytes(),
+            old_member,
+            b"9".to_vec(),
+            b"99".to_vec(),
+            b"=y".to_vec(),
+        ])
+        .query_async(&mut common::redis().await)
+        .await;
+    let err = refused.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("another board layout"), "{err}");
+    assert_exact(&ctx, &pool, "after a refused write").await;
+    assert_names(&ctx, &pool, "after a refused write").await;
+}
+
+/// A user's key (the member without the name) as loyaltyd writes it.
+fn board_key(id: i64) -> Vec<u8> {
+    loyaltyd::leaderboard::live::live_key(uid(id), 1_704_067_200_000_000)
 }
