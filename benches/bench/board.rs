@@ -88,6 +88,9 @@ async fn top_up(b: &Bench, target: i64) -> R<i64> {
 async fn board_bytes(b: &Bench, live: &Context) -> R<u64> {
     let board = loyaltyd::leaderboard::live::Board::new(&live.redis);
     let mut r = b.redis.clone();
+    // MEMORY USAGE counting every member of a set of 10 M takes seconds:
+    // past redis-rs's default response timeout (500 ms).
+    r.set_response_timeout(Duration::from_secs(300));
     let mut keys = vec![board.key(), board.users_key()];
     let mut cursor = 0u64;
     loop {
