@@ -353,6 +353,8 @@ async fn remove_unranked_from_board(
         let ids: Vec<UserId> = members.iter().map(|(u, _)| *u).collect();
         let fresh = read_scores(&ctx.pool, &ids).await?;
         let wrong: Vec<ScoreRow> = fresh.iter().filter(|s| s.score <= 0).cloned().collect();
+        let rows: std::collections::HashMap<UserId, &ScoreRow> =
+            fresh.iter().map(|s| (s.user, s)).collect();
         // A ranked user's member other than the one their row says: a stray
         // (its name since changed) unless the board's own entry still names
         // it (a rename the cache sync has yet to bring), which the library
@@ -360,9 +362,8 @@ async fn remove_unranked_from_board(
         let strays: Vec<(UserId, Vec<u8>)> = members
             .iter()
             .filter(|(u, m)| {
-                fresh.iter().any(|s| {
-                    s.user == *u
-                        && s.score > 0
+                rows.get(u).is_some_and(|s| {
+                    s.score > 0
                         && live_member(s.user, s.created_us, s.username.as_deref().unwrap_or(""))
                             != *m
                 })
@@ -371,12 +372,12 @@ async fn remove_unranked_from_board(
             .collect();
         let gone: Vec<(UserId, Vec<u8>)> = members
             .into_iter()
-            .filter(|(u, _)| !fresh.iter().any(|s| s.user == *u))
+            .filter(|(u, _)| !rows.contains_key(u))
             .collect();
         board.set(&wrong).await;
         board.remove(&gone).await;
-        board.remove_strays(&strays).await;
-        repaired += (wrong.len() + gone.len() + strays.len()) as u64;
+        let unstrayed = board.remove_strays(&strays).await.unwrap_or(0);
+        repaired += (wrong.len() + gone.len()) as u64 + unstrayed;
         if next == 0 {
             return Ok(repaired);
         }

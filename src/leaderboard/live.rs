@@ -248,30 +248,35 @@ impl Board {
     /// can bring them back: a write needs the user's row); false when Redis
     /// is away.
     pub async fn remove(&self, users: &[(UserId, Vec<u8>)]) -> bool {
-        self.call_on_members("loyaltyd_remove", users).await
+        self.call_on_members("loyaltyd_remove", users)
+            .await
+            .is_some()
     }
 
     /// Takes strays off the sorted set: members of users whose bucket
     /// entry names another member (a name since changed), the entry kept;
-    /// a member the entry names stays. False when Redis is away.
-    pub async fn remove_strays(&self, members: &[(UserId, Vec<u8>)]) -> bool {
+    /// a member the entry names stays. How many were taken off (`None`:
+    /// Redis is away).
+    pub async fn remove_strays(&self, members: &[(UserId, Vec<u8>)]) -> Option<u64> {
         self.call_on_members("loyaltyd_unstray", members).await
     }
 
-    /// Calls a write function of the library on (user, member) pairs.
-    async fn call_on_members(&self, function: &str, members: &[(UserId, Vec<u8>)]) -> bool {
+    /// Calls a write function of the library on (user, member) pairs; its
+    /// count.
+    async fn call_on_members(&self, function: &str, members: &[(UserId, Vec<u8>)]) -> Option<u64> {
         if members.is_empty() {
-            return true;
+            return Some(0);
         }
         let mut pipe = redis::pipe();
         let call = self.add_fcall(&mut pipe, function, false);
         for (user, member) in members {
             call.arg(user.get()).arg(&member[..]);
         }
-        call.ignore();
-        self.redis
-            .exec_pipeline("FCALL", &pipe, false, &[&LIBRARY_LUA])
-            .await
+        let (n,): (u64,) = self
+            .redis
+            .query_pipeline("FCALL", &pipe, false, &[&LIBRARY_LUA])
+            .await?;
+        Some(n)
     }
 
     /// How many users the live board ranks (`None`: Redis is away).

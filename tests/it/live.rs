@@ -762,6 +762,25 @@ async fn ids_of_every_byte_length_and_names_of_any_bytes_keep_the_order_and_read
     assert!(err.contains("another board layout"), "{err}");
     assert_exact(&ctx, &pool, "after a refused write").await;
     assert_names(&ctx, &pool, "after a refused write").await;
+    // A stray (a member with a name no longer the user's) is taken off;
+    // the member the user's bucket entry names is not.
+    let member = |name: &str| {
+        loyaltyd::leaderboard::live::live_member(uid(ids[0]), 1_704_067_200_000_000, name)
+    };
+    let _: i64 = redis::cmd("ZADD")
+        .arg(board.key())
+        .arg(-1)
+        .arg(member("an old name"))
+        .query_async(&mut common::redis().await)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let strays = [
+        (uid(ids[0]), member("u1")),
+        (uid(ids[0]), member("an old name")),
+    ];
+    assert_eq!(board.remove_strays(&strays).await, Some(1));
+    assert_exact(&ctx, &pool, "after the strays").await;
+    assert_names(&ctx, &pool, "after the strays").await;
 }
 
 /// A user's key (the member without the name) as loyaltyd writes it.
