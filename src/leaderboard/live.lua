@@ -151,8 +151,8 @@ local function page(keys, args)
 end
 
 -- Applies a write's set changes, each member's last: one ZREM of the
--- members leaving and as few ZADDs as Redis's argument limit allows (one
--- call per member costs about twice as much).
+-- members leaving and one ZADD of the rest, per 4,000 values (within what
+-- Lua's unpack can pass); a call per member cost about twice as much.
 local function apply(set_key, changes)
   local gone, added = {}, {}
   for member, score in pairs(changes) do
