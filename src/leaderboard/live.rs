@@ -472,7 +472,8 @@ mod tests {
         ) {
             let t2 = if same_time { t1 } else { t2 };
             let id2 = if small < 32 { id2 >> small } else { id2 }.max(1);
-            let (u1, u2) = (UserId::new(id1).unwrap(), UserId::new(id2).unwrap());
+            let user = |id| UserId::new(id).map_err(|e| TestCaseError::fail(e.to_string()));
+            let (u1, u2) = (user(id1)?, user(id2)?);
             let (m1, m2) = (live_member(u1, t1, &n1), live_member(u2, t2, &n2));
             prop_assert_eq!(live_member_user(&m1), Some(u1));
             prop_assert_eq!(live_member_user(&m2), Some(u2));

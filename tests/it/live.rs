@@ -632,6 +632,27 @@ async fn renames_by_every_path_reach_the_board_and_leave_the_sweep_nothing_to_re
     for t in tasks {
         t.await.unwrap_or_else(|e| panic!("{e}"));
     }
+    // A rename in the forum's own transaction beside a plain-SQL event for
+    // the same user (the score trigger, then the rename's), an upsert that
+    // renames (INSERT ... ON CONFLICT DO UPDATE), and, where the seed's code
+    // still writes scores (legacy mode: the direct write is a credit its
+    // event will consume), one statement that changes the score and the
+    // name together.
+    sqlx::raw_sql(
+        "BEGIN;
+         INSERT INTO moderation_events (user_id, event_type, content_type, content_id, outcome)
+         VALUES (23, 'moderation_decision', 'topic', 'tx-23', 'approved');
+         UPDATE users SET username = 'tx 23' WHERE id = 23;
+         COMMIT;
+         INSERT INTO users (id, username, created_at) VALUES (24, 'upserted 24', now())
+         ON CONFLICT (id) DO UPDATE SET username = EXCLUDED.username;
+         UPDATE loyaltyd_settings SET legacy_score_writes = true;
+         UPDATE users SET loyalty_score = loyalty_score + 7, username = 'both 25' WHERE id = 25;
+         UPDATE loyaltyd_settings SET legacy_score_writes = false;",
+    )
+    .execute(&pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
     // New users COPYed in with their names, then scored: they join the
     // board with them.
     let mut conn = pool.acquire().await.unwrap_or_else(|e| panic!("{e}"));
