@@ -5,8 +5,8 @@
 # and the run script connect over the local socket as root). With --test it
 # also installs what the tests drive loyaltyd with: Python's psycopg and
 # redis-py (the forum handlers of the SQL contract tests, the original
-# design's own service code in the adoption tests) and Prometheus (promtool
-# and a live server).
+# design's own service code in the adoption tests), Prometheus (promtool
+# and a live server) and plpgsql_check (the linter of the SQL layer).
 # Usage: scripts/services.sh [--test] [DATABASE...]
 set -euo pipefail
 
@@ -27,6 +27,12 @@ if $test_tools; then
     command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
     /usr/bin/python3 -c 'import asyncpg' >/dev/null 2>&1 || missing+=(python3-asyncpg)
     command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+    # PL/pgSQL's own linter, for the server's major version (the suite runs
+    # it over every function and trigger).
+    pg_major=$(ls /usr/lib/postgresql 2>/dev/null | sort -V | tail -n 1)
+    pg_major=${pg_major:-15}
+    [ -f "/usr/share/postgresql/$pg_major/extension/plpgsql_check.control" ] \
+        || missing+=("postgresql-$pg_major-plpgsql-check")
 fi
 if ((${#missing[@]})); then
     log "installing ${missing[*]} from Debian's packages"

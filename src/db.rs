@@ -162,9 +162,11 @@ pub fn pool_options(cfg: &DatabaseConfig) -> PgPoolOptions {
 /// A pooled connection idle at least this long is pinged before it is used.
 const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 
-/// Applies pending migrations; running it again changes nothing.
+/// Applies pending migrations, then the current SQL definitions where they
+/// changed; running it again changes nothing.
 pub async fn migrate(pool: &PgPool) -> Result<()> {
     MIGRATOR.run(pool).await?;
+    crate::definitions::apply(pool).await?;
     Ok(())
 }
 

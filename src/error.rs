@@ -114,6 +114,16 @@ pub enum Error {
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 
+    /// A file of the current SQL definitions (`sql/`) failed to apply
+    /// (exit 1): nothing of the apply was kept.
+    #[error("applying {file} failed: {} (nothing was changed)", describe(source))]
+    Definitions {
+        /// The file, as `sql/<name>.sql`.
+        file: &'static str,
+        /// The driver's error.
+        source: sqlx::Error,
+    },
+
     /// Any other runtime failure (exit 1).
     #[error("{0}")]
     Runtime(String),
@@ -138,6 +148,7 @@ impl Error {
             Error::Cancelled { .. }
             | Error::Database { .. }
             | Error::Migrate(_)
+            | Error::Definitions { .. }
             | Error::Runtime(_) => EXIT_RUNTIME,
         }
     }

@@ -19,8 +19,12 @@ pub const JOB_REFRESH: i64 = 0x4c59_4a42_0001; // "LYJB" 1
 pub const JOB_SWEEP: i64 = 0x4c59_4a42_0002; // "LYJB" 2
 pub const JOB_REORDER: i64 = 0x4c59_4a42_0003; // "LYJB" 3
 
+/// An apply of the current SQL definitions (a transaction lock: one
+/// process at a time; see `definitions::apply`).
+pub const DEFINITIONS: i64 = 0x4c59_4446_0001; // "LYDF" 1
+
 /// The first half of a queue scope's fold lock, taken in SQL by
-/// `queue_fold_lock(queue, scope)` (migration 11) as
+/// `queue_fold_lock(queue, scope)` (sql/queues.sql) as
 /// `pg_try_advisory_xact_lock(QUEUE_FOLD, hashtext(queue || '/' || scope))`:
 /// "LYQF". Only ever tried, never waited for.
 pub const QUEUE_FOLD: i32 = 0x4c59_5146;
@@ -31,15 +35,22 @@ mod tests {
 
     #[test]
     fn the_keys_are_distinct_and_the_sql_uses_the_fold_key() {
-        let keys = vec![REFRESH, SYNC, JOB_REFRESH, JOB_SWEEP, JOB_REORDER];
+        let keys = vec![
+            REFRESH,
+            SYNC,
+            JOB_REFRESH,
+            JOB_SWEEP,
+            JOB_REORDER,
+            DEFINITIONS,
+        ];
         let mut unique = keys.clone();
         unique.sort_unstable();
         unique.dedup();
         assert_eq!(unique.len(), keys.len(), "{keys:x?}");
-        let sql = include_str!("../migrations/0011_queue_writes_without_waits.sql");
+        let sql = include_str!("../sql/queues.sql");
         assert!(
             sql.contains(&format!("pg_try_advisory_xact_lock({QUEUE_FOLD}, hashtext")),
-            "migration 11's fold lock is not locks::QUEUE_FOLD"
+            "sql/queues.sql's fold lock is not locks::QUEUE_FOLD"
         );
     }
 }

@@ -296,60 +296,39 @@ pub(crate) struct Repaired {
     pub(crate) previous: i64,
 }
 
-/// Locks the users, recomputes their scores from their events under the lock
-/// and writes back those that differ. The lock comes first, in its own
-/// statement, so the recomputation's snapshot includes every event committed
-/// for them and no writer can add one until the transaction ends.
+/// Recomputes the users' scores from their ledgers under their row locks and
+/// writes back those that differ (`scores_repair`, sql/scoring.sql); answers
+/// each repaired user's score row and the score before.
 pub(crate) async fn repair(
     tx: &mut Transaction<'_, Postgres>,
     ids: &[i64],
 ) -> Result<Vec<Repaired>> {
-    // The lock. (The repair writes score_version itself: that is what lets
-    // it past users_score_changed, migration 8.)
-    sqlx::query(
-        "SELECT count(*) FROM (SELECT id FROM users WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE) l",
+    let (fixed, previous): (Vec<i64>, Vec<i64>) = sqlx::query_as::<_, (i64, i64)>(
+        "SELECT user_id, previous FROM scores_repair($1, $2 * INTERVAL '1 second')",
     )
     .bind(ids)
-    .execute(&mut **tx)
+    .bind(LEGACY_CREDIT_GRACE.as_secs_f64())
+    .fetch_all(&mut **tx)
     .await
-    .db("locking users to repair")?;
-    // A seed-era writer's fresh credit (its event is on its way) counts; one
-    // older than LEGACY_CREDIT_GRACE never got its event: it is dropped.
+    .db("repairing scores")?
+    .into_iter()
+    .unzip();
+    if fixed.is_empty() {
+        return Ok(Vec::new());
+    }
+    // A statement of its own: its snapshot sees the repair's writes.
     const SQL: &str = concat!(
-        r#"
-        WITH truth AS (
-            SELECT u.id AS uid, u.loyalty_score AS previous,
-                   COALESCE((SELECT SUM(e.score_delta) FROM moderation_events e WHERE e.user_id = u.id), 0)
-                 + COALESCE((SELECT SUM(c.delta) FROM legacy_score_credits c
-                             WHERE c.user_id = u.id AND c.written_at > now() - $2 * INTERVAL '1 second'), 0) AS score
-            FROM users u
-            WHERE u.id = ANY($1)
-        ), expired AS (
-            DELETE FROM legacy_score_credits c
-            WHERE c.user_id = ANY($1) AND c.written_at <= now() - $2 * INTERVAL '1 second'
-        ), fixed AS (
-            UPDATE users u
-            SET loyalty_score = t.score, score_version = next_score_version(u.score_version),
-                score_xid = pg_current_xact_id(), updated_at = now()
-            FROM truth t
-            WHERE u.id = t.uid AND u.loyalty_score <> t.score
-            RETURNING "#,
+        "SELECT ",
         crate::score_row_columns!(),
-        r#", t.previous::BIGINT AS previous
-        ), counted AS (
-            -- A repaired score moves the leaderboard like any other change
-            -- (read once, below: a CTE nobody reads would not run).
-            SELECT leaderboard_count_changes(count(*)) FROM fixed HAVING count(*) > 0
-        )
-        SELECT f.* FROM fixed f LEFT JOIN counted ON true ORDER BY f.user_id
-    "#
+        ", r.previous FROM unnest($1::BIGINT[], $2::BIGINT[]) AS r(uid, previous)
+         JOIN users ON id = r.uid ORDER BY r.uid"
     );
     sqlx::query_as(SQL)
-        .bind(ids)
-        .bind(LEGACY_CREDIT_GRACE.as_secs_f64())
+        .bind(&fixed)
+        .bind(&previous)
         .fetch_all(&mut **tx)
         .await
-        .db("repairing scores")
+        .db("reading repaired scores")
 }
 
 /// Repairs the scores of `ids` in the caller's transaction (the sweep's

@@ -146,11 +146,11 @@ impl FromStr for Priority {
 #[serde(rename_all = "snake_case")]
 #[value(rename_all = "snake_case")]
 pub enum ContentType {
-    /// A reply in a topic (multiplier 1).
+    /// A reply in a topic.
     Post,
-    /// A new topic (multiplier 5).
+    /// A new topic.
     Topic,
-    /// A private message (multiplier 1).
+    /// A private message.
     PrivateMessage,
 }
 
@@ -170,25 +170,17 @@ impl ContentType {
             ContentType::PrivateMessage => "private_message",
         }
     }
-
-    /// How much an outcome on this content type weighs (SPEC §4).
-    pub fn multiplier(self) -> i64 {
-        match self {
-            ContentType::Topic => 5,
-            ContentType::Post | ContentType::PrivateMessage => 1,
-        }
-    }
 }
 
 /// The moderator's decision on a piece of content.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
-    /// Approved: +multiplier.
+    /// Approved.
     Approved,
-    /// Rejected: -multiplier.
+    /// Rejected.
     Rejected,
-    /// Calibrated: no change.
+    /// Calibrated.
     Calibrated,
 }
 
@@ -204,21 +196,6 @@ impl Outcome {
             Outcome::Calibrated => "calibrated",
         }
     }
-
-    /// The sign the outcome gives the multiplier (SPEC §4).
-    pub fn sign(self) -> i64 {
-        match self {
-            Outcome::Approved => 1,
-            Outcome::Rejected => -1,
-            Outcome::Calibrated => 0,
-        }
-    }
-}
-
-/// The score change of one event (SPEC §4). The database computes the same
-/// rule in `moderation_events.score_delta`; a test holds the two together.
-pub fn score_delta(content: ContentType, outcome: Outcome) -> i64 {
-    content.multiplier() * outcome.sign()
 }
 
 /// One of the three moderation queues.
@@ -376,23 +353,5 @@ mod tests {
         assert!(Scope::for_queue(QueueKind::Message, t(), None).is_err());
         assert!(Scope::for_queue(QueueKind::Message, t(), t()).is_err());
         assert!(Scope::for_queue(QueueKind::Message, None, t()).is_ok());
-    }
-
-    #[test]
-    fn score_delta_follows_the_rule_for_every_combination() {
-        let expected = [
-            (ContentType::Post, [1, -1, 0]),
-            (ContentType::Topic, [5, -5, 0]),
-            (ContentType::PrivateMessage, [1, -1, 0]),
-        ];
-        for (content, deltas) in expected {
-            for (outcome, delta) in Outcome::ALL.into_iter().zip(deltas) {
-                assert_eq!(
-                    score_delta(content, outcome),
-                    delta,
-                    "{content:?} {outcome:?}"
-                );
-            }
-        }
     }
 }

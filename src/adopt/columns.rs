@@ -5,7 +5,6 @@
 
 use std::collections::BTreeMap;
 
-use super::sql_text::{index_target, migration, normalize, split_statements};
 use super::target::{CHECKS, Column, WANTED, Want};
 use super::{Adoption, FORUM_TABLES, Step};
 use crate::error::{DbContext, Result};
@@ -122,7 +121,7 @@ impl Adoption<'_> {
                 ),
             },
             Step {
-                step: "run the migrations' statements again, skipping what exists (loyaltyd's leaderboard view and anything the swaps replaced)".into(),
+                step: "apply the current SQL definitions (sql/) again, and build the leaderboard view again where a swap dropped it".into(),
                 rows: 0,
                 lock: "ACCESS EXCLUSIVE for one metadata change at a time".into(),
             },
@@ -136,11 +135,18 @@ impl Adoption<'_> {
 
     /// `adopt --change-types` on an adopted database: the kept types.
     pub(super) async fn change_types(&mut self) -> Result<()> {
+        self.build_reference().await?;
         for table in FORUM_TABLES {
             self.shape_columns(table).await?;
         }
-        self.run_migrations(false).await?;
+        // The swaps replaced columns the definitions' triggers and views
+        // stood on: applied again, whatever the digest says.
+        self.exec("DELETE FROM loyaltyd_definitions_applied")
+            .await?;
+        crate::definitions::apply(self.pool).await?;
+        self.leaderboard_view().await?;
         self.constraints().await?;
+        self.drop_reference().await?;
         self.report.migrations_recorded = crate::db::MIGRATOR.iter().map(|m| m.version).collect();
         Ok(())
     }
@@ -266,21 +272,7 @@ impl Adoption<'_> {
                 .await?;
         }
         if table == "users" && !self.relation_exists("user_leaderboard").await? {
-            self.restore_leaderboard_view().await?;
-        }
-        Ok(())
-    }
-
-    /// Migration 2's view and its indexes, as migration 2 creates them
-    /// (the build reads users without blocking its writers).
-    pub(super) async fn restore_leaderboard_view(&self) -> Result<()> {
-        let mut conn = self.conn().await?;
-        for stmt in split_statements(migration(2)?) {
-            let upper = normalize(&stmt);
-            let on_view = index_target(&stmt).is_some_and(|(_, t)| t == "user_leaderboard");
-            if upper.starts_with("CREATE MATERIALIZED VIEW USER_LEADERBOARD") || on_view {
-                self.ddl(&mut conn, &stmt).await?;
-            }
+            self.leaderboard_view().await?;
         }
         Ok(())
     }

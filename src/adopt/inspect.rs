@@ -257,16 +257,16 @@ impl Adoption<'_> {
                 || name.ends_with("__new_not_null")
                 || name.ends_with("_loyaltyd_widen")
                 || CHECKS.iter().any(|(_, n, _)| *n == name)
-                || crate::db::MIGRATOR.iter().any(|m| {
-                    let sql = m.sql.as_str();
-                    [
-                        format!("CREATE TRIGGER {name} "),
-                        format!("CREATE VIEW {name} "),
-                        format!("CONSTRAINT {name} "),
-                    ]
-                    .iter()
-                    .any(|p| sql.contains(p.as_str()))
+                // loyaltyd's triggers and views (sql/), and the constraints
+                // its migrations name.
+                || crate::definitions::FILES.iter().any(|d| {
+                    [format!("TRIGGER {name} "), format!("VIEW {name} ")]
+                        .iter()
+                        .any(|p| d.sql.contains(p.as_str()))
                 })
+                || crate::db::MIGRATOR
+                    .iter()
+                    .any(|m| m.sql.as_str().contains(&format!("CONSTRAINT {name} ")))
         };
         Ok(rows
             .into_iter()
@@ -303,11 +303,13 @@ impl Adoption<'_> {
                 recorded_as: Some(rule.recorded_as()),
             });
         }
-        // Scores against the events that will count (valid, of existing users).
+        // Scores against the events that will count (valid, of existing
+        // users), by the rule as the reference defines it: built in a
+        // transaction that is rolled back (a dry run changes nothing).
+        let mut tx = self.reference_in_transaction().await?;
         let (count, examples): (i64, Vec<String>) = sqlx::query_as(
             "WITH truth AS (
-                 SELECT user_id, sum((CASE lower(btrim(outcome)) WHEN 'approved' THEN 1 WHEN 'rejected' THEN -1 ELSE 0 END)
-                                   * (CASE lower(btrim(content_type)) WHEN 'topic' THEN 5 ELSE 1 END)) AS score
+                 SELECT user_id, sum(loyaltyd_reference.event_points(lower(btrim(content_type)), lower(btrim(outcome)))) AS score
                  FROM moderation_events
                  WHERE lower(btrim(content_type)) IN ('post', 'topic', 'private_message')
                    AND lower(btrim(outcome)) IN ('approved', 'rejected', 'calibrated')
@@ -322,9 +324,10 @@ impl Adoption<'_> {
                  SELECT format('user %s: stored %s, events say %s', id, loyalty_score, score) AS x FROM drifted ORDER BY id LIMIT 5) s)
              FROM drifted"
         )
-        .fetch_one(self.pool)
+        .fetch_one(&mut *tx)
         .await
         .db("inspecting scores")?;
+        crate::db::rollback(tx).await;
         self.problem(
             "scores that drifted from their events".into(),
             count,
@@ -383,7 +386,11 @@ impl Adoption<'_> {
             "ACCESS EXCLUSIVE for one metadata change (waits at most {} ms, then lets the forum through and retries)",
             self.opts.lock_timeout.as_millis()
         );
-        let mut steps = Vec::new();
+        let mut steps = vec![Step {
+            step: "build the reference (what `migrate` builds) in schema loyaltyd_reference; move loyaltyd's own tables from it; turn on legacy_score_writes while the original code still runs".into(),
+            rows: 0,
+            lock: "none on forum tables".into(),
+        }];
         for table in FORUM_TABLES {
             let have = self.columns(table).await?;
             let n = rows(table).await?;
@@ -437,6 +444,11 @@ impl Adoption<'_> {
             lock: "row locks of the rows moved".into(),
         });
         steps.push(Step {
+            step: "apply the current SQL definitions (sql/): the SQL contract's functions, triggers, views and grants; back-fill score_delta of the events written meanwhile".into(),
+            rows: 0,
+            lock: format!("{short}, per trigger"),
+        });
+        steps.push(Step {
             step: "add named CHECK and FOREIGN KEY constraints NOT VALID, then VALIDATE; NOT NULL after a validated CHECK".into(),
             rows: events + rows("users").await?,
             lock: format!("SHARE UPDATE EXCLUSIVE while validating (readers and writers go on); {short} to add each"),
@@ -447,14 +459,14 @@ impl Adoption<'_> {
             .max()
             .unwrap_or_default();
         steps.push(Step {
-            step: "build the indexes of migrations 1, 3 and 5 CONCURRENTLY (and swap the original's same-named ones whose definition differs)".into(),
+            step: "build the reference's indexes on the forum's tables CONCURRENTLY (and swap the original's same-named ones whose definition differs)".into(),
             rows: events,
             lock: "SHARE UPDATE EXCLUSIVE (readers and writers go on)".into(),
         });
         steps.push(Step {
-            step: format!("run migrations 1 to {last} statement by statement, skipping what exists; install the SQL contract's triggers; turn on legacy_score_writes while the original code still runs; rebuild the leaderboard view beside the old one and swap it in"),
-            rows: 0,
-            lock: format!("{short}, per trigger"),
+            step: "rebuild the leaderboard view as the reference defines it beside the old one and swap it in".into(),
+            rows: rows("users").await?,
+            lock: format!("{short}, for the swap"),
         });
         steps.push(Step {
             step: "count queue blocks from the items and make tied queue keys unique".into(),
@@ -479,7 +491,7 @@ impl Adoption<'_> {
             lock: "row locks of one batch of users".into(),
         });
         steps.push(Step {
-            step: format!("record migrations 1 to {last} in _sqlx_migrations"),
+            step: format!("record migrations 1 to {last} in _sqlx_migrations; drop the reference"),
             rows: 0,
             lock: "none on forum tables".into(),
         });

@@ -17,13 +17,15 @@
 //!   name but with another definition is built beside it and swapped;
 //! * data repairs and moves go in batches of `--batch-size` rows.
 //!
-//! The migrations stay the one source of loyaltyd's objects: once the
-//! forum's tables have the shape migration 1 and 3 give them, each
-//! migration runs statement by statement, in one transaction, skipping what
-//! already exists (the forum's tables and the indexes built concurrently
-//! before), and is recorded in `_sqlx_migrations` with its checksum. From
-//! then on `migrate` is the path. Every step first looks at what is there,
-//! so a killed adoption is finished by running it again.
+//! What `migrate` builds is read from the catalog, not from migration text:
+//! the migrations are run in a schema of their own beside the forum's (the
+//! reference, [`reference`]), loyaltyd's own tables are moved from it, and
+//! the forum's tables get its indexes; functions, triggers, views and
+//! grants are the current definitions (sql/), applied as `migrate` applies
+//! them. The migrations are then recorded in `_sqlx_migrations` with their
+//! checksums, and from then on `migrate` is the path. Every step first
+//! looks at what is there, so a killed adoption is finished by running it
+//! again.
 //!
 //! Data the original design leaves behind is found and reported with counts
 //! and examples; repaired where the rule is clear (recorded with the value
@@ -40,6 +42,7 @@ use crate::error::Result;
 
 mod columns;
 mod inspect;
+mod reference;
 mod rules;
 mod session;
 mod sql_text;

@@ -22,6 +22,8 @@ pub(super) enum Fix {
         column: &'static str,
         value: String,
         kind: String,
+        /// More assignments of the same UPDATE (`, c = v`), or empty.
+        also: &'static str,
     },
     /// Moved to `adoption_quarantine` with `reason`; never dropped.
     Quarantine { reason: String },
@@ -93,6 +95,7 @@ pub(super) fn rules(event_id: bool) -> Vec<Rule> {
         column,
         value: value.into(),
         kind: kind.into(),
+        also: "",
     };
     let quarantine = |reason: &str| Fix::Quarantine {
         reason: reason.into(),
@@ -194,11 +197,15 @@ pub(super) fn rules(event_id: bool) -> Vec<Rule> {
     out.push(user(
         "users without a score (NULL)",
         "loyalty_score IS NULL",
-        set(
-            "loyalty_score",
-            "COALESCE((SELECT sum(e.score_delta) FROM moderation_events e WHERE e.user_id = users.id), 0)",
-            "users.loyalty_score (null)",
-        ),
+        // A score loyaltyd writes advances its version itself: on a resumed
+        // run, whose SQL contract is in place, it is no direct write of the
+        // forum's (sql/scoring.sql, users_score_changed), and no credit.
+        Fix::Set {
+            column: "loyalty_score",
+            value: "COALESCE((SELECT sum(e.score_delta) FROM moderation_events e WHERE e.user_id = users.id), 0)".into(),
+            kind: "users.loyalty_score (null)".into(),
+            also: ", score_version = users.score_version + 1",
+        },
     ));
 
     // ---------------------------------------------------------- queues

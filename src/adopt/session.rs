@@ -177,17 +177,6 @@ impl Adoption<'_> {
             .db("reading constraints")
     }
 
-    pub(super) async fn trigger_exists(&self, table: &str, name: &str) -> Result<bool> {
-        sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = $1::REGCLASS AND tgname = $2)",
-        )
-        .bind(table)
-        .bind(name)
-        .fetch_one(self.pool)
-        .await
-        .db("reading triggers")
-    }
-
     pub(super) async fn columns(&self, table: &str) -> Result<BTreeMap<String, Column>> {
         let rows: Vec<(String, String, bool, Option<String>, bool)> = sqlx::query_as(
             "SELECT a.attname::TEXT, format_type(a.atttypid, a.atttypmod), a.attnotnull,

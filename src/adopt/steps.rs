@@ -1,15 +1,13 @@
-//! The run: the schema steps in their order (bookkeeping, columns, data
-//! cleaning by the rules, constraints NOT VALID then validated, indexes
-//! built concurrently, the migrations replayed and recorded, scores
-//! repaired), each first looking at what is there so a killed run resumes.
+//! The run: the schema steps in their order (loyaltyd's own tables from the
+//! reference, columns, the current SQL definitions, data cleaning by the
+//! rules, constraints NOT VALID then validated, indexes built concurrently,
+//! the leaderboard view, queue counters, scores repaired, the migrations
+//! recorded), each first looking at what is there so a killed run resumes.
 
 use std::time::Instant;
 
 use super::rules;
-use super::sql_text::{
-    Superseded, dropped_later, index_target, migration, normalize, quote, same_index,
-    split_statements, superseded,
-};
+use super::sql_text::{quote, same_index};
 use super::target::{CHECKS, QUEUES, WANTED};
 use super::{Adoption, FORUM_TABLES};
 use crate::context::Context;
@@ -55,59 +53,65 @@ impl Adoption<'_> {
     }
 
     pub(super) async fn run(&mut self) -> Result<()> {
-        self.bookkeeping_first().await?;
+        self.own_tables().await?;
         for table in FORUM_TABLES {
             self.shape_columns(table).await?;
         }
         self.backfill_score_delta().await?;
         self.clean().await?;
+        // The SQL contract's triggers after the cleaning (whose repairs are
+        // not the forum's writes), then the events written meanwhile.
+        self.definitions().await?;
+        self.backfill_score_delta().await?;
         self.constraints().await?;
         self.indexes().await?;
-        self.run_migrations(true).await?;
+        self.leaderboard_view().await?;
         self.queue_bookkeeping().await?;
         self.repair_scores().await?;
         self.record_migrations().await?;
+        self.drop_reference().await
+    }
+
+    /// loyaltyd's own tables (bookkeeping, the adoption's records), from the
+    /// reference; and the legacy switch, before any trigger of the SQL
+    /// contract exists: the original's writes count once from the first
+    /// moment the triggers do.
+    pub(super) async fn own_tables(&self) -> Result<()> {
+        self.build_reference().await?;
+        self.move_own_tables().await?;
+        self.exec(&format!(
+            "UPDATE loyaltyd_settings SET legacy_score_writes = {}",
+            self.opts.legacy_writers
+        ))
+        .await
+    }
+
+    /// The current SQL definitions (sql/), as `migrate` applies them: the
+    /// SQL contract's triggers and functions. Items the original code adds
+    /// from now on are keyed behind the original's (the key sequence above
+    /// their keys first).
+    pub(super) async fn definitions(&self) -> Result<()> {
+        self.exec(
+            "SELECT setval('queue_item_keys', GREATEST(nextval('queue_item_keys'),
+                            (SELECT COALESCE(max(k), 0) + 1 FROM (
+                                 SELECT max(position_in_queue)::BIGINT FROM topic_creation_queue
+                                 UNION ALL SELECT max(position_in_queue) FROM post_moderation_queue
+                                 UNION ALL SELECT max(position_in_queue) FROM private_message_queue) m(k))), false)",
+        )
+        .await?;
+        crate::definitions::apply(self.pool).await?;
         Ok(())
     }
 
-    /// What the data steps write into: the adoption's own tables and the
-    /// score_delta trigger (migration 6's statements, run early).
-    pub(super) async fn bookkeeping_first(&self) -> Result<()> {
-        let m6 = migration(6)?;
-        let mut conn = self.conn().await?;
-        for stmt in split_statements(m6) {
-            let upper = normalize(&stmt);
-            let wanted = upper.starts_with("CREATE TABLE ADOPTION_")
-                || upper.starts_with("CREATE FUNCTION MODERATION_EVENTS_DELTA")
-                || upper.starts_with("ALTER FUNCTION MODERATION_EVENTS_DELTA");
-            if wanted && let Some(stmt) = self.still_needed(&stmt).await? {
-                self.ddl(&mut conn, &stmt).await?;
-            }
-        }
-        Ok(())
-    }
-
-    /// score_delta for the rows written before the trigger: in batches.
+    /// score_delta for the rows written before the trigger: in batches, by
+    /// the rule (`event_points`, the reference's: the forum's schema may not
+    /// have it yet) on what the original stored (normalized spelling; rows
+    /// no rule scores are moved away).
     pub(super) async fn backfill_score_delta(&self) -> Result<()> {
-        let mut conn = self.conn().await?;
-        if !self
-            .trigger_exists("moderation_events", "moderation_events_delta")
-            .await?
-        {
-            let m6 = migration(6)?;
-            for stmt in split_statements(m6) {
-                if normalize(&stmt).starts_with("CREATE TRIGGER MODERATION_EVENTS_DELTA") {
-                    self.ddl(&mut conn, &stmt).await?;
-                }
-            }
-        }
-        // The same rule as the trigger, on what the original stored
-        // (normalized spelling; rows no rule scores get 0 and are moved away).
         self.in_batches(
             "moderation_events",
-            "UPDATE moderation_events SET score_delta =
-                 (CASE lower(btrim(outcome)) WHEN 'approved' THEN 1 WHEN 'rejected' THEN -1 ELSE 0 END)
-               * (CASE lower(btrim(content_type)) WHEN 'topic' THEN 5 ELSE 1 END)
+            "UPDATE moderation_events
+             SET score_delta = loyaltyd_reference.event_points(lower(btrim(content_type)), lower(btrim(outcome)))
              WHERE {range} AND score_delta IS NULL",
         )
         .await
@@ -127,9 +131,10 @@ impl Adoption<'_> {
                     column,
                     value,
                     kind,
+                    also,
                 } => format!(
                     "WITH fixed AS (
-                         UPDATE {table} SET {column} = {value}
+                         UPDATE {table} SET {column} = {value}{also}
                          FROM (SELECT {key} AS k, {column} AS before, {subject} AS subject FROM {table}
                                WHERE {{range}} AND ({when})) o
                          WHERE {table}.{key} = o.k RETURNING o.subject, o.before, {table}.{column} AS after)
@@ -144,6 +149,10 @@ impl Adoption<'_> {
                     reason = quote(reason)
                 ),
             };
+            // The rules' repairs are loyaltyd's own writes: a queue key one
+            // sets stands (the SQL contract's triggers let a reorder's
+            // `loyaltyd.rekey` keys through, and keep a client's).
+            let sql = format!("SELECT set_config('loyaltyd.rekey', 'on', true); {sql}");
             self.in_batches(table, &sql).await?;
         }
         Ok(())
@@ -228,26 +237,15 @@ impl Adoption<'_> {
         Ok(())
     }
 
-    /// Every index the migrations put on a forum table, built concurrently;
+    /// Every index the reference has on a forum table, built concurrently;
     /// one the original has under the same name with another definition is
-    /// built beside it and swapped. Tied queue keys are made unique first.
+    /// built beside it and swapped. Tied queue keys are made unique first
+    /// (the unique key indexes come with the queue counters).
     pub(super) async fn indexes(&self) -> Result<()> {
-        for m in crate::db::MIGRATOR.iter() {
-            for stmt in split_statements(m.sql.as_str()) {
-                let Some((name, table)) = index_target(&stmt) else {
-                    continue;
-                };
-                if !FORUM_TABLES.contains(&table.as_str()) {
-                    continue;
-                }
-                if name.starts_with("idx_")
-                    && name.contains("queue")
-                    && stmt.to_uppercase().contains("UNIQUE")
-                {
-                    // Unique keys come after the queue triggers (no new ties).
-                    continue;
-                }
-                self.ensure_index(&name, &stmt).await?;
+        for index in self.reference_indexes(&FORUM_TABLES).await? {
+            if !(index.unique && index.table.ends_with("_queue") && index.name.starts_with("idx_"))
+            {
+                self.ensure_index(&index.name, &index.def).await?;
             }
         }
         Ok(())
@@ -288,127 +286,6 @@ impl Adoption<'_> {
         }
     }
 
-    /// Runs every migration's statements that are not there yet, one
-    /// transaction per migration (see the module docs).
-    pub(super) async fn run_migrations(&self, set_legacy: bool) -> Result<()> {
-        let dropped = dropped_later();
-        for m in crate::db::MIGRATOR.iter() {
-            let mut todo = Vec::new();
-            for stmt in split_statements(m.sql.as_str()) {
-                match superseded(&stmt, m.version, &dropped) {
-                    Superseded::Skip => continue,
-                    Superseded::DropFirst(drop) => todo.push(drop),
-                    Superseded::No => {}
-                }
-                if let Some(s) = self.still_needed(&stmt).await? {
-                    todo.push(s);
-                }
-            }
-            if m.version == 5 && set_legacy {
-                // The legacy switch, in the transaction that installs the
-                // triggers: the original's writes count once from the
-                // first moment the triggers do.
-                todo.push(format!(
-                    "UPDATE loyaltyd_settings SET legacy_score_writes = {}",
-                    self.opts.legacy_writers
-                ));
-            }
-            self.transaction(&todo).await?;
-        }
-        Ok(())
-    }
-
-    /// The statement to run for `stmt`, or none when what it creates exists.
-    pub(super) async fn still_needed(&self, stmt: &str) -> Result<Option<String>> {
-        let upper = normalize(stmt);
-        let word = |i: usize| -> String {
-            upper
-                .split_whitespace()
-                .nth(i)
-                .unwrap_or_default()
-                .trim_end_matches('(')
-                .to_lowercase()
-        };
-        if upper.starts_with("CREATE TABLE ") {
-            return Ok((!self.table_exists(&word(2)).await?).then(|| stmt.to_owned()));
-        }
-        if let Some((name, table)) = index_target(stmt) {
-            if FORUM_TABLES.contains(&table.as_str()) || self.relation_exists(&name).await? {
-                return Ok(None);
-            }
-            return Ok(Some(stmt.to_owned()));
-        }
-        if upper.starts_with("CREATE MATERIALIZED VIEW ") || upper.starts_with("CREATE VIEW ") {
-            let name = if upper.starts_with("CREATE VIEW") {
-                word(2)
-            } else {
-                word(3)
-            };
-            return Ok((!self.relation_exists(&name).await?).then(|| stmt.to_owned()));
-        }
-        if upper.starts_with("CREATE FUNCTION ") {
-            return Ok(Some(stmt.trim().replacen(
-                "CREATE FUNCTION",
-                "CREATE OR REPLACE FUNCTION",
-                1,
-            )));
-        }
-        if upper.starts_with("CREATE TRIGGER ") {
-            return Ok(Some(stmt.trim().replacen(
-                "CREATE TRIGGER",
-                "CREATE OR REPLACE TRIGGER",
-                1,
-            )));
-        }
-        if upper.starts_with("INSERT INTO ") {
-            let table = word(2);
-            if !self.table_exists(&table).await? {
-                // Created by an earlier statement of the same migration.
-                return Ok(Some(stmt.to_owned()));
-            }
-            let has_rows: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-                "SELECT EXISTS (SELECT 1 FROM {table})"
-            )))
-            .fetch_one(self.pool)
-            .await
-            .db("reading a table")?;
-            return Ok((!has_rows).then(|| stmt.to_owned()));
-        }
-        if upper.starts_with("ALTER TABLE ") && upper.contains(" ADD COLUMN ") {
-            let table = word(2);
-            let column = upper
-                .split(" ADD COLUMN ")
-                .nth(1)
-                .and_then(|r| r.split_whitespace().next())
-                .unwrap_or_default()
-                .to_lowercase();
-            return Ok(
-                (!self.columns(&table).await?.contains_key(&column)).then(|| stmt.to_owned())
-            );
-        }
-        if upper.starts_with("ALTER TABLE ") && upper.contains(" DROP COLUMN ") {
-            let table = word(2);
-            let have = self.columns(&table).await?;
-            let any = upper
-                .split(" DROP COLUMN ")
-                .skip(1)
-                .filter_map(|r| r.split([',', ' ', ';']).next())
-                .any(|c| have.contains_key(&c.to_lowercase()));
-            return Ok(any.then(|| stmt.to_owned()));
-        }
-        if upper
-            .starts_with("ALTER TABLE MODERATION_EVENTS ALTER COLUMN SCORE_DELTA DROP EXPRESSION")
-        {
-            let generated = self
-                .columns("moderation_events")
-                .await?
-                .get("score_delta")
-                .is_some_and(|c| c.generated);
-            return Ok(generated.then(|| stmt.to_owned()));
-        }
-        Ok(Some(stmt.to_owned()))
-    }
-
     /// Queue blocks counted from the items (each queue table locked against
     /// writers while its items are counted), then tied keys made unique and
     /// the unique key indexes built.
@@ -436,14 +313,9 @@ impl Adoption<'_> {
             ];
             self.transaction(&recount).await?;
         }
-        for m in crate::db::MIGRATOR.iter() {
-            for stmt in split_statements(m.sql.as_str()) {
-                if let Some((name, table)) = index_target(&stmt)
-                    && table.ends_with("_queue")
-                {
-                    self.ensure_index(&name, &stmt).await?;
-                }
-            }
+        let queues: Vec<&str> = QUEUES.iter().map(|(_, table, _, _)| *table).collect();
+        for index in self.reference_indexes(&queues).await? {
+            self.ensure_index(&index.name, &index.def).await?;
         }
         Ok(())
     }

@@ -4,7 +4,6 @@
 //! in the middle; afterwards the schema is what `migrate` builds and every
 //! invariant holds.
 
-use std::collections::BTreeSet;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -53,56 +52,6 @@ pub(crate) async fn database(pool: &PgPool) -> String {
         .fetch_one(pool)
         .await
         .unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// Every object of a schema, as text: columns (type, nullability,
-/// default), constraints, indexes, triggers, functions (body, settings,
-/// security), views and sequences; what is named in `except` left out.
-async fn schema(pool: &PgPool, except: &[&str]) -> BTreeSet<String> {
-    let rows: Vec<String> = sqlx::query_scalar(
-        r#"
-        SELECT 'column ' || c.relname || '.' || a.attname || ' ' || format_type(a.atttypid, a.atttypmod)
-               || CASE WHEN a.attnotnull THEN ' not null' ELSE '' END
-               || COALESCE(' default ' || pg_get_expr(d.adbin, d.adrelid), '')
-        FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
-        LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
-        WHERE c.relnamespace = current_schema()::REGNAMESPACE AND c.relkind IN ('r', 'v', 'm')
-          AND a.attnum > 0 AND NOT a.attisdropped AND c.relname <> '_sqlx_migrations'
-        UNION ALL
-        SELECT 'constraint ' || conrelid::REGCLASS || '.' || conname || ' ' || pg_get_constraintdef(oid)
-               || CASE WHEN convalidated THEN '' ELSE ' NOT VALID' END
-        FROM pg_constraint WHERE connamespace = current_schema()::REGNAMESPACE AND conrelid <> 0
-          AND conrelid::REGCLASS::TEXT <> '_sqlx_migrations'
-        UNION ALL
-        SELECT 'index ' || pg_get_indexdef(x.indexrelid) || CASE WHEN x.indisvalid THEN '' ELSE ' INVALID' END
-        FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
-        WHERE i.relnamespace = current_schema()::REGNAMESPACE AND x.indrelid::REGCLASS::TEXT <> '_sqlx_migrations'
-        UNION ALL
-        SELECT 'trigger ' || pg_get_triggerdef(t.oid) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
-        WHERE NOT t.tgisinternal AND c.relnamespace = current_schema()::REGNAMESPACE
-        UNION ALL
-        SELECT 'function ' || p.proname || '(' || pg_get_function_identity_arguments(p.oid) || ') '
-               || md5(p.prosrc) || ' ' || p.prosecdef || ' ' || COALESCE(array_to_string(p.proconfig, ','), '')
-        FROM pg_proc p WHERE p.pronamespace = current_schema()::REGNAMESPACE
-        UNION ALL
-        SELECT 'view ' || c.relname || ' ' || md5(pg_get_viewdef(c.oid)) FROM pg_class c
-        WHERE c.relnamespace = current_schema()::REGNAMESPACE AND c.relkind IN ('v', 'm')
-        UNION ALL
-        SELECT 'sequence ' || s.seqrelid::REGCLASS || ' ' || format_type(s.seqtypid, NULL) FROM pg_sequence s
-        JOIN pg_class c ON c.oid = s.seqrelid WHERE c.relnamespace = current_schema()::REGNAMESPACE
-        "#,
-    )
-    .fetch_all(pool)
-    .await
-    .unwrap_or_else(|e| panic!("schema: {e}"));
-    rows.into_iter()
-        // The forum creates its users: its own default on users.id stays.
-        .map(|r| match r.split_once(" default nextval('users_id_seq") {
-            Some((column, _)) if !except.is_empty() => column.to_owned(),
-            _ => r,
-        })
-        .filter(|r| !except.iter().any(|x| r.contains(x)))
-        .collect()
 }
 
 /// The forum's own objects, which adoption leaves alone.
@@ -169,19 +118,6 @@ async fn writing(pool: &PgPool) {
     .await;
 }
 
-pub(crate) async fn finish(app: Child) -> serde_json::Value {
-    let out = tokio::task::spawn_blocking(move || app.wait_with_output())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"))
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(
-        out.status.success(),
-        "old app: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}"))
-}
-
 /// `loyaltyd adopt`, off the runtime's thread.
 async fn adopt(config: &loyaltyd::Config, args: &[&str]) -> std::process::Output {
     let config = config.clone();
@@ -206,7 +142,7 @@ async fn the_original_design_is_adopted_online_beside_its_own_code_and_resumes_a
     config.database.statement_timeout = Duration::from_secs(5);
 
     // The dry run: the plan and every planted problem, nothing changed.
-    let before = schema(&pool, &[]).await;
+    let before = common::schema_text(&pool, &[]).await;
     let out = adopt(&config, &["--dry-run", "--json"]).await;
     assert!(
         out.status.success(),
@@ -214,7 +150,7 @@ async fn the_original_design_is_adopted_online_beside_its_own_code_and_resumes_a
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(
-        schema(&pool, &[]).await,
+        common::schema_text(&pool, &[]).await,
         before,
         "a dry run changes nothing"
     );
@@ -316,7 +252,7 @@ async fn the_original_design_is_adopted_online_beside_its_own_code_and_resumes_a
     let mut worst: f64 = 0.0;
     let mut kept: Vec<String> = Vec::new();
     for app in std::mem::take(&mut apps.0) {
-        let line = finish(app).await;
+        let line = common::finish(app).await;
         assert_eq!(
             line["errors"],
             serde_json::json!({}),
@@ -359,7 +295,10 @@ async fn the_original_design_is_adopted_online_beside_its_own_code_and_resumes_a
         serde_json::from_slice(&again.stdout).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(report["nothing_to_do"], true, "{report}");
     let fresh = common::migrated_database(&pool, "fresh").await;
-    let (adopted, migrated) = (schema(&pool, FORUM_OWN).await, schema(&fresh, &[]).await);
+    let (adopted, migrated) = (
+        common::schema_text(&pool, FORUM_OWN).await,
+        common::schema_text(&fresh, &[]).await,
+    );
     let only_adopted: Vec<_> = adopted.difference(&migrated).collect();
     let only_migrated: Vec<_> = migrated.difference(&adopted).collect();
     assert!(
@@ -540,23 +479,6 @@ fn load_real_forum(db: &str) {
     );
 }
 
-/// The forum's plain-SQL handlers through asyncpg (tests/fixtures/asyncpg_app.py).
-fn asyncpg_app(db: &str, tasks: usize, seconds: u32, stop: &str) -> Child {
-    Command::new(common::PYTHON)
-        .args([
-            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/asyncpg_app.py"),
-            &format!("postgresql://root@/{db}?host=/var/run/postgresql"),
-            &tasks.to_string(),
-            &seconds.to_string(),
-            &USERS.to_string(),
-            stop,
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("python3: {e}"))
-}
-
 #[sqlx::test(migrations = false)]
 async fn a_real_forum_keeps_its_objects_and_its_requests_succeed_through_an_adoption_killed_three_times(
     _o: PgPoolOptions,
@@ -645,7 +567,14 @@ async fn a_real_forum_keeps_its_objects_and_its_requests_succeed_through_an_adop
             .map(|w| old_app(&config, &db, w, 300, USERS, &stop_path))
             .collect(),
     );
-    apps.0.push(asyncpg_app(&db, 8, 300, &stop_path));
+    apps.0.push(common::asyncpg_app(
+        &format!("postgresql://root@/{db}?host=/var/run/postgresql"),
+        8,
+        300,
+        USERS,
+        &stop_path,
+        "original",
+    ));
     writing(&pool).await;
 
     // SIGKILLed three times at different moments, then run to its end.
@@ -673,7 +602,7 @@ async fn a_real_forum_keeps_its_objects_and_its_requests_succeed_through_an_adop
     std::fs::write(&stop, b"stop").unwrap_or_else(|e| panic!("{e}"));
     let mut worst: f64 = 0.0;
     for app in std::mem::take(&mut apps.0) {
-        let line = finish(app).await;
+        let line = common::finish(app).await;
         assert_eq!(
             line["errors"],
             serde_json::json!({}),

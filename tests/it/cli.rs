@@ -29,8 +29,9 @@ fn words(line: &str) -> Vec<&str> {
     line.split(' ').collect()
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn commands_answer_in_the_schema_s_own_names(pool: PgPool) {
+    common::migrate(&pool).await;
     common::users(&pool, 3).await;
     let cfg = common::config(&pool, "cli");
     let rec = common::run_json(&cfg, &common::record_args("2", "topic", "t", "approved"));
@@ -117,8 +118,9 @@ async fn commands_answer_in_the_schema_s_own_names(pool: PgPool) {
     }
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn refusals_have_the_spec_exit_codes_and_write_nothing(pool: PgPool) {
+    common::migrate(&pool).await;
     common::users(&pool, 1).await;
     let cfg = common::config(&pool, "refuse");
     common::run_json(

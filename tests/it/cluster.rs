@@ -62,8 +62,9 @@ async fn cached_vs_db(ctx: &Context, pool: &PgPool) -> Vec<(i64, i64, i64)> {
         .unwrap_or_else(|| panic!("the cluster did not answer an MGET"))
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn scores_versions_leases_and_the_sync_work_across_hash_slots(pool: PgPool) {
+    common::migrate(&pool).await;
     let cluster = RedisCluster::start().await;
     common::users(&pool, 60).await;
     let ctx = common::ctx_with(&pool, config(&pool, &cluster, "cl-cache"), false);
@@ -131,8 +132,9 @@ async fn scores_versions_leases_and_the_sync_work_across_hash_slots(pool: PgPool
     assert!(report.cache_checked);
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn the_live_board_perf_lists_stats_and_the_seed_counter_work_on_a_cluster(pool: PgPool) {
+    common::migrate(&pool).await;
     let cluster = RedisCluster::start().await;
     common::users(&pool, 30).await;
     // A key prefix whose three perf lists below do not all hash to one
@@ -225,8 +227,9 @@ async fn the_live_board_perf_lists_stats_and_the_seed_counter_work_on_a_cluster(
     assert_eq!(get(&mut c, &pending_key).await.as_deref(), Some("0"));
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn the_daemon_and_the_cli_run_on_a_cluster(pool: PgPool) {
+    common::migrate(&pool).await;
     let cluster = RedisCluster::start().await;
     common::users(&pool, 20).await;
     let mut cfg = config(&pool, &cluster, "cl-daemon");
@@ -274,8 +277,9 @@ async fn the_daemon_and_the_cli_run_on_a_cluster(pool: PgPool) {
     .await;
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn an_unreachable_cluster_is_a_cache_miss_and_writes_succeed(pool: PgPool) {
+    common::migrate(&pool).await;
     common::users(&pool, 2).await;
     let mut cfg = common::config(&pool, "cl-dead");
     cfg.redis.cluster_nodes = vec![
@@ -306,10 +310,11 @@ async fn an_unreachable_cluster_is_a_cache_miss_and_writes_succeed(pool: PgPool)
     );
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn a_master_killed_under_sixteen_writers_loses_no_write_and_no_cached_score_goes_back(
     pool: PgPool,
 ) {
+    common::migrate(&pool).await;
     let mut cluster = RedisCluster::start().await;
     common::users(&pool, 200).await;
     let wide = common::wide_pool(pool.connect_options().as_ref().clone(), 24).await;
@@ -417,8 +422,9 @@ async fn a_master_killed_under_sixteen_writers_loses_no_write_and_no_cached_scor
     drop(daemon);
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn after_a_failover_the_daemon_rewrites_what_the_new_master_missed(pool: PgPool) {
+    common::migrate(&pool).await;
     let cluster = RedisCluster::start().await;
     common::users(&pool, 100).await;
     let mut cfg = config(&pool, &cluster, "cl-resync");
@@ -480,10 +486,11 @@ async fn after_a_failover_the_daemon_rewrites_what_the_new_master_missed(pool: P
         .await;
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn a_python_cluster_client_reads_exact_live_standing_through_the_function_library(
     pool: PgPool,
 ) {
+    common::migrate(&pool).await;
     let cluster = RedisCluster::start().await;
     common::users(&pool, 90).await;
     let ctx = common::ctx_with(&pool, config(&pool, &cluster, "cl-python"), false);

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
@@ -174,6 +175,100 @@ pub async fn wide_pool(opts: PgConnectOptions, size: u32) -> PgPool {
         .connect_with(opts)
         .await
         .unwrap_or_else(|e| panic!("pool: {e}"))
+}
+
+/// SPEC §4's table, the oracle the database's rule (`event_points`,
+/// sql/scoring.sql) is tested against: multiplier (topic 5, otherwise 1)
+/// times the outcome's sign.
+pub fn seed_points(content: ContentType, outcome: Outcome) -> i64 {
+    let multiplier = if content == ContentType::Topic { 5 } else { 1 };
+    match outcome {
+        Outcome::Approved => multiplier,
+        Outcome::Rejected => -multiplier,
+        Outcome::Calibrated => 0,
+    }
+}
+
+/// Migrates a test's database as `loyaltyd migrate` does: the migrations,
+/// then the current SQL definitions (sql/). Every test that wants a
+/// loyaltyd database starts with it (`#[sqlx::test]` alone would run the
+/// migrations only).
+pub async fn migrate(pool: &PgPool) {
+    loyaltyd::db::migrate(pool)
+        .await
+        .unwrap_or_else(|e| panic!("migrate: {e}"));
+}
+
+/// [`migrate`] for a test that builds its own pools from `opts`.
+pub async fn migrate_with(opts: &PgConnectOptions) {
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(opts.clone())
+        .await
+        .unwrap_or_else(|e| panic!("pool: {e}"));
+    migrate(&pool).await;
+    pool.close().await;
+}
+
+/// Every object of the current schema, one line each, sorted: columns
+/// (type, nullability, default), constraints, indexes, triggers, functions
+/// (arguments, result, volatility, security, settings, whether PUBLIC may
+/// run it, a digest of the body: the bodies are in sql/), views (their
+/// definitions), sequences; what is named in `except` left out. The schema
+/// snapshot (tests/schema.snapshot) is this text of a migrated database.
+pub async fn schema_text(pool: &PgPool, except: &[&str]) -> BTreeSet<String> {
+    let rows: Vec<String> = sqlx::query_scalar(
+        r#"
+        SELECT 'column ' || c.relname || '.' || a.attname || ' ' || format_type(a.atttypid, a.atttypmod)
+               || CASE WHEN a.attnotnull THEN ' not null' ELSE '' END
+               || COALESCE(' default ' || pg_get_expr(d.adbin, d.adrelid), '')
+        FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+        LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+        WHERE c.relnamespace = current_schema()::REGNAMESPACE AND c.relkind IN ('r', 'v', 'm')
+          AND a.attnum > 0 AND NOT a.attisdropped AND c.relname <> '_sqlx_migrations'
+        UNION ALL
+        SELECT 'constraint ' || conrelid::REGCLASS || '.' || conname || ' ' || pg_get_constraintdef(oid)
+               || CASE WHEN convalidated THEN '' ELSE ' NOT VALID' END
+        FROM pg_constraint WHERE connamespace = current_schema()::REGNAMESPACE AND conrelid <> 0
+          AND conrelid::REGCLASS::TEXT <> '_sqlx_migrations'
+        UNION ALL
+        SELECT 'index ' || pg_get_indexdef(x.indexrelid) || CASE WHEN x.indisvalid THEN '' ELSE ' INVALID' END
+        FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
+        WHERE i.relnamespace = current_schema()::REGNAMESPACE AND x.indrelid::REGCLASS::TEXT <> '_sqlx_migrations'
+        UNION ALL
+        SELECT 'trigger ' || pg_get_triggerdef(t.oid) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+        WHERE NOT t.tgisinternal AND c.relnamespace = current_schema()::REGNAMESPACE
+        UNION ALL
+        SELECT 'function ' || p.proname || '(' || pg_get_function_identity_arguments(p.oid) || ') returns '
+               || pg_get_function_result(p.oid) || ' ' || l.lanname
+               || CASE p.provolatile WHEN 'i' THEN ' immutable' WHEN 's' THEN ' stable' ELSE ' volatile' END
+               || CASE WHEN p.prosecdef THEN ' security definer' ELSE '' END
+               || COALESCE(' set ' || array_to_string(p.proconfig, ','), '')
+               || CASE WHEN has_function_privilege('public', p.oid, 'EXECUTE') THEN ' public' ELSE '' END
+               || ' body ' || md5(p.prosrc || COALESCE(pg_get_function_sqlbody(p.oid), ''))
+        FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
+        WHERE p.pronamespace = current_schema()::REGNAMESPACE
+        UNION ALL
+        SELECT CASE c.relkind WHEN 'm' THEN 'materialized view ' ELSE 'view ' END || c.relname || ' '
+               || regexp_replace(btrim(pg_get_viewdef(c.oid)), '\s+', ' ', 'g')
+        FROM pg_class c
+        WHERE c.relnamespace = current_schema()::REGNAMESPACE AND c.relkind IN ('v', 'm')
+        UNION ALL
+        SELECT 'sequence ' || s.seqrelid::REGCLASS || ' ' || format_type(s.seqtypid, NULL) FROM pg_sequence s
+        JOIN pg_class c ON c.oid = s.seqrelid WHERE c.relnamespace = current_schema()::REGNAMESPACE
+        "#,
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap_or_else(|e| panic!("schema: {e}"));
+    rows.into_iter()
+        // The forum creates its users: its own default on users.id stays.
+        .map(|r| match r.split_once(" default nextval('users_id_seq") {
+            Some((column, _)) if !except.is_empty() => column.to_owned(),
+            _ => r,
+        })
+        .filter(|r| !except.iter().any(|x| r.contains(x)))
+        .collect()
 }
 
 /// A raw Redis connection for inspecting keys.
@@ -899,6 +994,47 @@ impl ForumRole {
     }
 }
 
+/// A forum's handlers through asyncpg, which prepares every statement
+/// (tests/fixtures/asyncpg_app.py): `mode` "original" (plain SQL on the
+/// original design's tables and a forum view) or "api" (loyaltyd's SQL API,
+/// as a least-privileged role). Prints its JSON summary when `stop` exists.
+pub fn asyncpg_app(
+    dsn: &str,
+    tasks: usize,
+    seconds: u32,
+    users: i64,
+    stop: &str,
+    mode: &str,
+) -> Child {
+    Command::new(PYTHON)
+        .args([
+            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/asyncpg_app.py"),
+            dsn,
+            &tasks.to_string(),
+            &seconds.to_string(),
+            &users.to_string(),
+            stop,
+            mode,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("python3: {e}"))
+}
+
+pub async fn finish(app: Child) -> serde_json::Value {
+    let out = tokio::task::spawn_blocking(move || app.wait_with_output())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        out.status.success(),
+        "the application: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// Debian's Python, which has `python3-psycopg` (the test set-up installs it).
 /// Runs a psql script on a libpq connection string (unaligned, tuples only,
 /// stopping at the first error); returns (success, stdout, stderr).
@@ -977,8 +1113,7 @@ pub async fn migrated_database(pool: &PgPool, suffix: &str) -> PgPool {
         .connect_with(opts)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    loyaltyd::MIGRATOR
-        .run(&fresh)
+    loyaltyd::db::migrate(&fresh)
         .await
         .unwrap_or_else(|e| panic!("migrate {name}: {e}"));
     fresh

@@ -2,6 +2,8 @@
 
 use std::process::Command;
 
+use crate::common;
+
 fn check_config(file: Option<&str>, env: &[(&str, &str)]) -> std::process::Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_loyaltyd"));
     for (k, _) in std::env::vars() {
@@ -268,10 +270,11 @@ fn check_config_reads_the_services_environment_file() {
 /// A URL without a user connects as the operating-system user, as libpq
 /// does; a role or a database that does not exist is a configuration error
 /// (78) that says so, not "unreachable" (69).
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn a_url_without_a_user_connects_as_the_os_user_and_missing_roles_and_databases_say_so(
     pool: sqlx::PgPool,
 ) {
+    common::migrate(&pool).await;
     let db: String = sqlx::query_scalar("SELECT current_database()::TEXT")
         .fetch_one(&pool)
         .await

@@ -41,8 +41,9 @@ async fn scores_exact(pool: &PgPool, what: &str) {
     );
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn every_event_write_path_keeps_scores_equal_to_their_events(pool: PgPool) {
+    common::migrate(&pool).await;
     common::users(&pool, 5).await;
     let ins = "INSERT INTO moderation_events (user_id, event_type, content_type, content_id, outcome, event_id) VALUES";
     // One row.
@@ -151,8 +152,9 @@ async fn every_event_write_path_keeps_scores_equal_to_their_events(pool: PgPool)
     assert_eq!(common::sweep_drift(&ctx).await, 0);
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn every_queue_write_path_keeps_positions_exact_and_dense(pool: PgPool) {
+    common::migrate(&pool).await;
     // Every invariant with the changes not folded yet, then again after a
     // fold has moved them into the counters (migration 11): the positions
     // are the same either way.
@@ -334,8 +336,9 @@ async fn every_queue_write_path_keeps_positions_exact_and_dense(pool: PgPool) {
     );
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn the_readme_sql_handler_runs_in_psql_as_a_least_privileged_forum_role(pool: PgPool) {
+    common::migrate(&pool).await;
     common::users(&pool, 42).await;
     exec(
         &pool,
@@ -380,7 +383,8 @@ async fn the_readme_sql_handler_runs_in_psql_as_a_least_privileged_forum_role(po
         "UPDATE queue_blocks SET item_count = 0",
         "INSERT INTO queue_blocks VALUES ('post', 't-7', 0, 5)",
         "UPDATE leaderboard_pending SET changes = 0",
-        "SELECT apply_score_deltas(ARRAY[42::BIGINT], ARRAY[1000::BIGINT], 1)",
+        "SELECT scores_add(ARRAY[42::BIGINT], ARRAY[1000::BIGINT], 1)",
+        "SELECT scores_repair(ARRAY[42::BIGINT], INTERVAL '1 hour')",
         "TRUNCATE post_moderation_queue",
         "REFRESH MATERIALIZED VIEW user_leaderboard",
         "SELECT grant_forum_access('public')",
@@ -436,11 +440,12 @@ async fn loyaltyd_writer(ctx: Arc<loyaltyd::Context>, worker: usize, n: usize, u
     }
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn python_handlers_and_loyaltyd_writers_at_once_keep_every_invariant_and_the_cache_follows(
     _o: PgPoolOptions,
     opts: PgConnectOptions,
 ) {
+    common::migrate_with(&opts).await;
     const USERS: i64 = 40;
     let pool = common::wide_pool(opts, 20).await;
     common::users(&pool, USERS).await;
@@ -569,8 +574,9 @@ async fn python_handlers_and_loyaltyd_writers_at_once_keep_every_invariant_and_t
     drop(daemon);
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn the_cache_sync_catches_up_on_what_it_missed_while_no_daemon_ran(pool: PgPool) {
+    common::migrate(&pool).await;
     common::users(&pool, 3).await;
     let ctx = common::ctx(&pool, "gap");
     // The cache holds score 0 for user 1 and 2 (a loyaltyd read filled it).
@@ -648,10 +654,11 @@ async fn the_cache_sync_catches_up_on_what_it_missed_while_no_daemon_ran(pool: P
     assert_eq!(common::redis_get_i64(&key(1)).await, Some(6));
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn the_seeds_redis_counter_counts_as_pending_and_a_refresh_keeps_what_arrives_during_it(
     pool: PgPool,
 ) {
+    common::migrate(&pool).await;
     let ctx = common::ctx(&pool, "seedcount");
     let key = ctx.redis.key("leaderboard:refresh_pending");
     let mut r = common::redis().await;

@@ -54,8 +54,9 @@ async fn scrape_value(config: &Config, series: &str) -> f64 {
     common::series(&text, series).unwrap_or(0.0)
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn each_job_does_its_work_on_its_schedule(pool: PgPool) {
+    common::migrate(&pool).await;
     common::users(&pool, 10).await;
     let config = fast(&pool, "jobs");
     let ctx = common::ctx_with(&pool, config.clone(), false);
@@ -143,8 +144,9 @@ async fn each_job_does_its_work_on_its_schedule(pool: PgPool) {
     assert!(errors.is_empty(), "{errors:?}");
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn every_series_is_exported_from_start_up(pool: PgPool) {
+    common::migrate(&pool).await;
     let mut config = fast(&pool, "series");
     config.sweep.schedule = "0 0 3 * * *".into();
     config.queues.reorder_schedule = "0 0 3 * * *".into();
@@ -180,8 +182,9 @@ async fn every_series_is_exported_from_start_up(pool: PgPool) {
     }
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn two_daemons_on_one_database_run_each_tick_once(pool: PgPool) {
+    common::migrate(&pool).await;
     common::users(&pool, 50).await;
     let a_config = fast(&pool, "cluster-a");
     let mut b_config = a_config.clone();
@@ -225,8 +228,9 @@ async fn two_daemons_on_one_database_run_each_tick_once(pool: PgPool) {
     assert!(both >= 3, "both daemons fired: {seen:?}");
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn killing_the_lock_holder_lets_the_other_daemon_take_over(pool: PgPool) {
+    common::migrate(&pool).await;
     common::users(&pool, 20).await;
     let a_config = fast(&pool, "takeover-a");
     let mut b_config = a_config.clone();
@@ -257,8 +261,9 @@ async fn killing_the_lock_holder_lets_the_other_daemon_take_over(pool: PgPool) {
     .await;
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn a_job_slower_than_its_interval_skips_ticks_instead_of_stacking_them(pool: PgPool) {
+    common::migrate(&pool).await;
     // 60,000 drifted users repaired 20 per transaction: a sweep takes several
     // seconds, ticks come every second.
     sqlx::query(
@@ -301,8 +306,9 @@ async fn a_job_slower_than_its_interval_skips_ticks_instead_of_stacking_them(poo
     assert!(sweeps <= 1);
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn sigterm_during_a_long_sweep_exits_0_quickly_leaving_whole_batches(pool: PgPool) {
+    common::migrate(&pool).await;
     // Every user drifted: each batch of 500 repairs 500 users in one transaction.
     sqlx::query("INSERT INTO users (id, username, loyalty_score, score_version) SELECT g, 'u' || g, 1, 1 FROM generate_series(1, 100000) g")
         .execute(&pool)
@@ -352,8 +358,9 @@ async fn sigterm_during_a_long_sweep_exits_0_quickly_leaving_whole_batches(pool:
     assert!(common::score_drift(&pool).await.is_empty());
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn the_daemon_survives_redis_going_away_and_uses_it_again_when_back(pool: PgPool) {
+    common::migrate(&pool).await;
     common::users(&pool, 5).await;
     let proxy = Proxy::start(Upstream::redis()).await;
     let mut config = fast(&pool, "redis-outage");
@@ -404,8 +411,9 @@ async fn the_daemon_survives_redis_going_away_and_uses_it_again_when_back(pool: 
     drop(ctx);
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn the_daemon_survives_postgresql_going_away_and_recovers_by_itself(pool: PgPool) {
+    common::migrate(&pool).await;
     common::users(&pool, 5).await;
     let proxy = Proxy::start(Upstream::postgres()).await;
     let db = pool
@@ -535,8 +543,9 @@ fn which(cmd: &str) -> Result<std::path::PathBuf, ()> {
 /// schedules change without a restart; a bad file is refused with one
 /// error line and the running configuration stays; a key that needs a
 /// restart keeps its running value and says so.
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn sighup_reloads_what_can_change_and_refuses_a_bad_file(pool: PgPool) {
+    common::migrate(&pool).await;
     let mut config = common::config(&pool, "reload");
     config.metrics.listen = SocketAddr::from(([127, 0, 0, 1], common::free_port()));
     // Nothing scheduled for the test's length, logs at info: no job lines.

@@ -52,8 +52,9 @@ async fn exec(pool: &PgPool, sql: &str) {
 /// write one item in scope X and one in scope Y, in opposite orders, one
 /// statement each. Before migration 11 the second statement of each waited
 /// for the other's block row (or scope row): 40P01. Now no statement waits.
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn writes_in_two_scopes_in_opposite_orders_never_wait(pool: PgPool) {
+    common::migrate(&pool).await;
     exec(
         &pool,
         "INSERT INTO post_moderation_queue (post_id, topic_id)
@@ -113,8 +114,9 @@ async fn writes_in_two_scopes_in_opposite_orders_never_wait(pool: PgPool) {
 /// changes are each backend's own row now: B does not wait at all, and A
 /// waits only for B's row of user 1 (the score it must change) until B
 /// commits.
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn two_backends_scoring_users_wait_at_most_for_the_score_itself(pool: PgPool) {
+    common::migrate(&pool).await;
     common::users(&pool, 5).await;
     let ev = |user: i64, n: &str| {
         format!(
@@ -154,8 +156,9 @@ async fn two_backends_scoring_users_wait_at_most_for_the_score_itself(pool: PgPo
 /// retry). Keys come from a sequence now: both land, in the order of their
 /// INSERTs. At SERIALIZABLE the same, or a 40001 the client retries; never
 /// 23505.
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn adds_at_repeatable_read_and_serializable_never_collide_on_a_key(pool: PgPool) {
+    common::migrate(&pool).await;
     exec(
         &pool,
         "INSERT INTO post_moderation_queue (post_id, topic_id) VALUES ('first', 't')",
@@ -209,8 +212,9 @@ async fn adds_at_repeatable_read_and_serializable_never_collide_on_a_key(pool: P
 /// transaction has removed and added items of the same scope: before, the
 /// CLI waited for the client's scope and block rows (and deadlocked when the
 /// client then added); now it does not wait at all.
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn the_cli_never_waits_for_a_clients_open_transaction_on_its_scope(pool: PgPool) {
+    common::migrate(&pool).await;
     let mut config = common::config(&pool, "q-nowait");
     // Any wait of the CLI's statements fails it (and the test).
     config.database.statement_timeout = Duration::from_secs(2);
@@ -276,8 +280,9 @@ async fn the_cli_never_waits_for_a_clients_open_transaction_on_its_scope(pool: P
 /// retried by loyaltyd's own add: a forum trigger fails each queue INSERT's
 /// first try with 40001, as a serialization conflict would (a sequence
 /// counts the tries: it is not rolled back with them).
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn a_cli_add_rolled_back_for_a_retry_is_retried_and_lands(pool: PgPool) {
+    common::migrate(&pool).await;
     let config = common::config(&pool, "q-retry");
     exec(
         &pool,
@@ -425,11 +430,12 @@ fn random_transaction(
 /// for users A then B in one transaction and B then A in another, as
 /// separate statements, wait for each other as two UPDATEs of those users
 /// would (README, "What still waits").
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn sixteen_clients_in_random_row_order_and_two_clis_never_deadlock(
     _o: PgPoolOptions,
     opts: PgConnectOptions,
 ) {
+    common::migrate_with(&opts).await;
     let pool = common::wide_pool(opts, 4).await;
     common::users(&pool, 50).await;
     let config = common::config(&pool, "q-random");

@@ -43,11 +43,12 @@ async fn job_locks_held(pool: &PgPool, job: Job) -> i64 {
     .unwrap_or_else(|e| panic!("{e}"))
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn a_tick_whose_claim_fails_under_a_lock_storm_lets_go_of_the_job_lock(
     _o: PgPoolOptions,
     opts: PgConnectOptions,
 ) {
+    common::migrate_with(&opts).await;
     let pool = common::wide_pool(opts, 6).await;
     let mut config = common::config(&pool, "storm");
     config.queues.reorder_schedule = "* * * * * *".into();
@@ -86,10 +87,11 @@ async fn a_tick_whose_claim_fails_under_a_lock_storm_lets_go_of_the_job_lock(
     );
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn a_job_lock_held_by_an_idle_connection_past_the_time_limit_is_a_failure_not_a_skip(
     pool: PgPool,
 ) {
+    common::migrate(&pool).await;
     let mut config = common::config(&pool, "leak");
     config.queues.reorder_timeout = Duration::from_millis(500);
     let ctx = common::ctx_with(&pool, config, false);
@@ -133,8 +135,9 @@ const RETRIED: &[&str] = &[
     "retry-me",
 ];
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn a_retry_of_an_event_id_after_a_kill_after_commit_repairs_the_cache(pool: PgPool) {
+    common::migrate(&pool).await;
     common::users(&pool, 1).await;
     let proxy = Proxy::start(Upstream::redis()).await;
     let mut config = common::config(&pool, "killed");
@@ -187,8 +190,9 @@ async fn a_retry_of_an_event_id_after_a_kill_after_commit_repairs_the_cache(pool
     assert_eq!(common::score_drift(&pool).await, vec![]);
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn a_refill_cannot_land_over_a_newer_score_when_redis_loses_keys(pool: PgPool) {
+    common::migrate(&pool).await;
     common::users(&pool, 1).await;
     let mut redis = PrivateRedis::start().await;
     let mut config = common::config(&pool, "lease");
@@ -279,8 +283,9 @@ async fn a_refill_cannot_land_over_a_newer_score_when_redis_loses_keys(pool: PgP
     }
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn the_demo_is_exact_beside_concurrent_writers(_o: PgPoolOptions, opts: PgConnectOptions) {
+    common::migrate_with(&opts).await;
     let pool = common::wide_pool(opts, 12).await;
     common::users(&pool, 50).await;
     let ctx = Arc::new(common::ctx(&pool, "demo"));
@@ -320,10 +325,11 @@ async fn the_demo_is_exact_beside_concurrent_writers(_o: PgPoolOptions, opts: Pg
     }
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn the_sweeps_cache_check_runs_under_the_sweeps_limit_and_says_when_it_was_cut_short(
     pool: PgPool,
 ) {
+    common::migrate(&pool).await;
     common::users(&pool, 150_000).await;
     let mut config = common::config(&pool, "sweeplimit");
     // Far shorter than the scan of 150,000 users with their MGETs.
@@ -350,8 +356,9 @@ async fn the_sweeps_cache_check_runs_under_the_sweeps_limit_and_says_when_it_was
     }
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn an_event_id_reused_with_another_payload_exits_65_and_writes_nothing(pool: PgPool) {
+    common::migrate(&pool).await;
     common::users(&pool, 1).await;
     let config = common::config(&pool, "reuse");
     let args = |outcome: &'static str| {
@@ -390,8 +397,9 @@ async fn an_event_id_reused_with_another_payload_exits_65_and_writes_nothing(poo
     assert_eq!(n, 1);
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn a_score_overflow_is_one_clear_line_with_exit_65(pool: PgPool) {
+    common::migrate(&pool).await;
     common::users(&pool, 1).await;
     sqlx::query("UPDATE users SET loyalty_score = 9223372036854775806, score_version = score_version + 1 WHERE id = 1")
         .execute(&pool)

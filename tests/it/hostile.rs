@@ -59,8 +59,9 @@ fn cases() -> ProptestConfig {
     }
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn identifiers_are_stored_byte_for_byte_or_refused_with_exit_2(pool: PgPool) {
+    common::migrate(&pool).await;
     let config = common::config(&pool, "ids");
     let result = tokio::task::spawn_blocking(move || {
         let mut runner = proptest::test_runner::TestRunner::new(cases());
@@ -125,8 +126,9 @@ async fn identifiers_are_stored_byte_for_byte_or_refused_with_exit_2(pool: PgPoo
     assert_eq!(users, 0, "the users table survived");
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn numbers_of_every_shape_are_accepted_or_refused_cleanly(pool: PgPool) {
+    common::migrate(&pool).await;
     common::users(&pool, 3).await;
     let config = common::config(&pool, "numbers");
     let numbers = [
@@ -277,8 +279,9 @@ fn hostile_configuration_values_exit_78_in_one_line() {
     assert_eq!(out.status.code(), Some(78));
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn a_hostile_key_prefix_stays_a_prefix(pool: PgPool) {
+    common::migrate(&pool).await;
     common::users(&pool, 1).await;
     let mut config = common::config(&pool, "prefix");
     config.redis.key_prefix = format!("{}\r\nFLUSHALL\r\n{{hash}}*", config.redis.key_prefix);
@@ -306,8 +309,9 @@ async fn a_hostile_key_prefix_stays_a_prefix(pool: PgPool) {
     );
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn passwords_never_reach_the_daemon_log_or_error_messages(pool: PgPool) {
+    common::migrate(&pool).await;
     // Trust authentication ignores the password, so the daemon runs with it.
     let mut config = common::config(&pool, "secret");
     let secret = "s3cr3t-pa55word";

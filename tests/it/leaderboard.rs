@@ -32,8 +32,9 @@ async fn expected_board(pool: &PgPool) -> Vec<(i64, i64, bool)> {
         .collect()
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn page_and_rank_match_the_seed_definition_at_the_ten_percent_boundaries(pool: PgPool) {
+    common::migrate(&pool).await;
     let ctx = common::ctx(&pool, "board");
     for positive in [9i64, 10, 11, 19, 20] {
         sqlx::query("DELETE FROM users")
@@ -85,8 +86,9 @@ async fn page_and_rank_match_the_seed_definition_at_the_ten_percent_boundaries(p
     }
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn bad_page_arguments_and_unknown_users_are_refused_clearly(pool: PgPool) {
+    common::migrate(&pool).await;
     let ctx = common::ctx(&pool, "args");
     for (limit, offset) in [(0, 0), (1001, 0), (-1, 0), (10, -1)] {
         let err = leaderboard::page(&ctx, limit, offset).await;
@@ -101,8 +103,9 @@ async fn bad_page_arguments_and_unknown_users_are_refused_clearly(pool: PgPool) 
     ));
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn refresh_follows_the_debounce_policy_and_records_its_time(pool: PgPool) {
+    common::migrate(&pool).await;
     common::users(&pool, 3).await;
     let mut config = common::config(&pool, "debounce");
     config.leaderboard.refresh_threshold = 3;
@@ -179,11 +182,12 @@ async fn refresh_follows_the_debounce_policy_and_records_its_time(pool: PgPool) 
     assert_eq!(consumed, 4);
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn two_refreshes_started_together_from_two_pools_run_once(
     _o: PgPoolOptions,
     opts: PgConnectOptions,
 ) {
+    common::migrate_with(&opts).await;
     let a = common::wide_pool(opts.clone(), 4).await;
     let b = common::wide_pool(opts, 4).await;
     common::big_board(&a, 150_000).await;
@@ -206,11 +210,12 @@ async fn two_refreshes_started_together_from_two_pools_run_once(
     assert_ne!(ra.refreshed, rb.refreshed);
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn changes_recorded_during_a_refresh_stay_pending_and_readers_are_not_blocked(
     _o: PgPoolOptions,
     opts: PgConnectOptions,
 ) {
+    common::migrate_with(&opts).await;
     let pool = common::wide_pool(opts, 8).await;
     common::big_board(&pool, 150_000).await;
     let ctx = common::ctx(&pool, "during");
@@ -260,11 +265,12 @@ async fn changes_recorded_during_a_refresh_stay_pending_and_readers_are_not_bloc
     );
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn a_cancelled_refresh_rolls_back_and_keeps_its_changes_pending(
     _o: PgPoolOptions,
     opts: PgConnectOptions,
 ) {
+    common::migrate_with(&opts).await;
     let pool = common::wide_pool(opts, 4).await;
     common::big_board(&pool, 150_000).await;
     sqlx::query("UPDATE leaderboard_pending SET changes = 7 WHERE shard = 3")

@@ -95,8 +95,9 @@ impl Rng {
     }
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn ties_and_the_ten_percent_boundary_are_exact_and_follow_each_write(pool: PgPool) {
+    common::migrate(&pool).await;
     let ctx = common::ctx(&pool, "live-ties");
     for positive in [9i64, 10, 11, 19, 20, 21] {
         sqlx::raw_sql("DELETE FROM moderation_events; DELETE FROM users")
@@ -141,8 +142,9 @@ async fn ties_and_the_ten_percent_boundary_are_exact_and_follow_each_write(pool:
     }
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn a_random_differential_against_row_number_through_both_write_paths(pool: PgPool) {
+    common::migrate(&pool).await;
     let ctx = common::ctx(&pool, "live-diff");
     // 300 users, sign-ups in 40 distinct minutes: many exact ties.
     sqlx::query(
@@ -190,8 +192,9 @@ async fn a_random_differential_against_row_number_through_both_write_paths(pool:
     );
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn sixteen_concurrent_writers_leave_the_board_exact(pool: PgPool) {
+    common::migrate(&pool).await;
     common::users(&pool, 40).await;
     let wide = common::wide_pool(pool.connect_options().as_ref().clone(), 20).await;
     let ctx = common::ctx(&wide, "live-conc");
@@ -225,8 +228,9 @@ async fn sixteen_concurrent_writers_leave_the_board_exact(pool: PgPool) {
     assert_exact(&ctx, &wide, "after 16 writers").await;
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn the_sweep_finds_a_corrupted_board_and_repairs_it(pool: PgPool) {
+    common::migrate(&pool).await;
     // Scores g % 7, from as many approved posts.
     sqlx::raw_sql(
         "INSERT INTO users (id, username, created_at)
@@ -304,8 +308,9 @@ async fn the_sweep_finds_a_corrupted_board_and_repairs_it(pool: PgPool) {
     assert_eq!(again.board_repaired, 0, "a second sweep finds nothing");
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn a_board_lost_with_redis_is_rebuilt_by_the_daemon_while_readers_use_the_view(pool: PgPool) {
+    common::migrate(&pool).await;
     common::users(&pool, 20).await;
     let mut config = common::config(&pool, "live-daemon");
     config.metrics.listen = std::net::SocketAddr::from(([127, 0, 0, 1], common::free_port()));
@@ -365,8 +370,9 @@ async fn a_board_lost_with_redis_is_rebuilt_by_the_daemon_while_readers_use_the_
     assert_exact(&ctx, &pool, "rebuilt").await;
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn the_swap_refresh_keeps_grants_indexes_and_never_fails_a_reader(pool: PgPool) {
+    common::migrate(&pool).await;
     common::users(&pool, 500).await;
     let ctx = common::ctx(&pool, "swap");
     assert_eq!(
@@ -479,8 +485,9 @@ async fn the_swap_refresh_keeps_grants_indexes_and_never_fails_a_reader(pool: Pg
     .unwrap_or_else(|e| panic!("{e}"));
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn a_python_client_reads_exact_live_standing_through_the_function_library(pool: PgPool) {
+    common::migrate(&pool).await;
     common::users(&pool, 120).await;
     let ctx = common::ctx(&pool, "live-python");
     // The SQL API says its ranks are the view's, and where live ones are.
@@ -551,8 +558,9 @@ async fn assert_names(ctx: &Context, pool: &PgPool, what: &str) {
     assert_eq!(board, want, "{what}: names on the board");
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn renames_by_every_path_reach_the_board_and_leave_the_sweep_nothing_to_repair(pool: PgPool) {
+    common::migrate(&pool).await;
     common::users(&pool, 60).await;
     let ctx = common::ctx(&pool, "live-renames");
     for id in 1..=60 {
@@ -691,10 +699,11 @@ async fn renames_by_every_path_reach_the_board_and_leave_the_sweep_nothing_to_re
     );
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn ids_of_every_byte_length_and_names_of_any_bytes_keep_the_order_and_read_back(
     pool: PgPool,
 ) {
+    common::migrate(&pool).await;
     // A member is the sign-up time, the id's length in bytes, the id and
     // the name: ids across every length boundary (and past 2^53, beyond
     // Lua's exact numbers), all signed up at the same moment and tied on

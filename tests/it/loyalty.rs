@@ -6,7 +6,7 @@ use std::sync::Arc;
 use loyaltyd::context::Context;
 use loyaltyd::error::Error;
 use loyaltyd::loyalty::{self, NewEvent};
-use loyaltyd::types::{ContentType, Outcome, score_delta};
+use loyaltyd::types::{ContentType, Outcome};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
@@ -26,8 +26,9 @@ async fn events(pool: &PgPool) -> i64 {
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn every_content_type_and_outcome_changes_the_score_by_the_rule(pool: PgPool) {
+    common::migrate(&pool).await;
     common::users(&pool, 1).await;
     let ctx = common::ctx(&pool, "rules");
     let mut expected = 0;
@@ -37,7 +38,7 @@ async fn every_content_type_and_outcome_changes_the_score_by_the_rule(pool: PgPo
             let r = loyalty::record_event(&ctx, &event(1, content, outcome))
                 .await
                 .unwrap_or_else(|e| panic!("{e}"));
-            let delta = score_delta(content, outcome);
+            let delta = common::seed_points(content, outcome);
             expected += delta;
             changes += i64::from(delta != 0);
             assert_eq!(
@@ -59,8 +60,9 @@ async fn every_content_type_and_outcome_changes_the_score_by_the_rule(pool: PgPo
     assert_eq!(events(&pool).await, 9);
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn an_unknown_user_is_refused_and_nothing_is_written(pool: PgPool) {
+    common::migrate(&pool).await;
     common::users(&pool, 1).await;
     let ctx = common::ctx(&pool, "unknown");
     let err = loyalty::record_event(&ctx, &event(42, ContentType::Topic, Outcome::Approved)).await;
@@ -85,11 +87,12 @@ async fn an_unknown_user_is_refused_and_nothing_is_written(pool: PgPool) {
     ));
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn a_retried_event_id_counts_once_even_when_retried_concurrently(
     _o: PgPoolOptions,
     opts: PgConnectOptions,
 ) {
+    common::migrate_with(&opts).await;
     let pool = common::wide_pool(opts, 20).await;
     common::users(&pool, 2).await;
     let ctx = Arc::new(common::ctx(&pool, "idem"));
@@ -138,11 +141,12 @@ async fn a_retried_event_id_counts_once_even_when_retried_concurrently(
     assert_eq!(common::score_drift(&pool).await, vec![]);
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn concurrent_writers_leave_scores_equal_to_their_events_and_the_cache_equal_to_the_database(
     _o: PgPoolOptions,
     opts: PgConnectOptions,
 ) {
+    common::migrate_with(&opts).await;
     let pool = common::wide_pool(opts, 24).await;
     common::users(&pool, 10).await;
     let ctx = Arc::new(common::ctx(&pool, "concurrent"));
@@ -193,10 +197,11 @@ async fn concurrent_writers_leave_scores_equal_to_their_events_and_the_cache_equ
     assert_eq!(pending(&pool).await, nonzero);
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn a_reader_refilling_the_cache_from_an_old_snapshot_cannot_overwrite_a_newer_score(
     pool: PgPool,
 ) {
+    common::migrate(&pool).await;
     common::users(&pool, 1).await;
     let ctx = common::ctx(&pool, "versions");
     loyalty::record_event(&ctx, &event(1, ContentType::Topic, Outcome::Approved))
@@ -215,8 +220,9 @@ async fn a_reader_refilling_the_cache_from_an_old_snapshot_cannot_overwrite_a_ne
     assert_eq!((fresh.loyalty_score, fresh.cached), (5, true));
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn with_redis_unreachable_writes_and_reads_still_work(pool: PgPool) {
+    common::migrate(&pool).await;
     common::users(&pool, 1).await;
     let mut config = common::config(&pool, "down");
     config.redis.url = common::dead_redis_url().into();
@@ -242,8 +248,9 @@ async fn with_redis_unreachable_writes_and_reads_still_work(pool: PgPool) {
     );
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn a_batch_is_one_transaction_with_consistent_scores(pool: PgPool) {
+    common::migrate(&pool).await;
     common::users(&pool, 50).await;
     let ctx = common::ctx(&pool, "batch");
     let batch: Vec<NewEvent> = (0..500)
@@ -275,11 +282,12 @@ async fn a_batch_is_one_transaction_with_consistent_scores(pool: PgPool) {
     }
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn concurrent_batches_over_the_same_users_do_not_deadlock(
     _o: PgPoolOptions,
     opts: PgConnectOptions,
 ) {
+    common::migrate_with(&opts).await;
     let pool = common::wide_pool(opts, 10).await;
     common::users(&pool, 20).await;
     let ctx = Arc::new(common::ctx(&pool, "batches"));
@@ -319,8 +327,9 @@ async fn corrupt(pool: &PgPool, users: &[i64]) {
         .unwrap_or_else(|e| panic!("{e}"));
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn the_sweep_repairs_exactly_the_corrupted_users_in_the_database_and_the_cache(pool: PgPool) {
+    common::migrate(&pool).await;
     common::users(&pool, 300).await;
     let ctx = common::ctx(&pool, "sweep");
     let batch: Vec<NewEvent> = (0..3000)
@@ -387,8 +396,9 @@ async fn the_sweep_repairs_exactly_the_corrupted_users_in_the_database_and_the_c
     assert_eq!((again.drifted_users, again.cache_repaired), (0, 0));
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn recalculating_one_user_repairs_only_that_user(pool: PgPool) {
+    common::migrate(&pool).await;
     common::users(&pool, 2).await;
     let ctx = common::ctx(&pool, "recalc");
     for user in [1, 2] {
@@ -419,11 +429,12 @@ async fn recalculating_one_user_repairs_only_that_user(pool: PgPool) {
     ));
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn a_sweep_racing_writers_never_reverts_their_changes(
     _o: PgPoolOptions,
     opts: PgConnectOptions,
 ) {
+    common::migrate_with(&opts).await;
     let pool = common::wide_pool(opts, 16).await;
     common::users(&pool, 40).await;
     let ctx = Arc::new(common::ctx(&pool, "race"));
@@ -463,8 +474,9 @@ async fn a_sweep_racing_writers_never_reverts_their_changes(
     assert_eq!(common::score_drift(&pool).await, vec![]);
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn demo_seed_writes_scores_consistent_with_its_events(pool: PgPool) {
+    common::migrate(&pool).await;
     let ctx: Context = common::ctx(&pool, "demo");
     let r = loyaltyd::demo::seed(&ctx, 500, 20_000, 300, false)
         .await
@@ -494,8 +506,9 @@ async fn demo_seed_writes_scores_consistent_with_its_events(pool: PgPool) {
     assert_eq!(common::score_drift(&pool).await, vec![]);
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn demo_seed_is_not_bound_by_the_request_statement_timeout(pool: PgPool) {
+    common::migrate(&pool).await;
     // Each of its statements takes far longer than this limit (at ten
     // million users, longer than the default 30 s: the seed failed there).
     let mut cfg = common::config(&pool, "demo-limit");
@@ -511,8 +524,9 @@ async fn demo_seed_is_not_bound_by_the_request_statement_timeout(pool: PgPool) {
     assert_eq!(events(&pool).await, 300_000);
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn cache_entries_from_before_a_database_restore_are_outranked_and_repaired(pool: PgPool) {
+    common::migrate(&pool).await;
     common::users(&pool, 2).await;
     let ctx = common::ctx(&pool, "restore");
     let mut r = common::redis().await;
@@ -561,10 +575,11 @@ async fn cache_entries_from_before_a_database_restore_are_outranked_and_repaired
 /// user a call): every user's cached score and board place equal the
 /// database's, by the integrity sweep and by the board's own check, also
 /// for users whose entries an older write left behind.
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn a_batch_across_several_script_calls_leaves_every_cache_entry_and_board_place_exact(
     pool: PgPool,
 ) {
+    common::migrate(&pool).await;
     common::users(&pool, 1_200).await;
     let ctx = common::ctx(&pool, "batch-chunks");
     loyaltyd::leaderboard::live::build(&ctx)

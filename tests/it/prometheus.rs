@@ -226,10 +226,11 @@ fn panel_queries(path: &Path) -> Vec<(String, String)> {
     out
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn a_real_prometheus_scrapes_the_daemon_and_every_documented_series_and_panel_has_data(
     pool: PgPool,
 ) {
+    common::migrate(&pool).await;
     common::users(&pool, 20).await;
     let mut config = common::config(&pool, "prom");
     config.metrics.listen = ([127, 0, 0, 1], common::free_port()).into();
@@ -334,8 +335,9 @@ async fn a_real_prometheus_scrapes_the_daemon_and_every_documented_series_and_pa
 /// A real Prometheus with the shipped rules, scraping an idle, healthy daemon
 /// (refresh checks with nothing due, a reorder with nothing to do, no sweep
 /// yet): no alert is pending or firing.
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn an_idle_healthy_daemon_has_no_alert_pending_in_a_real_prometheus(pool: PgPool) {
+    common::migrate(&pool).await;
     common::users(&pool, 5).await;
     let mut config = common::config(&pool, "prom-idle");
     config.metrics.listen = ([127, 0, 0, 1], common::free_port()).into();
@@ -421,8 +423,9 @@ async fn an_idle_healthy_daemon_has_no_alert_pending_in_a_real_prometheus(pool: 
 
 /// The forum's backlog and traffic metrics move when plain SQL writes,
 /// through psql, with no loyaltyd call at all.
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn backlog_and_traffic_metrics_follow_plain_sql_written_through_psql(pool: PgPool) {
+    common::migrate(&pool).await;
     common::users(&pool, 3).await;
     // A marker: once the daemon exports it, its first look is done (events
     // from before it are not counted).

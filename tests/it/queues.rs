@@ -73,8 +73,9 @@ pub async fn check_invariants(
     scopes
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn adds_append_at_the_tail_and_removes_close_the_gap(pool: PgPool) {
+    common::migrate(&pool).await;
     let ctx = common::ctx(&pool, "tail");
     for (n, item) in ["a", "b", "c", "d", "e"].iter().enumerate() {
         assert_eq!(
@@ -107,8 +108,9 @@ async fn adds_append_at_the_tail_and_removes_close_the_gap(pool: PgPool) {
     check_invariants(&ctx, QueueKind::Topic).await;
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn reorder_sorts_by_priority_then_entry_time(pool: PgPool) {
+    common::migrate(&pool).await;
     let ctx = common::ctx(&pool, "reorder");
     let scope = topic("t1");
     for (item, p) in [
@@ -151,8 +153,9 @@ async fn reorder_sorts_by_priority_then_entry_time(pool: PgPool) {
     check_invariants(&ctx, QueueKind::Post).await;
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn scopes_are_independent_of_each_other(pool: PgPool) {
+    common::migrate(&pool).await;
     let ctx = common::ctx(&pool, "scopes");
     let (t1, t2) = (topic("t1"), topic("t2"));
     let c1 = Scope::Conversation(id("t1")); // same name, other queue
@@ -176,8 +179,9 @@ async fn scopes_are_independent_of_each_other(pool: PgPool) {
     }
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn duplicates_and_unknown_items_are_refused_and_change_nothing(pool: PgPool) {
+    common::migrate(&pool).await;
     let ctx = common::ctx(&pool, "refuse");
     add(&ctx, QueueKind::Post, "x", &topic("t1"), 0.0).await;
     for scope in [topic("t1"), topic("t2")] {
@@ -203,8 +207,9 @@ async fn duplicates_and_unknown_items_are_refused_and_change_nothing(pool: PgPoo
     assert_eq!(scopes.get("t2"), None);
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn odd_identifiers_are_stored_and_returned_byte_for_byte(pool: PgPool) {
+    common::migrate(&pool).await;
     let ctx = common::ctx(&pool, "odd");
     let odd = [
         "'; DROP TABLE users; --",
@@ -232,11 +237,12 @@ async fn odd_identifiers_are_stored_and_returned_byte_for_byte(pool: PgPool) {
     assert_eq!(tables, 0, "the users table is still there");
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn sixteen_concurrent_adders_and_removers_leave_exact_unique_positions(
     _o: PgPoolOptions,
     opts: PgConnectOptions,
 ) {
+    common::migrate_with(&opts).await;
     let pool = common::wide_pool(opts, 24).await;
     let ctx = Arc::new(common::ctx(&pool, "race"));
     let mut tasks = Vec::new();
@@ -339,8 +345,9 @@ async fn sixteen_concurrent_adders_and_removers_leave_exact_unique_positions(
     assert_eq!(listing.length, items.len() as i64);
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn positions_stay_exact_across_many_blocks(pool: PgPool) {
+    common::migrate(&pool).await;
     let ctx = common::ctx(&pool, "blocks");
     loyaltyd::demo::seed(&ctx, 0, 0, 3000, false)
         .await
@@ -479,8 +486,9 @@ async fn run_ops(ctx: &Context, run: u32, ops: Vec<Op>) -> std::result::Result<(
     Ok(())
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn random_adds_removes_and_reorders_match_an_in_memory_model(pool: PgPool) {
+    common::migrate(&pool).await;
     let config = common::config(&pool, "prop");
     let url = config.database.url.expose().to_owned();
     // proptest drives synchronous cases; each case runs on its own runtime and
@@ -524,8 +532,9 @@ async fn random_adds_removes_and_reorders_match_an_in_memory_model(pool: PgPool)
 /// FOR ALL TABLES`) still writes its queues, and the fold's DELETEs of
 /// `queue_changes` (a table without a key) go through: PostgreSQL refuses
 /// a DELETE on a published table without a replica identity.
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn a_forum_that_publishes_every_table_writes_and_folds_its_queues(pool: PgPool) {
+    common::migrate(&pool).await;
     for sql in [
         "CREATE PUBLICATION forum_all FOR ALL TABLES",
         "INSERT INTO post_moderation_queue (post_id, topic_id) VALUES ('a', 't'), ('b', 't'), ('c', 't')",

@@ -138,7 +138,7 @@ async fn cut_busy_daemon_connections(pool: &PgPool) -> i64 {
                                WHERE application_name = 'loyaltyd' AND datname = current_database()
                                  AND state IN ('active', 'idle in transaction')
                                  -- the sweep's repair batches, not the cache sync's short reads
-                                 AND (query LIKE '%FOR NO KEY UPDATE%' OR query LIKE '%WITH truth%')) t",
+                                 AND (query LIKE '%scores_repair%' OR query LIKE '%r(uid, previous)%')) t",
     )
     .fetch_one(pool)
     .await
@@ -152,11 +152,12 @@ fn scrape_sync(d: &Config, series: &str) -> impl Future<Output = f64> {
     }
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn a_soak_under_load_with_every_job_firing_loses_nothing(
     _o: PgPoolOptions,
     opts: PgConnectOptions,
 ) {
+    common::migrate_with(&opts).await;
     let pool = common::wide_pool(opts, 24).await;
     common::users(&pool, 200).await;
     let redis = PrivateRedis::start().await;
@@ -209,11 +210,12 @@ async fn a_soak_under_load_with_every_job_firing_loses_nothing(
     assert!(errors.is_empty(), "the daemon logged problems: {errors:?}");
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn redis_killed_and_postgres_connections_cut_mid_load_lose_nothing(
     _o: PgPoolOptions,
     opts: PgConnectOptions,
 ) {
+    common::migrate_with(&opts).await;
     let pool = common::wide_pool(opts, 24).await;
     common::users(&pool, 100).await;
     let mut redis = PrivateRedis::start().await;
@@ -280,8 +282,9 @@ async fn repaired(pool: &PgPool) -> i64 {
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn connections_cut_mid_sweep_and_a_sigkill_mid_sweep_are_recovered(pool: PgPool) {
+    common::migrate(&pool).await;
     long_sweep_data(&pool, 60_000).await;
     let redis = PrivateRedis::start().await;
     let mut config = daemon_config(&pool, &redis.url(), "sweep-faults");
@@ -359,8 +362,9 @@ async fn pending(pool: &PgPool) -> (i64, i64) {
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn a_refresh_cut_off_or_stopped_midway_keeps_its_changes_pending(pool: PgPool) {
+    common::migrate(&pool).await;
     big_board(&pool).await;
     let redis = PrivateRedis::start().await;
     let mut config = daemon_config(&pool, &redis.url(), "refresh-faults");
@@ -414,8 +418,9 @@ async fn a_refresh_cut_off_or_stopped_midway_keeps_its_changes_pending(pool: PgP
     );
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn a_writer_cut_off_from_redis_that_exits_at_once_leaves_no_stale_score_behind(pool: PgPool) {
+    common::migrate(&pool).await;
     common::users(&pool, 1).await;
     let proxy = common::Proxy::start(common::Upstream::redis()).await;
     let mut config = common::config(&pool, "partition");

@@ -60,8 +60,9 @@ async fn setup(pool: &PgPool, replica: &PgReplica, name: &str) -> (Context, PgPo
     (ctx, direct)
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn leaderboard_reads_are_served_by_a_replica_within_the_lag_bound(pool: PgPool) {
+    common::migrate(&pool).await;
     let addr = common::exporter().await;
     let replica = PgReplica::start().await;
     let (ctx, direct) = setup(&pool, &replica, "replica-reads").await;
@@ -119,8 +120,9 @@ async fn leaderboard_reads_are_served_by_a_replica_within_the_lag_bound(pool: Pg
     direct.close().await;
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn a_replica_stopped_mid_reads_sends_them_to_the_primary_without_an_error(pool: PgPool) {
+    common::migrate(&pool).await;
     let addr = common::exporter().await;
     let mut replica = PgReplica::start().await;
     let (ctx, direct) = setup(&pool, &replica, "replica-stop").await;

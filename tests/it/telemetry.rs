@@ -10,8 +10,9 @@ use sqlx::PgPool;
 use crate::common;
 
 /// The process-wide exporter, installed once for this test binary.
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn operations_show_up_as_labelled_histograms_in_a_scrape(pool: PgPool) {
+    common::migrate(&pool).await;
     let addr = common::exporter().await;
     common::users(&pool, 1).await;
     let ctx = common::ctx(&pool, "histo");
@@ -48,8 +49,9 @@ async fn operations_show_up_as_labelled_histograms_in_a_scrape(pool: PgPool) {
     assert!(text.contains(r#"le="10"}"#));
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn perf_lists_keep_the_newest_samples_first_trimmed_to_length(pool: PgPool) {
+    common::migrate(&pool).await;
     common::users(&pool, 1).await;
     let mut config = common::config(&pool, "perf");
     config.metrics.perf_list_len = 5;
@@ -104,8 +106,9 @@ async fn perf_lists_keep_the_newest_samples_first_trimmed_to_length(pool: PgPool
     assert_eq!(n, 1);
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn with_redis_down_operations_succeed_and_samples_are_counted_as_dropped(pool: PgPool) {
+    common::migrate(&pool).await;
     let addr = common::exporter().await;
     common::users(&pool, 1).await;
     let mut config = common::config(&pool, "dropped");
@@ -126,8 +129,9 @@ async fn with_redis_down_operations_succeed_and_samples_are_counted_as_dropped(p
     assert!(common::metric(addr, "loyaltyd_redis_errors_total").await >= errors + 4.0);
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn stats_summarizes_each_perf_list(pool: PgPool) {
+    common::migrate(&pool).await;
     let ctx = common::ctx(&pool, "stats");
     let mut r = common::redis().await;
     let key = ctx.redis.key("perf:queue:add:topic");
@@ -182,8 +186,9 @@ async fn stats_summarizes_each_perf_list(pool: PgPool) {
     assert!((seed.avg_ms - 3.0).abs() < 1e-9);
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn failed_operations_are_timed_and_counted_as_errors(pool: PgPool) {
+    common::migrate(&pool).await;
     let addr = common::exporter().await;
     let ctx = common::ctx(&pool, "errors");
     let errors = r#"loyaltyd_operation_errors_total{operation="record_event"}"#;

@@ -77,8 +77,9 @@ async fn moderate(
     left
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn estimates_track_a_simulated_moderation_pace_within_the_tolerance(pool: PgPool) {
+    common::migrate(&pool).await;
     let ctx = common::ctx(&pool, "waits");
     let config = ctx.config.as_ref().clone();
     add_items(&pool, "fast", 80).await;
@@ -132,10 +133,11 @@ async fn estimates_track_a_simulated_moderation_pace_within_the_tolerance(pool: 
     assert_eq!(scopes["slow"].len(), 24);
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn unknown_without_history_the_queues_pace_for_a_new_scope_and_reorders_stay_consistent(
     pool: PgPool,
 ) {
+    common::migrate(&pool).await;
     let ctx = common::ctx(&pool, "waits-basis");
     add_items(&pool, "busy", 20).await;
     sqlx::query(
@@ -228,8 +230,9 @@ async fn unknown_without_history_the_queues_pace_for_a_new_scope_and_reorders_st
     common::queue_invariants(&pool, QueueKind::Post).await;
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn psql_and_python_read_a_position_and_its_wait_in_one_call(pool: PgPool) {
+    common::migrate(&pool).await;
     add_items(&pool, "t", 10).await;
     sqlx::query("DELETE FROM post_moderation_queue WHERE post_id IN ('t-1', 't-2', 't-3', 't-4')")
         .execute(&pool)

@@ -12,7 +12,8 @@ use loyaltyd::types::QueueKind;
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
-use crate::adopt::{database, finish, old_app};
+use crate::adopt::{database, old_app};
+use crate::common::finish;
 use crate::common::{self, ForumRole, uid};
 
 async fn exec(pool: &PgPool, sql: &str) {
@@ -104,11 +105,12 @@ pub(crate) async fn coexist(pool: &PgPool, ctx: &Context, db: &str, users: i64, 
     );
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn the_original_code_beside_event_only_writers_counts_every_score_once_in_legacy_mode(
     _o: PgPoolOptions,
     opts: PgConnectOptions,
 ) {
+    common::migrate_with(&opts).await;
     let pool = common::wide_pool(opts, 12).await;
     let db = database(&pool).await;
     common::users(&pool, 200).await;
@@ -142,8 +144,9 @@ const FORUM_REWARD_TRIGGER: &str = "
     CREATE TRIGGER forum_posts_reward AFTER INSERT ON forum_posts
         FOR EACH ROW EXECUTE FUNCTION forum_posts_reward();";
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn outside_legacy_mode_a_direct_score_write_is_refused_whole_through_psql(pool: PgPool) {
+    common::migrate(&pool).await;
     let db = database(&pool).await;
     common::users(&pool, 2).await;
     exec(
@@ -198,10 +201,11 @@ async fn outside_legacy_mode_a_direct_score_write_is_refused_whole_through_psql(
     assert_eq!(leftovers(&pool).await, (0, 0));
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn in_legacy_mode_an_imported_score_and_a_forum_triggers_write_reach_the_cache_and_the_live_board(
     pool: PgPool,
 ) {
+    common::migrate(&pool).await;
     common::users(&pool, 3).await;
     let ctx = common::ctx(&pool, "legacy-sync");
     assert!(ctx.config.leaderboard.live);
@@ -271,8 +275,9 @@ async fn in_legacy_mode_an_imported_score_and_a_forum_triggers_write_reach_the_c
     );
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn every_documented_function_and_view_works_for_the_forum_role(pool: PgPool) {
+    common::migrate(&pool).await;
     common::users(&pool, 43).await;
     let role = ForumRole::create(&pool, "api").await;
     let (ok, out, err) = role.psql(
@@ -334,8 +339,9 @@ async fn every_documented_function_and_view_works_for_the_forum_role(pool: PgPoo
     role.drop_role(&pool).await;
 }
 
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn the_read_api_refuses_what_the_cli_refuses_with_one_sqlstate(pool: PgPool) {
+    common::migrate(&pool).await;
     common::users(&pool, 1).await;
     exec(&pool, "SELECT queue_add('post', 'a', 't', 0)").await;
     let refused = [
@@ -438,11 +444,12 @@ async fn the_read_api_refuses_what_the_cli_refuses_with_one_sqlstate(pool: PgPoo
 /// UPDATE too (LY004, after its DELETE closed the gap by itself), while
 /// event-only writers go on; afterwards every score is its events and every
 /// position dense.
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn outside_legacy_mode_the_original_code_is_refused_and_nothing_counts_twice(
     _o: PgPoolOptions,
     opts: PgConnectOptions,
 ) {
+    common::migrate_with(&opts).await;
     let pool = common::wide_pool(opts, 8).await;
     let db = database(&pool).await;
     common::users(&pool, 5).await;
@@ -489,8 +496,9 @@ async fn outside_legacy_mode_the_original_code_is_refused_and_nothing_counts_twi
 /// checked against the integrity sweep: one row consuming a credit, many
 /// rows in any user order, COPY, a rolled-back write of either kind, an
 /// UPDATE and a DELETE of events, and an event-id replay.
-#[sqlx::test(migrator = "loyaltyd::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn every_legacy_trigger_path_agrees_with_the_sweep(pool: PgPool) {
+    common::migrate(&pool).await;
     let db = database(&pool).await;
     common::users(&pool, 4).await;
     let ctx = common::ctx_with(&pool, common::config(&pool, "legacy-paths"), false);
