@@ -6,8 +6,8 @@
 //! any write path:
 //! - per queue, the items waiting and the longest scope from the counters
 //!   (`queue_scope_lengths()`: superblocks and unfolded changes), after
-//!   folding the changes written since the last check (migration 11: the
-//!   daemon is what keeps them few), and the oldest item's age from the
+//!   folding the changes written since the last check (sql/queues.sql:
+//!   the daemon is what keeps them few), and the oldest item's age from the
 //!   queue table (an aggregate over it: a scan of the table, about 10 ms at
 //!   100,000 items, every ten seconds);
 //! - items added and removed from PostgreSQL's own table statistics

@@ -200,7 +200,7 @@ pub fn is_cancelled(e: &sqlx::Error) -> bool {
 }
 
 /// SQLSTATE raised by `record_moderation_event` when an event id is reused
-/// with another payload (migration 5).
+/// with another payload (sql/recording.sql).
 pub const SQLSTATE_EVENT_ID_REUSED: &str = "LY001";
 
 /// What a refused statement means, named from the constraint or SQLSTATE
@@ -212,7 +212,7 @@ pub const SQLSTATE_EVENT_ID_REUSED: &str = "LY001";
 pub enum Refusal {
     /// `moderation_events_user_id_fkey`: the event's user does not exist.
     UnknownUser,
-    /// `LY001` (migration 5): an event id reused with another payload.
+    /// `LY001` (sql/recording.sql): an event id reused with another payload.
     EventIdReused,
     /// `22003` numeric value out of range: a score would leave `BIGINT`.
     OutOfRange,
@@ -233,11 +233,14 @@ impl Refusal {
         };
         match db.constraint() {
             Some("moderation_events_user_id_fkey") => return Some(Refusal::UnknownUser),
-            Some(
-                "topic_creation_queue_pkey"
-                | "post_moderation_queue_pkey"
-                | "private_message_queue_pkey",
-            ) => return Some(Refusal::DuplicateItem),
+            // A queue table's primary key.
+            Some(c)
+                if crate::types::QueueKind::ALL
+                    .iter()
+                    .any(|q| c.strip_suffix("_pkey") == Some(q.table().0)) =>
+            {
+                return Some(Refusal::DuplicateItem);
+            }
             _ => {}
         }
         match db.code().as_deref() {

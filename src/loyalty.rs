@@ -1,9 +1,9 @@
 //! Loyalty scores: incremental updates and the coherent cache.
 //!
 //! A moderation event is recorded by ONE INSERT into `moderation_events`,
-//! whose statement trigger (migration 5) adds the row's `score_delta` (the
-//! rule lives in the schema) to the user's score, bumps the score's version
-//! and counts a pending leaderboard change, in the same transaction. That is
+//! whose triggers (sql/scoring.sql) add the row's `score_delta` (the
+//! rule lives in the schema) to the user's score, bump the score's version
+//! and count a pending leaderboard change, in the same transaction. That is
 //! the SQL contract every client relies on, and loyaltyd's own path goes
 //! through it too (`record_moderation_event`, one round trip): either all of
 //! it lands or none of it does, so scores cannot drift from their events the
@@ -91,7 +91,7 @@ pub async fn record_event(ctx: &Context, event: &NewEvent) -> Result<Recorded> {
 
 async fn insert_event(pool: &PgPool, e: &NewEvent) -> Result<(Recorded, ScoreRow)> {
     // The INSERT's trigger changes the score and counts the pending change
-    // (migration 5): the same path as any other client's INSERT. The function
+    // (sql/scoring.sql): the same path as any other client's INSERT. The function
     // answers with the score after it, in the same round trip.
     let (score, version, delta, duplicate, created_us): (i64, i64, i32, bool, i64) =
         sqlx::query_as("SELECT * FROM record_moderation_event($1, $2, $3, $4, $5, $6)")
@@ -344,7 +344,7 @@ pub async fn repair_users(
         .collect())
 }
 
-/// How long a seed-era writer's credit (migration 5, "the seed's writers")
+/// How long a seed-era writer's credit (sql/scoring.sql, users_score_changed)
 /// waits for its event before the sweep treats it as drift: the seed's
 /// UPDATE and INSERT are milliseconds apart; five minutes is a crash.
 pub const LEGACY_CREDIT_GRACE: std::time::Duration = std::time::Duration::from_secs(300);

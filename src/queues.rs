@@ -23,7 +23,7 @@
 //!   one snapshot, so always exact and dense.
 //!
 //! # Who keeps the bookkeeping
-//! The triggers, for every writer (migrations 5 and 11): a plain `INSERT`
+//! The triggers, for every writer (sql/queues.sql): a plain `INSERT`
 //! into a queue table gets its key from one sequence (so it lands behind
 //! every item added before it, without a lock), and every INSERT, DELETE or
 //! key/scope UPDATE appends a row to `queue_changes` in the writer's
@@ -82,7 +82,7 @@ pub struct Placed {
     pub wait: Wait,
 }
 
-/// An item's expected wait (migration 9): its position times its scope's
+/// An item's expected wait (sql/queues.sql): its position times its scope's
 /// time per removed item, over the last hour or so (an exponentially decayed
 /// count of removals, whoever removed). All `None` ("unknown") when neither
 /// the scope nor its queue has seen enough removals: never a made-up number.
@@ -478,7 +478,7 @@ async fn rekey_locked(
         if let Some(limit) = timeout {
             crate::db::set_local_timeout(&mut tx, limit).await?;
         }
-        // Marks the key changes as a reorder's (migration 5's queue_key_written
+        // Marks the key changes as a reorder's (queue_key_written, sql/queues.sql,
         // lets them through even in legacy mode).
         sqlx::query("SELECT set_config('loyaltyd.rekey', 'on', true)")
             .execute(&mut *tx)
@@ -599,5 +599,28 @@ fn unknown(queue: QueueKind, item: &Ident) -> Error {
     Error::UnknownItem {
         queue: queue.as_str(),
         item: item.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sql;
+    use crate::types::QueueKind;
+
+    #[test]
+    fn each_queue_s_statements_name_its_table_item_and_scope_columns() {
+        for queue in QueueKind::ALL {
+            let (table, item, scope) = queue.table();
+            let q = sql(queue);
+            assert!(
+                q.remove
+                    .contains(&format!("FROM {table} WHERE {item} = $1"))
+            );
+            assert!(
+                q.lock_items
+                    .contains(&format!("FROM {table} WHERE {}", scope.unwrap_or("''")))
+            );
+            assert!(q.rekey.contains(&format!("'{}'", queue.as_str())));
+        }
     }
 }

@@ -67,7 +67,7 @@ pub struct SweepReport {
     /// corrected).
     pub board_repaired: u64,
     /// Legacy credits still waiting for their event after the repairs
-    /// (migration 8: a score written by an application of the original
+    /// (sql/scoring.sql: a score written by an application of the original
     /// design, whose event INSERT is on its way). Not drift: each such score
     /// is its events plus these credits, exactly; a credit older than
     /// [`crate::loyalty::LEGACY_CREDIT_GRACE`] was repaired as drift.

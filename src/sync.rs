@@ -18,7 +18,7 @@
 //! Why not LISTEN/NOTIFY: a notifying transaction holds one database-wide lock
 //! from its commit until it ends, which serialized the commits of every
 //! writer (measured: 16 writers 2-3 x slower); the index costs the writes
-//! nothing measurable (see migration 5).
+//! nothing measurable (see sql/scoring.sql).
 //!
 //! One daemon syncs at a time (a transaction advisory lock); a sync's rows are
 //! written with the same newer-version-wins script as any write, so a sync

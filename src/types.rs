@@ -222,6 +222,21 @@ impl QueueKind {
             QueueKind::Message => "message",
         }
     }
+
+    /// The queue's table, its item column and its scope column (`None`:
+    /// one global scope): SQL's `queue_tables()` (sql/queues.sql), which
+    /// this is tested against.
+    pub fn table(self) -> (&'static str, &'static str, Option<&'static str>) {
+        match self {
+            QueueKind::Topic => ("topic_creation_queue", "topic_id", None),
+            QueueKind::Post => ("post_moderation_queue", "post_id", Some("topic_id")),
+            QueueKind::Message => (
+                "private_message_queue",
+                "message_id",
+                Some("conversation_id"),
+            ),
+        }
+    }
 }
 
 impl fmt::Display for QueueKind {

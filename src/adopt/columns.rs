@@ -413,7 +413,7 @@ impl Adoption<'_> {
             swap.push(format!("ALTER TABLE {on} DROP CONSTRAINT {name}"));
         }
         // The original's leaderboard view reads users' columns; it is rebuilt
-        // by migration 2 (readers of the view wait for that statement).
+        // as the reference defines it (readers of the view wait for that).
         if table == "users" {
             swap.push("DROP MATERIALIZED VIEW IF EXISTS user_leaderboard".into());
         }

@@ -5,7 +5,7 @@
 
 use super::columns::{binary_coercible, compatible};
 use super::rules;
-use super::target::{CHECKS, QUEUES, WANTED};
+use super::target::{CHECKS, WANTED, queues};
 use super::{Adoption, Dependent, FORUM_TABLES, KeptType, Problem, Step};
 use crate::error::{DbContext, Error, Result};
 use crate::redis_conn::Redis;
@@ -183,7 +183,7 @@ impl Adoption<'_> {
                 });
             }
         }
-        // The original's leaderboard view is rebuilt (migrations 2 and 7):
+        // The original's leaderboard view is rebuilt (as the reference has it):
         // an object of the forum's on it would stop that rebuild halfway.
         let on_view: Vec<String> = sqlx::query_scalar(
             "SELECT DISTINCT CASE WHEN d.classid = 'pg_rewrite'::REGCLASS THEN
@@ -334,7 +334,7 @@ impl Adoption<'_> {
             "recomputed from the events (the stored value is in adoption_repairs)".into(),
             examples,
         );
-        for (queue, table, _, scope) in QUEUES {
+        for (queue, table, _, scope) in queues() {
             let sql = format!(
                 "WITH d AS (SELECT {scope}::TEXT AS scope, position_in_queue, count(*) AS n FROM {table}
                             GROUP BY 1, 2 HAVING count(*) > 1)

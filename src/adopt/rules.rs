@@ -11,7 +11,7 @@
 //! leaves out the rows an earlier quarantine rule of the same table moves,
 //! so a row is counted, and moved, once.
 
-use super::target::QUEUES;
+use super::target::queues;
 
 /// What a rule does to the rows it selects.
 #[derive(Debug, Clone)]
@@ -209,7 +209,7 @@ pub(super) fn rules(event_id: bool) -> Vec<Rule> {
     ));
 
     // ---------------------------------------------------------- queues
-    for (queue, table, item, scope) in QUEUES {
+    for (queue, table, item, scope) in queues() {
         let q = |problem: String, when: String, fix: Fix| Rule {
             table,
             key: item,

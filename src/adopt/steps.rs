@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use super::rules;
 use super::sql_text::{quote, same_index};
-use super::target::{CHECKS, QUEUES, WANTED};
+use super::target::{CHECKS, WANTED, queues};
 use super::{Adoption, FORUM_TABLES};
 use crate::context::Context;
 use crate::error::{DbContext, Result};
@@ -290,7 +290,7 @@ impl Adoption<'_> {
     /// writers while its items are counted), then tied keys made unique and
     /// the unique key indexes built.
     pub(super) async fn queue_bookkeeping(&self) -> Result<()> {
-        for (queue, table, item, scope) in QUEUES {
+        for (queue, table, item, scope) in queues() {
             // Ties (the original's race): dense keys in the old order.
             let retie = format!(
                 "WITH tied AS (SELECT {scope}::TEXT AS scope FROM {table} GROUP BY 1, position_in_queue HAVING count(*) > 1),
@@ -308,12 +308,12 @@ impl Adoption<'_> {
                 retie,
                 // The counters counted from the items, the triggers'
                 // changes so far dropped (the count has them) and the key
-                // sequence above the original's keys (migration 11).
+                // sequence above the original's keys (sql/queues.sql).
                 format!("SELECT queue_recount('{queue}')"),
             ];
             self.transaction(&recount).await?;
         }
-        let queues: Vec<&str> = QUEUES.iter().map(|(_, table, _, _)| *table).collect();
+        let queues: Vec<&str> = queues().iter().map(|(_, table, _, _)| *table).collect();
         for index in self.reference_indexes(&queues).await? {
             self.ensure_index(&index.name, &index.def).await?;
         }

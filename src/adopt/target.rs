@@ -1,6 +1,8 @@
 //! The target schema: the forum tables' columns and named constraints as
 //! loyaltyd's migrations leave them, which an adoption brings the forum to.
 
+use crate::types::QueueKind;
+
 /// A column of a forum table as it is now.
 #[derive(Debug, Clone)]
 pub(super) struct Column {
@@ -233,14 +235,12 @@ pub(super) const CHECKS: &[(&str, &str, &str)] = &[
     ),
 ];
 
-/// Each queue table's item column and scope expression.
-pub(super) const QUEUES: [(&str, &str, &str, &str); 3] = [
-    ("topic", "topic_creation_queue", "topic_id", "''"),
-    ("post", "post_moderation_queue", "post_id", "topic_id"),
-    (
-        "message",
-        "private_message_queue",
-        "message_id",
-        "conversation_id",
-    ),
-];
+/// Each queue as adoption's SQL names it: (queue, table, item column,
+/// scope expression: the scope column, or '' for the one global scope),
+/// from [`QueueKind::table`].
+pub(super) fn queues() -> [(&'static str, &'static str, &'static str, &'static str); 3] {
+    QueueKind::ALL.map(|q| {
+        let (table, item, scope) = q.table();
+        (q.as_str(), table, item, scope.unwrap_or("''"))
+    })
+}

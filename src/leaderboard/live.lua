@@ -96,7 +96,9 @@ local function member_id(member)
   return table.concat(out)
 end
 
--- The seed's topic right: rank within the top 10 % of ranked users.
+-- The seed's topic right: rank within the top 10 % of ranked users (the
+-- rule's home is SQL's topic_right(), sql/leaderboard.sql; this is tested
+-- against it).
 local function topic_right(rank, ranked)
   if rank <= ranked * 0.1 then
     return 1

@@ -37,14 +37,15 @@ pub fn library() -> &'static Lua {
 /// A user's place on the live board.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LiveRank {
-    /// Ranked: the 1-based rank, the score, and how many users are ranked.
+    /// Ranked: the 1-based rank, the score, and the topic right the
+    /// library gives it.
     Ranked {
         /// 1-based rank.
         rank: i64,
         /// The score the rank is for.
         score: i64,
-        /// Users with a positive score.
-        ranked: i64,
+        /// Within the topic right (the library's answer).
+        topic_right: bool,
     },
     /// Not on the board (a score of zero or less, or not written since the
     /// board was built); how many users are ranked.
@@ -335,7 +336,7 @@ impl Board {
             rank => Some(LiveRank::Ranked {
                 rank,
                 score: int(1)?,
-                ranked: int(2)?,
+                topic_right: int(3)? == 1,
             }),
         }
     }

@@ -84,8 +84,10 @@ pub enum Source {
 }
 
 /// Whether a rank is within the topic right: rank <= 10 % of the ranked
-/// users (the seed's `rank <= COUNT(*) * 0.1`).
-fn may_create_topics(rank: i64, ranked: i64) -> bool {
+/// users (the seed's `rank <= COUNT(*) * 0.1`). The rule's home is SQL's
+/// `topic_right()` (sql/leaderboard.sql); this, the live board's library and
+/// the view are tested against it (tests/it/leaderboard.rs).
+pub fn may_create_topics(rank: i64, ranked: i64) -> bool {
     rank as f64 <= ranked as f64 * 0.1
 }
 
@@ -190,12 +192,12 @@ pub async fn rank(ctx: &Context, user: UserId) -> Result<Standing> {
             LiveRank::Ranked {
                 rank,
                 score,
-                ranked,
+                topic_right,
             } => Standing {
                 user_id: user,
                 rank: Some(rank),
                 loyalty_score: score,
-                can_create_topics: may_create_topics(rank, ranked),
+                can_create_topics: topic_right,
                 source: Source::Live,
             },
             LiveRank::Unranked { .. } => {

@@ -349,7 +349,7 @@ const SWAP_LOCK_WAIT: Duration = Duration::from_millis(50);
 /// next check): 10 s of readers holding the view without a gap.
 const SWAP_ATTEMPTS: u32 = 200;
 
-/// The pending count (the sum of the backends' rows, migration 8) and the
+/// The pending count (the sum of the backends' rows, sql/leaderboard.sql) and the
 /// view's age in seconds.
 async fn observe_pending(conn: &mut PgConnection) -> Result<(i64, f64)> {
     sqlx::query_as(

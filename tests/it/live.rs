@@ -16,10 +16,12 @@ use tokio_util::sync::CancellationToken;
 use crate::common::{self, Daemon, uid};
 
 /// The seed's definition, computed by PostgreSQL from the committed scores:
-/// (user, score, rank, can_create_topics) in rank order.
+/// (user, score, rank, can_create_topics) in rank order, the topic right by
+/// its one rule (`topic_right`, sql/leaderboard.sql): the live library's
+/// ranks and loyaltyd's pages are tested against it here.
 async fn truth(pool: &PgPool) -> Vec<(i64, i64, i64, bool)> {
     sqlx::query_as(
-        "SELECT id, loyalty_score, rank, rank <= n * 0.1 FROM (
+        "SELECT id, loyalty_score, rank, topic_right(rank, n) FROM (
              SELECT id, loyalty_score,
                     ROW_NUMBER() OVER (ORDER BY loyalty_score DESC, created_at ASC, id ASC) AS rank,
                     count(*) OVER () AS n
@@ -139,6 +141,15 @@ async fn ties_and_the_ten_percent_boundary_are_exact_and_follow_each_write(pool:
             .unwrap_or_else(|e| panic!("{e}"));
         }
         assert_exact(&ctx, &pool, &format!("{what}, after writes")).await;
+        // The view, refreshed, by the same rule.
+        common::refresh(&ctx).await;
+        let view: Vec<(i64, i64, i64, bool)> = sqlx::query_as(
+            "SELECT user_id, loyalty_score, rank, can_create_topics FROM user_leaderboard ORDER BY rank",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(view, truth(&pool).await, "{what}: the view");
     }
 }
 

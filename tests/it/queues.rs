@@ -549,3 +549,31 @@ async fn a_forum_that_publishes_every_table_writes_and_folds_its_queues(pool: Pg
     let scopes = common::queue_invariants(&pool, QueueKind::Post).await;
     assert_eq!(scopes["t"], ["b", "c"]);
 }
+
+/// The queues' tables and columns are named once in SQL (`queue_tables()`,
+/// sql/queues.sql); the Rust that writes its own SQL reads them from
+/// `QueueKind::table`, which agrees.
+#[sqlx::test(migrations = false)]
+async fn the_rust_queue_mapping_is_the_sql_one(pool: PgPool) {
+    common::migrate(&pool).await;
+    let sql: Vec<(String, String, String, Option<String>)> = sqlx::query_as(
+        "SELECT queue, table_name::TEXT, item_column::TEXT, scope_column::TEXT FROM queue_tables() ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut rust: Vec<(String, String, String, Option<String>)> = QueueKind::ALL
+        .iter()
+        .map(|q| {
+            let (table, item, scope) = q.table();
+            (
+                q.as_str().into(),
+                table.into(),
+                item.into(),
+                scope.map(Into::into),
+            )
+        })
+        .collect();
+    rust.sort();
+    assert_eq!(rust, sql);
+}
