@@ -420,7 +420,7 @@ trait Render: Serialize {
 /// Prints a result on stdout. A closed stdout (`| head`) is not an error.
 fn emit<T: Render>(json: bool, value: &T) -> Result<()> {
     let out = if json {
-        serde_json::to_string(value).map_err(|e| Error::Runtime(format!("encoding JSON: {e}")))?
+        serde_json::to_string(value)?
     } else {
         value.text()
     };

@@ -52,8 +52,10 @@ pub type Reload = Box<dyn Fn() -> Result<Config> + Send + Sync>;
 pub async fn run(config: Config, reload: Reload) -> Result<()> {
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone())?;
-    let mut hangup = signal(SignalKind::hangup())
-        .map_err(|e| Error::Runtime(format!("installing the SIGHUP handler: {e}")))?;
+    let mut hangup = signal(SignalKind::hangup()).map_err(|source| Error::Io {
+        context: "installing the SIGHUP handler",
+        source,
+    })?;
     telemetry::install_exporter(config.metrics.listen)?;
     tracing::info!(config = ?config, "loyaltyd {} starting", env!("CARGO_PKG_VERSION"));
 
@@ -196,7 +198,10 @@ impl Generation {
         let loops = TaskTracker::new();
         let scheduler = JobScheduler::new()
             .await
-            .map_err(|e| Error::Runtime(format!("starting the scheduler: {e}")))?;
+            .map_err(|source| Error::Scheduler {
+                context: "starting the scheduler".into(),
+                source,
+            })?;
         for job in [Job::IntegritySweep, Job::QueueReorder] {
             let runner = JobRunner::new(job, ctx.clone(), instance.to_owned())?;
             let schedule = runner.schedule().unwrap_or_default().to_owned();
@@ -224,13 +229,16 @@ impl Generation {
             scheduler
                 .add(cron)
                 .await
-                .map_err(|e| Error::Runtime(format!("scheduling {}: {e}", job.as_str())))?;
+                .map_err(|source| Error::Scheduler {
+                    context: format!("scheduling {}", job.as_str()),
+                    source,
+                })?;
         }
         let refresh = JobRunner::new(Job::LeaderboardRefresh, ctx.clone(), instance.to_owned())?;
-        scheduler
-            .start()
-            .await
-            .map_err(|e| Error::Runtime(format!("starting the scheduler: {e}")))?;
+        scheduler.start().await.map_err(|source| Error::Scheduler {
+            context: "starting the scheduler".into(),
+            source,
+        })?;
         loops.spawn(refresh_loop(
             refresh,
             ctx.config.leaderboard.check_interval,
@@ -290,10 +298,14 @@ fn notify(state: NotifyState) {
 
 /// Cancels `shutdown` on the first SIGTERM or SIGINT.
 fn spawn_signal_handler(shutdown: CancellationToken) -> Result<()> {
-    let mut term = signal(SignalKind::terminate())
-        .map_err(|e| Error::Runtime(format!("installing the SIGTERM handler: {e}")))?;
-    let mut int = signal(SignalKind::interrupt())
-        .map_err(|e| Error::Runtime(format!("installing the SIGINT handler: {e}")))?;
+    let mut term = signal(SignalKind::terminate()).map_err(|source| Error::Io {
+        context: "installing the SIGTERM handler",
+        source,
+    })?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|source| Error::Io {
+        context: "installing the SIGINT handler",
+        source,
+    })?;
     tokio::spawn(async move {
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM received"),

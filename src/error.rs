@@ -124,7 +124,100 @@ pub enum Error {
         source: sqlx::Error,
     },
 
-    /// Any other runtime failure (exit 1).
+    /// The schema is not (fully) there: an undefined table, function or
+    /// column (exit 1).
+    #[error(
+        "database error while {context}: {} (is the schema migrated? run `loyaltyd migrate`)",
+        describe(source)
+    )]
+    SchemaMissing {
+        /// What the program was doing.
+        context: &'static str,
+        /// The driver's error.
+        source: sqlx::Error,
+    },
+
+    /// A statement of `adopt` failed (exit 1); running it again resumes.
+    #[error(
+        "adoption step failed ({statement} …): {}; run `loyaltyd adopt` again to resume",
+        describe(source)
+    )]
+    AdoptStep {
+        /// The statement's first words.
+        statement: String,
+        /// The driver's error.
+        source: sqlx::Error,
+    },
+
+    /// Redis is needed for this and is away (exit 1).
+    #[error("Redis is unavailable: {needed} (check redis.url)")]
+    RedisUnavailable {
+        /// What could not be done without it.
+        needed: &'static str,
+    },
+
+    /// The operating system refused what the program needs (exit 1).
+    #[error("{context}: {source}")]
+    Io {
+        /// What the program was doing.
+        context: &'static str,
+        /// The system's error.
+        source: std::io::Error,
+    },
+
+    /// The job scheduler failed (exit 1).
+    #[error("{context}: {source}")]
+    Scheduler {
+        /// What the program was doing.
+        context: String,
+        /// The scheduler's error.
+        source: tokio_cron_scheduler::JobSchedulerError,
+    },
+
+    /// The metrics recorder could not be built or installed (exit 1).
+    #[error("{context}: {source}")]
+    Metrics {
+        /// What the program was doing.
+        context: &'static str,
+        /// The exporter's error.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
+    /// JSON output could not be encoded (exit 1).
+    #[error("encoding JSON: {0}")]
+    Json(#[from] serde_json::Error),
+
+    /// A job's cluster lock is held by a connection that leaked it (exit 1).
+    #[error(
+        "the {job} lock is held by an idle connection (backend {pid}, idle {idle_seconds:.0} s, past the job's time limit): a leaked lock; the job cannot run until that connection ends"
+    )]
+    LeakedLock {
+        /// The job.
+        job: &'static str,
+        /// The holding backend.
+        pid: i32,
+        /// How long it has been idle.
+        idle_seconds: f64,
+    },
+
+    /// A job ran past its time limit and was cancelled (exit 1).
+    #[error("{job} ran past its time limit of {limit} and was cancelled")]
+    TimedOut {
+        /// The job.
+        job: &'static str,
+        /// Its time limit, as configured.
+        limit: String,
+    },
+
+    /// Writers held what a job needed through every try (exit 1); the job
+    /// tries again on its next run.
+    #[error("{what} stayed held by writers; it will be tried again")]
+    Busy {
+        /// What was held.
+        what: String,
+    },
+
+    /// An internal invariant did not hold (exit 1): a bug to report.
     #[error("{0}")]
     Runtime(String),
 }
@@ -149,6 +242,16 @@ impl Error {
             | Error::Database { .. }
             | Error::Migrate(_)
             | Error::Definitions { .. }
+            | Error::SchemaMissing { .. }
+            | Error::AdoptStep { .. }
+            | Error::RedisUnavailable { .. }
+            | Error::Io { .. }
+            | Error::Scheduler { .. }
+            | Error::Metrics { .. }
+            | Error::Json(_)
+            | Error::LeakedLock { .. }
+            | Error::TimedOut { .. }
+            | Error::Busy { .. }
             | Error::Runtime(_) => EXIT_RUNTIME,
         }
     }
@@ -169,6 +272,24 @@ impl Error {
     /// The error as one line: the chain of sources, newlines folded.
     pub fn one_line(&self) -> String {
         one_line(&self.to_string())
+    }
+
+    /// The SQLSTATE PostgreSQL answered with, where a database error is
+    /// behind this one.
+    pub fn sqlstate(&self) -> Option<String> {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(e) = cause {
+            if let Some(sqlx::Error::Database(db)) = e.downcast_ref::<sqlx::Error>() {
+                return db.code().map(|c| c.into_owned());
+            }
+            if let Some(sqlx::migrate::MigrateError::Execute(sqlx::Error::Database(db))) =
+                e.downcast_ref::<sqlx::migrate::MigrateError>()
+            {
+                return db.code().map(|c| c.into_owned());
+            }
+            cause = e.source();
+        }
+        None
     }
 }
 
@@ -328,10 +449,7 @@ pub fn from_sqlx(context: &'static str, source: sqlx::Error) -> Error {
     } else if matches!(&source, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("42P01" | "42883" | "42703")))
     {
         // Undefined table, function or column: the schema is not (fully) there.
-        Error::Runtime(format!(
-            "database error while {context}: {} (is the schema migrated? run `loyaltyd migrate`)",
-            describe(&source)
-        ))
+        Error::SchemaMissing { context, source }
     } else {
         Error::Database { context, source }
     }

@@ -286,10 +286,11 @@ impl JobRunner {
                 // No run lasts past its time limit: a lock held that long by
                 // a connection doing nothing was leaked. A failure, so the
                 // alerts see it; not a skip.
-                Some((pid, idle)) => Err(Error::Runtime(format!(
-                    "the {} lock is held by an idle connection (backend {pid}, idle {idle:.0} s, past the job's time limit): a leaked lock; the job cannot run until that connection ends",
-                    inner.job.as_str()
-                ))),
+                Some((pid, idle)) => Err(Error::LeakedLock {
+                    job: inner.job.as_str(),
+                    pid,
+                    idle_seconds: idle,
+                }),
                 None => Ok(Done::NotRun("another instance is running it")),
             };
         };
@@ -324,11 +325,10 @@ impl JobRunner {
                 // Ask the run to stop at its next safe point and wait for it.
                 cancel.cancel();
                 let _ = work.await;
-                Err(Error::Runtime(format!(
-                    "{} ran past its time limit of {} and was cancelled",
-                    inner.job.as_str(),
-                    humantime::format_duration(inner.timeout)
-                )))
+                Err(Error::TimedOut {
+                    job: inner.job.as_str(),
+                    limit: humantime::format_duration(inner.timeout).to_string(),
+                })
             }
         }
     }

@@ -186,12 +186,7 @@ pub async fn record_events(ctx: &Context, events: &[NewEvent]) -> Result<BatchRe
     let rows = match result {
         Ok(rows) => rows,
         Err(err) if Refusal::of(&err) == Some(Refusal::UnknownUser) => {
-            return Err(first_unknown_user(&ctx.pool, &users).await);
-        }
-        Err(err) if Refusal::of(&err) == Some(Refusal::OutOfRange) => {
-            return Err(Error::Runtime(
-                "a score of the batch would leave the 64-bit range; nothing was recorded".into(),
-            ));
+            return Err(first_unknown_user(&ctx.pool, &users, err).await);
         }
         Err(err) => return Err(crate::error::from_sqlx("recording a batch of events", err)),
     };
@@ -209,8 +204,9 @@ pub async fn record_events(ctx: &Context, events: &[NewEvent]) -> Result<BatchRe
     })
 }
 
-/// Names the first user of a failed batch that does not exist.
-async fn first_unknown_user(pool: &PgPool, users: &[i64]) -> Error {
+/// Names the first user of a failed batch that does not exist (`failed`,
+/// the batch's error, where none is missing any more).
+async fn first_unknown_user(pool: &PgPool, users: &[i64], failed: sqlx::Error) -> Error {
     let missing: Result<Option<i64>> = sqlx::query_scalar(
         "SELECT u FROM UNNEST($1::BIGINT[]) u WHERE NOT EXISTS (SELECT 1 FROM users WHERE id = u) LIMIT 1",
     )
@@ -220,9 +216,7 @@ async fn first_unknown_user(pool: &PgPool, users: &[i64]) -> Error {
     .db("finding the unknown user");
     match missing {
         Ok(Some(id)) => Error::UnknownUser(id),
-        Ok(None) => {
-            Error::Runtime("a user of the batch was deleted while it was recorded; retry".into())
-        }
+        Ok(None) => crate::error::from_sqlx("recording a batch of events", failed),
         Err(e) => e,
     }
 }

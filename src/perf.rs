@@ -282,8 +282,9 @@ pub fn duration_of(entry: &str) -> Option<f64> {
 /// Reads every `perf:*` list under the key prefix and summarizes it.
 pub async fn collect(redis: &Redis, perf: &PerfLists) -> Result<Stats> {
     let timer = Timer::start(perf, Operation::Stats, None);
-    let unavailable =
-        || Error::Runtime("Redis is unavailable: no perf lists to read (check redis.url)".into());
+    let unavailable = || Error::RedisUnavailable {
+        needed: "no perf lists to read",
+    };
     let mut keys = redis.keys("perf:*").await.ok_or_else(unavailable)?;
     keys.sort();
     keys.dedup();

@@ -573,9 +573,9 @@ async fn rekey_locked(
             items,
         });
     }
-    Err(Error::Runtime(format!(
-        "the {queue} queue's scope or its items stayed held by writers; the reorder will try again"
-    )))
+    Err(Error::Busy {
+        what: format!("the {queue} queue's scope or its items"),
+    })
 }
 
 fn check_scope(queue: QueueKind, scope: &Scope) -> Result<()> {

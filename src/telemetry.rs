@@ -398,7 +398,10 @@ pub fn prometheus_builder() -> Result<PrometheusBuilder> {
         .and_then(|b| {
             b.set_buckets_for_metric(Matcher::Full(CACHE_SYNC_DELAY.into()), OPERATION_BUCKETS)
         })
-        .map_err(|e| Error::Runtime(format!("metrics exporter: {e}")))
+        .map_err(|e| Error::Metrics {
+            context: "building the metrics exporter",
+            source: Box::new(e),
+        })
 }
 
 /// Installs the Prometheus recorder and serves `/metrics` on `listen`, then
@@ -415,8 +418,10 @@ pub fn install_exporter(listen: SocketAddr) -> Result<PrometheusHandle> {
             ))
         })?;
     let handle = recorder.handle();
-    metrics::set_global_recorder(recorder)
-        .map_err(|e| Error::Runtime(format!("metrics recorder: {e}")))?;
+    metrics::set_global_recorder(recorder).map_err(|e| Error::Metrics {
+        context: "installing the metrics recorder",
+        source: Box::new(e),
+    })?;
     tokio::spawn(async move {
         if let Err(e) = exporter.await {
             tracing::error!(error = ?e, "metrics endpoint stopped");

@@ -9,25 +9,22 @@ use sqlx::PgConnection;
 
 use super::Adoption;
 use super::target::Column;
-use crate::error::{DbContext, Error, Refusal, Result, describe};
+use crate::error::{DbContext, Error, Refusal, Result};
 
-/// A failed adoption statement, as one line naming it.
-pub(super) fn adopt_error(sql: &str, e: &sqlx::Error) -> Error {
-    let head: String = sql
-        .split_whitespace()
-        .take(12)
-        .collect::<Vec<_>>()
-        .join(" ");
-    if crate::error::is_unavailable(e) {
-        return crate::error::from_sqlx(
-            "adopting the database",
-            sqlx::Error::Protocol(describe(e)),
-        );
+/// A failed adoption statement, naming it by its first words; the
+/// driver's error kept (its SQLSTATE with it).
+pub(super) fn adopt_error(sql: &str, e: sqlx::Error) -> Error {
+    if crate::error::is_unavailable(&e) {
+        return crate::error::from_sqlx("adopting the database", e);
     }
-    Error::Runtime(format!(
-        "adoption step failed ({head} …): {}; run `loyaltyd adopt` again to resume",
-        describe(e)
-    ))
+    Error::AdoptStep {
+        statement: sql
+            .split_whitespace()
+            .take(12)
+            .collect::<Vec<_>>()
+            .join(" "),
+        source: e,
+    }
 }
 
 impl Adoption<'_> {
@@ -54,7 +51,7 @@ impl Adoption<'_> {
                     tokio::time::sleep(Duration::from_millis(50 + 10 * u64::from(attempt.min(20))))
                         .await;
                 }
-                Err(e) => return Err(adopt_error(sql, &e)),
+                Err(e) => return Err(adopt_error(sql, e)),
             }
         }
         Ok(())
@@ -95,7 +92,7 @@ impl Adoption<'_> {
                 }
                 Some((s, e)) => {
                     crate::db::rollback(tx).await;
-                    return Err(adopt_error(&s, &e));
+                    return Err(adopt_error(&s, e));
                 }
             }
         }

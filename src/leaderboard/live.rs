@@ -406,7 +406,9 @@ macro_rules! retried {
 #[tracing::instrument(name = "live_board_build", skip_all)]
 pub async fn build(ctx: &Context) -> Result<u64> {
     use futures_util::TryStreamExt;
-    let unavailable = || Error::Runtime("Redis unavailable: the live board is not built".into());
+    let unavailable = || Error::RedisUnavailable {
+        needed: "the live board is not built",
+    };
     let board = Board::new(&ctx.redis);
     if !retried!(board.clear().await) {
         return Err(unavailable());

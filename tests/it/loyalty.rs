@@ -614,3 +614,30 @@ async fn a_batch_across_several_script_calls_leaves_every_cache_entry_and_board_
         "{swept:?}"
     );
 }
+
+/// A refusal keeps the database's error behind it: its SQLSTATE reads back
+/// from the error loyaltyd returns.
+#[sqlx::test(migrations = false)]
+async fn errors_keep_the_sqlstate_of_the_database_error_behind_them(pool: PgPool) {
+    use loyaltyd::error::DbContext;
+    common::migrate(&pool).await;
+    common::users(&pool, 1).await;
+    let direct = sqlx::query("UPDATE users SET loyalty_score = 5 WHERE id = 1")
+        .execute(&pool)
+        .await
+        .db("writing a score directly");
+    let e = direct
+        .err()
+        .unwrap_or_else(|| panic!("a direct score write was let through"));
+    assert_eq!(e.sqlstate().as_deref(), Some("LY003"), "{e}");
+    assert_eq!(e.exit_code(), 1);
+    let missing = sqlx::query("SELECT no_such_function()")
+        .execute(&pool)
+        .await
+        .db("calling");
+    let e = missing
+        .err()
+        .unwrap_or_else(|| panic!("an undefined function ran"));
+    assert_eq!(e.sqlstate().as_deref(), Some("42883"), "{e}");
+    assert!(e.one_line().contains("loyaltyd migrate"), "{e}");
+}
