@@ -319,8 +319,8 @@ fn spawn_signal_handler(shutdown: CancellationToken) -> Result<()> {
 /// Waits until PostgreSQL answers and the migrations are applied; false when
 /// asked to stop first. Other errors (a failed migration) end the daemon.
 async fn wait_for_database(pool: &sqlx::PgPool, shutdown: &CancellationToken) -> Result<bool> {
-    let mut delay = Duration::from_millis(250);
-    loop {
+    for attempt in 1.. {
+        let delay = DATABASE_WAIT.pause(attempt);
         match db::migrate(pool).await {
             Ok(()) => return Ok(true),
             Err(e) if e.is_unavailable() => {
@@ -332,9 +332,14 @@ async fn wait_for_database(pool: &sqlx::PgPool, shutdown: &CancellationToken) ->
             () = tokio::time::sleep(delay) => {}
             () = shutdown.cancelled() => return Ok(false),
         }
-        delay = (delay * 2).min(Duration::from_secs(5));
     }
+    Ok(false)
 }
+
+/// How the daemon waits for PostgreSQL at start: as long as it takes,
+/// checking again after 250 ms, then less and less often, every 5 s at most.
+const DATABASE_WAIT: crate::retry::Retry =
+    crate::retry::Retry::new(u32::MAX, Duration::from_millis(250), Duration::from_secs(5));
 
 /// The debounced refresh check, every `every`. Each tick runs as its own
 /// task, so a long refresh makes later ticks report "skipped" instead of

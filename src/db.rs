@@ -209,20 +209,23 @@ pub async fn cancellable<T>(
         result = &mut statement => return result,
         () = cancel.cancelled() => {}
     }
-    loop {
+    for attempt in 1.. {
         let _ = sqlx::query("SELECT pg_cancel_backend($1)")
             .bind(pid)
             .execute(pool)
             .await;
         tokio::select! {
             result = &mut statement => return result,
-            () = tokio::time::sleep(CANCEL_RETRY) => {}
+            () = tokio::time::sleep(CANCEL_RETRY.pause(attempt)) => {}
         }
     }
+    statement.await
 }
 
-/// How long a cancelled statement has to give up before it is cancelled again.
-const CANCEL_RETRY: Duration = Duration::from_millis(200);
+/// How long a cancelled statement has to give up before it is cancelled
+/// again (for as long as it runs).
+const CANCEL_RETRY: crate::retry::Retry =
+    crate::retry::Retry::steady(u32::MAX, Duration::from_millis(200));
 
 /// Ends a transaction that is not to commit. A ROLLBACK that fails (the
 /// connection broke) is one background failure, counted and logged: sqlx

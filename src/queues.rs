@@ -49,12 +49,15 @@
 //! `position_in_queue` therefore holds no dense position; the read API and
 //! the views `*_positions` give SQL consumers dense positions.
 
+use std::time::Duration;
+
 use serde::Serialize;
 use sqlx::PgPool;
 
 use crate::context::Context;
 use crate::error::{DbContext, Error, Refusal, Result, from_sqlx};
 use crate::perf::Timer;
+use crate::retry::Retry;
 use crate::telemetry::Operation;
 use crate::types::{Ident, Priority, QueueKind, Scope};
 
@@ -311,28 +314,20 @@ pub async fn add(
 
 /// How often an add or a remove is tried when PostgreSQL rolls it back and
 /// asks for a retry (a deadlock with a client's own transaction, a
-/// serialization failure).
-const RETRIES: u32 = 5;
+/// serialization failure), and how far apart.
+const WRITE_RETRY: Retry = Retry::new(5, Duration::from_millis(40), Duration::from_millis(320));
 
 /// Runs one single-statement write, again after a `40P01` or `40001` (its
-/// transaction rolled back whole, so running it again is safe), with a
-/// growing pause; any other outcome is returned as it is.
-async fn retried<T, F, Fut>(mut write: F) -> std::result::Result<T, sqlx::Error>
+/// transaction rolled back whole, so running it again is safe); any other
+/// outcome is returned as it is.
+async fn retried<T, F, Fut>(write: F) -> std::result::Result<T, sqlx::Error>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = std::result::Result<T, sqlx::Error>>,
 {
-    let mut attempt = 1;
-    loop {
-        match write().await {
-            Err(e) if Refusal::of(&e) == Some(Refusal::Retry) && attempt < RETRIES => {
-                tracing::debug!(attempt, error = %crate::error::describe(&e), "retrying a queue write");
-                tokio::time::sleep(std::time::Duration::from_millis(20 << attempt)).await;
-                attempt += 1;
-            }
-            other => return other,
-        }
-    }
+    WRITE_RETRY
+        .run(write, |e| Refusal::of(e) == Some(Refusal::Retry))
+        .await
 }
 
 /// What `queue_add` and the scope's pace answer.
@@ -462,7 +457,7 @@ enum ScopeSet<'a> {
 }
 
 /// How often a reorder tries again when a writer holds one of its items.
-const REKEY_ATTEMPTS: u32 = 20;
+const REKEY_RETRY: Retry = Retry::new(20, Duration::from_millis(25), Duration::from_millis(400));
 
 /// Locks the scopes, then their items without waiting, then re-keys them;
 /// tries again shortly while a writer holds an item (see the module docs).
@@ -473,7 +468,7 @@ async fn rekey_locked(
     timeout: Option<std::time::Duration>,
 ) -> Result<Reordered> {
     let q = sql(queue);
-    for attempt in 1..=REKEY_ATTEMPTS {
+    for attempt in 1..=REKEY_RETRY.attempts {
         let mut tx = ctx.pool.begin().await.db("starting the reorder")?;
         if let Some(limit) = timeout {
             crate::db::set_local_timeout(&mut tx, limit).await?;
@@ -517,11 +512,11 @@ async fn rekey_locked(
         .db("locking queue scopes")?;
         if locked.is_empty() {
             if let ScopeSet::One(_) = scopes {
-                if attempt == REKEY_ATTEMPTS {
+                if !REKEY_RETRY.again(attempt) {
                     break;
                 }
                 crate::db::rollback(tx).await;
-                tokio::time::sleep(std::time::Duration::from_millis(25 * u64::from(attempt))).await;
+                tokio::time::sleep(REKEY_RETRY.pause(attempt)).await;
                 continue;
             }
             return Ok(Reordered {
@@ -537,9 +532,9 @@ async fn rekey_locked(
         {
             Ok(_) => {}
             // 55P03: a writer holds an item. Let go of everything and retry.
-            Err(e) if Refusal::of(&e) == Some(Refusal::LockBusy) && attempt < REKEY_ATTEMPTS => {
+            Err(e) if Refusal::of(&e) == Some(Refusal::LockBusy) && REKEY_RETRY.again(attempt) => {
                 crate::db::rollback(tx).await;
-                tokio::time::sleep(std::time::Duration::from_millis(25 * u64::from(attempt))).await;
+                tokio::time::sleep(REKEY_RETRY.pause(attempt)).await;
                 continue;
             }
             Err(e) => return Err(from_sqlx("locking the queue's items", e)),

@@ -10,6 +10,7 @@ use sqlx::PgConnection;
 use super::Adoption;
 use super::target::Column;
 use crate::error::{DbContext, Error, Refusal, Result};
+use crate::retry::Retry;
 
 /// A failed adoption statement, naming it by its first words; the
 /// driver's error kept (its SQLSTATE with it).
@@ -27,6 +28,10 @@ pub(super) fn adopt_error(sql: &str, e: sqlx::Error) -> Error {
     }
 }
 
+/// A statement refused its lock within `lock_timeout` is tried again, the
+/// forum's queries going first meanwhile: for a minute or more.
+const LOCK_RETRY: Retry = Retry::new(600, Duration::from_millis(50), Duration::from_millis(250));
+
 impl Adoption<'_> {
     pub(super) async fn conn(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>> {
         let mut conn = self.pool.acquire().await.db("connecting")?;
@@ -41,15 +46,16 @@ impl Adoption<'_> {
     /// One DDL statement, retried while its lock is not granted within
     /// `lock_timeout` (the forum's queries go first).
     pub(super) async fn ddl(&self, conn: &mut PgConnection, sql: &str) -> Result<()> {
-        for attempt in 0u32.. {
+        for attempt in 1..=LOCK_RETRY.attempts {
             match sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
                 .execute(&mut *conn)
                 .await
             {
                 Ok(_) => return Ok(()),
-                Err(e) if Refusal::of(&e) == Some(Refusal::LockBusy) && attempt < 600 => {
-                    tokio::time::sleep(Duration::from_millis(50 + 10 * u64::from(attempt.min(20))))
-                        .await;
+                Err(e)
+                    if Refusal::of(&e) == Some(Refusal::LockBusy) && LOCK_RETRY.again(attempt) =>
+                {
+                    tokio::time::sleep(LOCK_RETRY.pause(attempt)).await;
                 }
                 Err(e) => return Err(adopt_error(sql, e)),
             }
@@ -69,7 +75,7 @@ impl Adoption<'_> {
             return Ok(());
         }
         let mut conn = self.conn().await?;
-        for attempt in 0u32.. {
+        for attempt in 1..=LOCK_RETRY.attempts {
             let mut tx = sqlx::Connection::begin(&mut *conn)
                 .await
                 .db("starting a step")?;
@@ -85,10 +91,11 @@ impl Adoption<'_> {
             }
             match failed {
                 None => return tx.commit().await.db("committing a step"),
-                Some((_, e)) if Refusal::of(&e) == Some(Refusal::LockBusy) && attempt < 600 => {
+                Some((_, e))
+                    if Refusal::of(&e) == Some(Refusal::LockBusy) && LOCK_RETRY.again(attempt) =>
+                {
                     crate::db::rollback(tx).await;
-                    tokio::time::sleep(Duration::from_millis(50 + 10 * u64::from(attempt.min(20))))
-                        .await;
+                    tokio::time::sleep(LOCK_RETRY.pause(attempt)).await;
                 }
                 Some((s, e)) => {
                     crate::db::rollback(tx).await;

@@ -377,21 +377,26 @@ impl Board {
 /// The `_ready` value of a board in this layout (the library's `READY`).
 const READY: &str = "3";
 
-/// A build's Redis write, tried again after a miss (one slow moment must
-/// not throw away a build of millions; every write is version-guarded, so a
-/// repeat is harmless): up to five tries, a second apart (the cache's own
-/// back-off after a failure). A macro, not a function over an async closure:
-/// the daemon spawns the build, and such closures' futures are not `Send`.
+/// How a build's Redis write is tried again after a miss (one slow moment
+/// must not throw away a build of millions; every write is version-guarded,
+/// so a repeat is harmless): up to five tries, a second apart (the cache's
+/// own back-off after a failure).
+const BUILD_WRITE_RETRY: crate::retry::Retry =
+    crate::retry::Retry::steady(5, std::time::Duration::from_secs(1));
+
+/// A build's Redis write under [`BUILD_WRITE_RETRY`]. A macro, not
+/// `Retry::run` over an async closure: the daemon spawns the build, and such
+/// closures' futures are not `Send`.
 macro_rules! retried {
     ($write:expr) => {{
         let mut done = false;
-        for attempt in 1..=5 {
+        for attempt in 1..=BUILD_WRITE_RETRY.attempts {
             if $write {
                 done = true;
                 break;
             }
-            if attempt < 5 {
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            if BUILD_WRITE_RETRY.again(attempt) {
+                tokio::time::sleep(BUILD_WRITE_RETRY.pause(attempt)).await;
             }
         }
         done

@@ -305,7 +305,7 @@ async fn swap_in_new_view(
     }
     swap.extend(grants);
     swap.push("SET LOCAL lock_timeout = 0".to_owned());
-    for attempt in 1..=SWAP_ATTEMPTS {
+    for attempt in 1..=SWAP_RETRY.attempts {
         if cancel.is_cancelled() {
             return Err(Error::Cancelled {
                 context: "the leaderboard refresh",
@@ -329,13 +329,13 @@ async fn swap_in_new_view(
             None => return Ok(()),
             Some(e)
                 if crate::error::Refusal::of(&e) == Some(crate::error::Refusal::LockBusy)
-                    && attempt < SWAP_ATTEMPTS =>
+                    && SWAP_RETRY.again(attempt) =>
             {
                 sqlx::query("ROLLBACK TO SAVEPOINT swap")
                     .execute(&mut *tx)
                     .await
                     .db("swapping the view")?;
-                tokio::time::sleep(SWAP_LOCK_WAIT).await;
+                tokio::time::sleep(SWAP_RETRY.pause(attempt)).await;
             }
             Some(e) => return Err(crate::error::from_sqlx("swapping the view", e)),
         }
@@ -346,8 +346,9 @@ async fn swap_in_new_view(
 /// How long the swap's renames wait for readers of the old view at a time.
 const SWAP_LOCK_WAIT: Duration = Duration::from_millis(50);
 /// How often the swap tries before the refresh fails (and is retried on the
-/// next check): 10 s of readers holding the view without a gap.
-const SWAP_ATTEMPTS: u32 = 200;
+/// next check), and how far apart: 10 s of readers holding the view
+/// without a gap.
+const SWAP_RETRY: crate::retry::Retry = crate::retry::Retry::steady(200, SWAP_LOCK_WAIT);
 
 /// The pending count (the sum of the backends' rows, sql/leaderboard.sql) and the
 /// view's age in seconds.
