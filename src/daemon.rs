@@ -28,12 +28,15 @@ use tokio_cron_scheduler::{Job as CronJob, JobScheduler};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::background::{
+    self, BoardUpkeep, CacheSync, FailoverWatch, ForumWatch, RefreshCheck, ReplicaWatch, Watchdog,
+    notify,
+};
 use crate::config::Config;
 use crate::context::Context;
 use crate::db;
 use crate::error::{Error, Result};
 use crate::jobs::JobRunner;
-use crate::leaderboard::live::Board;
 use crate::telemetry::{self, Job};
 
 /// How long shutdown waits for running jobs before giving up on them
@@ -85,7 +88,10 @@ pub async fn run(config: Config, reload: Reload) -> Result<()> {
 
     notify(NotifyState::Ready);
     if let Some(every) = sd_notify::watchdog_enabled() {
-        tracker.spawn(watchdog(every / 2, shutdown.clone()));
+        tracker.spawn(background::run(
+            Watchdog { every: every / 2 },
+            shutdown.clone(),
+        ));
     }
     tracing::info!(instance, metrics = %ctx.config.metrics.listen, "loyaltyd ready");
 
@@ -239,23 +245,54 @@ impl Generation {
             context: "starting the scheduler".into(),
             source,
         })?;
-        loops.spawn(refresh_loop(
-            refresh,
-            ctx.config.leaderboard.check_interval,
+        loops.spawn(background::run(
+            RefreshCheck {
+                runner: refresh,
+                every: ctx.config.leaderboard.check_interval,
+                shutdown: shutdown.clone(),
+                tracker: tracker.clone(),
+            },
             stop.clone(),
-            shutdown.clone(),
-            tracker.clone(),
         ));
-        loops.spawn(sync_loop(ctx.clone(), stop.clone()));
-        loops.spawn(forum_watch(ctx.clone(), events.clone(), stop.clone()));
+        loops.spawn(background::run(
+            CacheSync {
+                ctx: ctx.clone(),
+                last_logged: None,
+            },
+            stop.clone(),
+        ));
+        telemetry::queue_oldest_bound(ctx.config.queues.oldest_item_bound);
+        loops.spawn(background::run(
+            ForumWatch {
+                ctx: ctx.clone(),
+                events: events.clone(),
+            },
+            stop.clone(),
+        ));
         if ctx.config.leaderboard.live {
-            loops.spawn(board_upkeep(ctx.clone(), stop.clone()));
+            loops.spawn(background::run(
+                BoardUpkeep {
+                    ctx: ctx.clone(),
+                    library_loaded: false,
+                },
+                stop.clone(),
+            ));
         }
         if ctx.redis.is_cluster() {
-            loops.spawn(failover_watch(ctx.clone(), stop.clone()));
+            loops.spawn(background::run(
+                FailoverWatch {
+                    ctx: ctx.clone(),
+                    known: None,
+                    owed: None,
+                },
+                stop.clone(),
+            ));
         }
         if ctx.replicas.any() {
-            loops.spawn(replica_watch(ctx.clone(), stop.clone()));
+            loops.spawn(background::run(
+                ReplicaWatch { ctx: ctx.clone() },
+                stop.clone(),
+            ));
         }
         loops.close();
         Ok(Generation {
@@ -285,14 +322,6 @@ impl Generation {
                 "the scheduler or a loop did not stop within {LOOPS_GRACE:?}; going on without it"
             );
         }
-    }
-}
-
-/// Tells systemd a state (nothing outside systemd: no `NOTIFY_SOCKET`);
-/// a message that cannot be sent is a counted background failure.
-fn notify(state: NotifyState) {
-    if let Err(e) = sd_notify::notify(&[state]) {
-        telemetry::background_failure(telemetry::Task::Systemd, "could not notify systemd", &e);
     }
 }
 
@@ -340,246 +369,6 @@ async fn wait_for_database(pool: &sqlx::PgPool, shutdown: &CancellationToken) ->
 /// checking again after 250 ms, then less and less often, every 5 s at most.
 const DATABASE_WAIT: crate::retry::Retry =
     crate::retry::Retry::new(u32::MAX, Duration::from_millis(250), Duration::from_secs(5));
-
-/// The debounced refresh check, every `every`. Each tick runs as its own
-/// task, so a long refresh makes later ticks report "skipped" instead of
-/// silently not happening.
-async fn refresh_loop(
-    runner: JobRunner,
-    every: Duration,
-    stop: CancellationToken,
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
-) {
-    let mut ticks = tokio::time::interval(every);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    loop {
-        tokio::select! {
-            _ = ticks.tick() => {}
-            () = stop.cancelled() => return,
-        }
-        let (runner, token) = (runner.clone(), shutdown.clone());
-        tracker.spawn(async move { runner.tick(&token).await });
-    }
-}
-
-/// The cache sync (see [`crate::sync`]), every `redis.sync_interval`. A
-/// failure is counted and logged at most once a minute; the next tick reads
-/// the same window again.
-async fn sync_loop(ctx: Context, shutdown: CancellationToken) {
-    let mut ticks = tokio::time::interval(ctx.config.redis.sync_interval);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_logged: Option<std::time::Instant> = None;
-    loop {
-        tokio::select! {
-            _ = ticks.tick() => {}
-            () = shutdown.cancelled() => return,
-        }
-        // A pass in progress is dropped when the loop is told to stop (its
-        // transaction rolls back; the next pass reads the same window).
-        let synced = tokio::select! {
-            r = crate::sync::sync_once(&ctx) => r,
-            () = shutdown.cancelled() => return,
-        };
-        let failure = match synced {
-            Ok(crate::sync::Synced::RedisUnavailable) => {
-                Some("Redis unavailable; the changes stay queued in PostgreSQL".to_owned())
-            }
-            Ok(_) => None,
-            Err(e) => Some(e.one_line()),
-        };
-        if let Some(why) = failure {
-            telemetry::cache_sync_failed();
-            if last_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
-                last_logged = Some(std::time::Instant::now());
-                tracing::warn!(error = %why, "cache sync did not complete; retrying every sync interval");
-            }
-        }
-    }
-}
-
-/// The forum's backlog and traffic (see [`crate::backlog`]), every
-/// [`crate::backlog::CHECK`]; a failure is a counted background failure and
-/// the next check reads again.
-async fn forum_watch(
-    ctx: Context,
-    events: std::sync::Arc<tokio::sync::Mutex<crate::backlog::EventCount>>,
-    stop: CancellationToken,
-) {
-    telemetry::queue_oldest_bound(ctx.config.queues.oldest_item_bound);
-    let mut ticks = tokio::time::interval(crate::backlog::CHECK);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = ticks.tick() => {}
-            () = stop.cancelled() => return,
-        }
-        let observed = async {
-            // Events first: a backlog gauge that moved shows the events were
-            // looked at too.
-            let counted = events.lock().await.observe(&ctx.pool).await;
-            let queues = crate::backlog::observe_queues(&ctx.pool).await;
-            if ctx.config.leaderboard.live
-                && let Some(n) = Board::new(&ctx.redis).count().await
-            {
-                telemetry::live_board_users(n);
-            }
-            queues.and(counted)
-        };
-        // (A check cut short leaves the event count where it was: its floor
-        // and seen ids change only after a whole read.)
-        let result = tokio::select! {
-            r = observed => r,
-            () = stop.cancelled() => return,
-        };
-        if let Err(e) = result {
-            telemetry::background_failure(
-                telemetry::Task::ForumWatch,
-                "could not read the forum's backlog and traffic; retrying",
-                &e,
-            );
-        }
-    }
-}
-
-/// Watches a Redis Cluster's masters; when they change (a failover), writes
-/// the scores changed since shortly before the old master could have died
-/// again (see [`crate::sync::resync_recent`]), until Redis takes them.
-async fn failover_watch(ctx: Context, shutdown: CancellationToken) {
-    let mut ticks = tokio::time::interval(FAILOVER_CHECK);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // The masters last seen, and when they were last seen unchanged.
-    let mut known: Option<(Vec<(String, u16)>, std::time::Instant)> = None;
-    // A resync still owed: of the scores changed since this instant.
-    let mut owed: Option<std::time::Instant> = None;
-    loop {
-        tokio::select! {
-            _ = ticks.tick() => {}
-            () = shutdown.cancelled() => return,
-        }
-        if let Some(masters) = ctx.redis.masters().await {
-            match &known {
-                Some((old, seen)) if *old != masters => {
-                    // Writes the dead master took before anyone noticed: up
-                    // to its node timeout before the failover began.
-                    let node_timeout = ctx
-                        .redis
-                        .cluster_node_timeout()
-                        .await
-                        .unwrap_or(Duration::from_secs(30));
-                    let window = seen.elapsed() + node_timeout * 2 + Duration::from_secs(10);
-                    let since = std::time::Instant::now()
-                        .checked_sub(window)
-                        .unwrap_or_else(std::time::Instant::now);
-                    owed = Some(owed.map_or(since, |s| s.min(since)));
-                    // The client may still be stuck on the dead node.
-                    ctx.redis.reconnect().await;
-                    tracing::warn!(?old, new = ?masters, "Redis Cluster masters changed; rewriting recent scores");
-                }
-                _ => {}
-            }
-            known = Some((masters, std::time::Instant::now()));
-        }
-        if let Some(since) = owed {
-            let window = since.elapsed();
-            match crate::sync::resync_recent(&ctx, window).await {
-                Ok(Some(n)) => {
-                    tracing::info!(
-                        scores = n,
-                        window_seconds = window.as_secs(),
-                        "rewrote recent scores after a failover"
-                    );
-                    owed = None;
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e.one_line(), "could not rewrite recent scores; retrying")
-                }
-            }
-        }
-    }
-}
-
-/// Checks the read replicas' lag every few seconds: the gauge stays
-/// current (for alerts) whether or not reads come.
-async fn replica_watch(ctx: Context, shutdown: CancellationToken) {
-    let mut ticks = tokio::time::interval(REPLICA_CHECK);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = ticks.tick() => {}
-            () = shutdown.cancelled() => return,
-        }
-        ctx.replicas.check_all().await;
-    }
-}
-
-/// How often the daemon checks the replicas' lag.
-const REPLICA_CHECK: Duration = Duration::from_secs(5);
-
-/// How often the daemon checks a cluster's masters.
-const FAILOVER_CHECK: Duration = Duration::from_secs(1);
-
-/// Builds the live board whenever Redis does not have it (first start, a
-/// Redis that restarted empty, a sweep that found it wrong): checked every
-/// few seconds, built by one daemon at a time (a lock in Redis).
-async fn board_upkeep(ctx: Context, shutdown: CancellationToken) {
-    let board = Board::new(&ctx.redis);
-    let mut library_loaded = false;
-    let mut ticks = tokio::time::interval(BOARD_CHECK);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = ticks.tick() => {}
-            () = shutdown.cancelled() => return,
-        }
-        // The read library for every client language: loaded (replacing an
-        // older version's) on the first tick, again wherever Redis lost it.
-        library_loaded = board.ensure_library(!library_loaded).await || library_loaded;
-        if board.ready().await != Some(false)
-            || !ctx.redis.try_lock(BOARD_BUILD_KEY, BOARD_BUILD_LOCK).await
-        {
-            continue;
-        }
-        let started = std::time::Instant::now();
-        let built = tokio::select! {
-            r = crate::leaderboard::live::build(&ctx) => r,
-            () = shutdown.cancelled() => return,
-        };
-        // (A failed UNLINK is counted by the runner; the lock expires.)
-        ctx.redis.delete(&[ctx.redis.key(BOARD_BUILD_KEY)]).await;
-        match built {
-            Ok(users) => tracing::info!(
-                users,
-                seconds = started.elapsed().as_secs_f64(),
-                "built the live leaderboard"
-            ),
-            Err(e) => telemetry::background_failure(
-                telemetry::Task::BoardBuild,
-                "could not build the live leaderboard; retrying",
-                &e,
-            ),
-        }
-    }
-}
-
-/// How often the daemon checks that the live board is there.
-const BOARD_CHECK: Duration = Duration::from_secs(5);
-/// The Redis lock that lets one daemon at a time build the live board.
-const BOARD_BUILD_KEY: &str = "leaderboard:live:building";
-/// How long one daemon may hold the build (longer than a build at 10 M users).
-const BOARD_BUILD_LOCK: Duration = Duration::from_secs(600);
-
-/// Pings the systemd watchdog; that this task runs at all shows the runtime is alive.
-async fn watchdog(every: Duration, shutdown: CancellationToken) {
-    let mut ticks = tokio::time::interval(every);
-    loop {
-        tokio::select! {
-            _ = ticks.tick() => { notify(NotifyState::Watchdog); }
-            () = shutdown.cancelled() => return,
-        }
-    }
-}
 
 /// `host:pid`, recorded with each claimed tick.
 fn instance_name() -> String {

@@ -30,6 +30,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod adopt;
+pub mod background;
 pub mod backlog;
 pub mod cache;
 pub mod cli;
