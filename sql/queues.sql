@@ -27,11 +27,12 @@
 -- (positions stay exact and dense at every moment; the order is the order
 -- of the INSERTs, not of the commits).
 --
--- The queues' tables, item columns and scope columns are named once for
--- dynamic use, in queue_tables() below, and once per table in its
--- triggers' arguments. The read and add functions keep a static branch per
--- queue: PL/pgSQL caches a static statement's plan, and a forum's own
--- column types (adopt keeps INTEGER keys) keep their indexes usable.
+-- The queues' tables, item columns and scope columns are named once, in
+-- queue_tables() below: the triggers of each table are made from it, and
+-- the trigger functions read the scope column it names. The read and add
+-- functions keep a static branch per queue: PL/pgSQL caches a static
+-- statement's plan, and a forum's own column types (adopt keeps INTEGER
+-- keys) keep their indexes usable.
 
 -- ---------------------------------------------------------------- the mapping
 
@@ -170,54 +171,37 @@ BEGIN
     RETURN NULL;
 END $$;
 
-CREATE OR REPLACE TRIGGER topic_creation_queue_keyed BEFORE INSERT ON topic_creation_queue
-    FOR EACH ROW EXECUTE FUNCTION queue_item_keyed();
-CREATE OR REPLACE TRIGGER topic_creation_queue_counted AFTER INSERT OR DELETE ON topic_creation_queue
-    FOR EACH ROW EXECUTE FUNCTION queue_item_counted('topic');
-CREATE OR REPLACE TRIGGER topic_creation_queue_moved AFTER UPDATE ON topic_creation_queue
-    REFERENCING OLD TABLE AS old_items NEW TABLE AS new_items
-    FOR EACH STATEMENT EXECUTE FUNCTION queue_items_moved('topic');
-CREATE OR REPLACE TRIGGER topic_creation_queue_rekeyed BEFORE UPDATE OF position_in_queue ON topic_creation_queue
-    FOR EACH ROW
-    WHEN (OLD.position_in_queue IS DISTINCT FROM NEW.position_in_queue
-          AND current_setting('loyaltyd.rekey', true) IS DISTINCT FROM 'on')
-    EXECUTE FUNCTION queue_key_written();
-CREATE OR REPLACE TRIGGER topic_creation_queue_truncated AFTER TRUNCATE ON topic_creation_queue
-    FOR EACH STATEMENT EXECUTE FUNCTION queue_truncated('topic');
-
-CREATE OR REPLACE TRIGGER post_moderation_queue_keyed BEFORE INSERT ON post_moderation_queue
-    FOR EACH ROW EXECUTE FUNCTION queue_item_keyed();
-CREATE OR REPLACE TRIGGER post_moderation_queue_rescoped BEFORE UPDATE OF topic_id ON post_moderation_queue
-    FOR EACH ROW WHEN (OLD.topic_id IS DISTINCT FROM NEW.topic_id) EXECUTE FUNCTION queue_item_keyed();
-CREATE OR REPLACE TRIGGER post_moderation_queue_counted AFTER INSERT OR DELETE ON post_moderation_queue
-    FOR EACH ROW EXECUTE FUNCTION queue_item_counted('post', 'topic_id');
-CREATE OR REPLACE TRIGGER post_moderation_queue_moved AFTER UPDATE ON post_moderation_queue
-    REFERENCING OLD TABLE AS old_items NEW TABLE AS new_items
-    FOR EACH STATEMENT EXECUTE FUNCTION queue_items_moved('post', 'topic_id');
-CREATE OR REPLACE TRIGGER post_moderation_queue_rekeyed BEFORE UPDATE OF position_in_queue ON post_moderation_queue
-    FOR EACH ROW
-    WHEN (OLD.position_in_queue IS DISTINCT FROM NEW.position_in_queue
-          AND current_setting('loyaltyd.rekey', true) IS DISTINCT FROM 'on')
-    EXECUTE FUNCTION queue_key_written();
-CREATE OR REPLACE TRIGGER post_moderation_queue_truncated AFTER TRUNCATE ON post_moderation_queue
-    FOR EACH STATEMENT EXECUTE FUNCTION queue_truncated('post');
-
-CREATE OR REPLACE TRIGGER private_message_queue_keyed BEFORE INSERT ON private_message_queue
-    FOR EACH ROW EXECUTE FUNCTION queue_item_keyed();
-CREATE OR REPLACE TRIGGER private_message_queue_rescoped BEFORE UPDATE OF conversation_id ON private_message_queue
-    FOR EACH ROW WHEN (OLD.conversation_id IS DISTINCT FROM NEW.conversation_id) EXECUTE FUNCTION queue_item_keyed();
-CREATE OR REPLACE TRIGGER private_message_queue_counted AFTER INSERT OR DELETE ON private_message_queue
-    FOR EACH ROW EXECUTE FUNCTION queue_item_counted('message', 'conversation_id');
-CREATE OR REPLACE TRIGGER private_message_queue_moved AFTER UPDATE ON private_message_queue
-    REFERENCING OLD TABLE AS old_items NEW TABLE AS new_items
-    FOR EACH STATEMENT EXECUTE FUNCTION queue_items_moved('message', 'conversation_id');
-CREATE OR REPLACE TRIGGER private_message_queue_rekeyed BEFORE UPDATE OF position_in_queue ON private_message_queue
-    FOR EACH ROW
-    WHEN (OLD.position_in_queue IS DISTINCT FROM NEW.position_in_queue
-          AND current_setting('loyaltyd.rekey', true) IS DISTINCT FROM 'on')
-    EXECUTE FUNCTION queue_key_written();
-CREATE OR REPLACE TRIGGER private_message_queue_truncated AFTER TRUNCATE ON private_message_queue
-    FOR EACH STATEMENT EXECUTE FUNCTION queue_truncated('message');
+-- Each queue table's triggers, the same for the three: named after the
+-- table, their arguments the queue and its scope column (queue_tables()).
+DO $$
+DECLARE
+    q RECORD;
+    args TEXT;
+BEGIN
+    FOR q IN SELECT t.queue, t.table_name::TEXT AS tbl, t.scope_column FROM queue_tables() t LOOP
+        args := quote_literal(q.queue) || COALESCE(', ' || quote_literal(q.scope_column), '');
+        EXECUTE format('CREATE OR REPLACE TRIGGER %1$s_keyed BEFORE INSERT ON %1$s
+                            FOR EACH ROW EXECUTE FUNCTION queue_item_keyed()', q.tbl);
+        EXECUTE format('CREATE OR REPLACE TRIGGER %1$s_counted AFTER INSERT OR DELETE ON %1$s
+                            FOR EACH ROW EXECUTE FUNCTION queue_item_counted(%2$s)', q.tbl, args);
+        EXECUTE format('CREATE OR REPLACE TRIGGER %1$s_moved AFTER UPDATE ON %1$s
+                            REFERENCING OLD TABLE AS old_items NEW TABLE AS new_items
+                            FOR EACH STATEMENT EXECUTE FUNCTION queue_items_moved(%2$s)', q.tbl, args);
+        EXECUTE format('CREATE OR REPLACE TRIGGER %1$s_rekeyed BEFORE UPDATE OF position_in_queue ON %1$s
+                            FOR EACH ROW
+                            WHEN (OLD.position_in_queue IS DISTINCT FROM NEW.position_in_queue
+                                  AND current_setting(''loyaltyd.rekey'', true) IS DISTINCT FROM ''on'')
+                            EXECUTE FUNCTION queue_key_written()', q.tbl);
+        EXECUTE format('CREATE OR REPLACE TRIGGER %1$s_truncated AFTER TRUNCATE ON %1$s
+                            FOR EACH STATEMENT EXECUTE FUNCTION queue_truncated(%2$L)', q.tbl, q.queue);
+        -- A move to another scope puts the item at that scope's tail.
+        IF q.scope_column IS NOT NULL THEN
+            EXECUTE format('CREATE OR REPLACE TRIGGER %1$s_rescoped BEFORE UPDATE OF %2$I ON %1$s
+                                FOR EACH ROW WHEN (OLD.%2$I IS DISTINCT FROM NEW.%2$I)
+                                EXECUTE FUNCTION queue_item_keyed()', q.tbl, q.scope_column);
+        END IF;
+    END LOOP;
+END $$;
 
 -- ---------------------------------------------------------------- the fold
 

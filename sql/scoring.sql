@@ -171,21 +171,28 @@ CREATE OR REPLACE TRIGGER moderation_events_scored_many AFTER INSERT ON moderati
     REFERENCING NEW TABLE AS new_events
     FOR EACH STATEMENT EXECUTE FUNCTION moderation_events_scored_many();
 
--- Deleted events take their points back: one pending change per user whose
--- score moved. (A DELETE consumes no legacy credit: credits wait for an
--- INSERT.)
+-- Events moved, per user: their points added (an event's points negated
+-- where it went away), one pending change per user whose score moved. (No
+-- legacy credit is consumed: credits wait for an INSERT.)
+CREATE OR REPLACE FUNCTION scores_moved(ids BIGINT[], deltas BIGINT[]) RETURNS void
+    LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
+DECLARE
+    users_of BIGINT[];
+    totals BIGINT[];
+BEGIN
+    SELECT array_agg(m.id), array_agg(m.total) INTO users_of, totals
+    FROM (SELECT d.id, sum(d.delta)::BIGINT AS total FROM unnest(ids, deltas) AS d(id, delta)
+          GROUP BY d.id HAVING sum(d.delta) <> 0) m;
+    IF users_of IS NOT NULL THEN
+        PERFORM scores_add(users_of, totals, cardinality(users_of));
+    END IF;
+END $$;
+
+-- Deleted events take their points back.
 CREATE OR REPLACE FUNCTION moderation_events_unscored() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
-DECLARE
-    ids BIGINT[];
-    deltas BIGINT[];
 BEGIN
-    SELECT array_agg(user_id), array_agg(delta) INTO ids, deltas
-    FROM (SELECT user_id, -sum(score_delta)::BIGINT AS delta FROM old_events
-          GROUP BY user_id HAVING sum(score_delta) <> 0) per_user;
-    IF ids IS NOT NULL THEN
-        PERFORM scores_add(ids, deltas, cardinality(ids));
-    END IF;
+    PERFORM scores_moved(ARRAY(SELECT user_id::BIGINT FROM old_events), ARRAY(SELECT -score_delta::BIGINT FROM old_events));
     RETURN NULL;
 END $$;
 
@@ -197,15 +204,11 @@ DECLARE
     ids BIGINT[];
     deltas BIGINT[];
 BEGIN
-    SELECT array_agg(user_id), array_agg(delta) INTO ids, deltas
-    FROM (SELECT user_id, sum(delta)::BIGINT AS delta
-          FROM (SELECT user_id, score_delta::BIGINT AS delta FROM new_events
-                UNION ALL
-                SELECT user_id, -score_delta FROM old_events) moved
-          GROUP BY user_id HAVING sum(delta) <> 0) per_user;
-    IF ids IS NOT NULL THEN
-        PERFORM scores_add(ids, deltas, cardinality(ids));
-    END IF;
+    SELECT array_agg(m.id), array_agg(m.delta) INTO ids, deltas
+    FROM (SELECT user_id::BIGINT AS id, score_delta::BIGINT AS delta FROM new_events
+          UNION ALL
+          SELECT user_id, -score_delta FROM old_events) m;
+    PERFORM scores_moved(ids, deltas);
     RETURN NULL;
 END $$;
 

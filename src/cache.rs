@@ -41,7 +41,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use redis::Pipeline;
 
 use crate::config::RedisConfig;
-use crate::redis_conn::{Lua, Redis, SCRIPT_BATCH};
+use crate::redis_runner::{Lua, Redis, SCRIPT_BATCH};
 use crate::score_row::ScoreRow;
 use crate::types::UserId;
 

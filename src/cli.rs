@@ -303,7 +303,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             emit(json, &adopt::adopt(&ctx, &opts).await?)
         }
         Command::Stats => {
-            let redis = crate::redis_conn::Redis::new(&config.redis)?;
+            let redis = crate::redis_runner::Redis::new(&config.redis)?;
             emit(
                 json,
                 &perf::collect(&redis, &perf::PerfLists::disabled()).await?,
@@ -491,30 +491,7 @@ impl Render for loyalty::Recalculated {
 
 impl Render for sweep::SweepReport {
     fn text(&self) -> String {
-        let ids: Vec<String> = self
-            .drifted_user_ids
-            .iter()
-            .take(20)
-            .map(|u| u.to_string())
-            .collect();
-        let listed = match ids.len() {
-            0 => String::new(),
-            n if (n as u64) < self.drifted_users => format!(" (users {}, …)", ids.join(", ")),
-            _ => format!(" (users {})", ids.join(", ")),
-        };
-        format!(
-            "checked {} users: {} drifted and were repaired{listed}; {} cached scores and {} live leaderboard places corrected; {} legacy credits pending (not drift){}",
-            self.users_checked,
-            self.drifted_users,
-            self.cache_repaired,
-            self.board_repaired,
-            self.pending_credits,
-            if self.completed {
-                ""
-            } else {
-                "; stopped early"
-            }
-        )
+        self.summary()
     }
 }
 

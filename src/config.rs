@@ -17,6 +17,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+/// A duration that must be longer than zero.
+fn positive(key: &'static str, d: Duration) -> std::result::Result<(), (&'static str, String)> {
+    if d.is_zero() {
+        Err((key, "must be longer than zero".into()))
+    } else {
+        Ok(())
+    }
+}
+
 /// The file read when `--config` is not given, if it exists.
 pub const DEFAULT_CONFIG_FILE: &str = "config.toml";
 
@@ -327,16 +336,36 @@ impl Config {
 
     /// Checks what the types alone cannot; returns the offending key and why.
     pub fn validate(&self) -> std::result::Result<(), (&'static str, String)> {
-        fn positive(
-            key: &'static str,
-            d: Duration,
-        ) -> std::result::Result<(), (&'static str, String)> {
-            if d.is_zero() {
-                Err((key, "must be longer than zero".into()))
-            } else {
-                Ok(())
-            }
+        self.validate_database()?;
+        self.validate_redis()?;
+        if self.leaderboard.refresh_threshold == 0 {
+            return Err(("leaderboard.refresh_threshold", "must be at least 1".into()));
         }
+        positive("leaderboard.max_staleness", self.leaderboard.max_staleness)?;
+        positive(
+            "leaderboard.check_interval",
+            self.leaderboard.check_interval,
+        )?;
+        positive(
+            "leaderboard.refresh_timeout",
+            self.leaderboard.refresh_timeout,
+        )?;
+        parse_cron(&self.sweep.schedule).map_err(|e| ("sweep.schedule", e))?;
+        if self.sweep.batch_size == 0 || self.sweep.batch_size > 1_000_000 {
+            return Err(("sweep.batch_size", "must be 1 to 1000000".into()));
+        }
+        positive("sweep.timeout", self.sweep.timeout)?;
+        parse_cron(&self.queues.reorder_schedule).map_err(|e| ("queues.reorder_schedule", e))?;
+        positive("queues.reorder_timeout", self.queues.reorder_timeout)?;
+        positive("queues.oldest_item_bound", self.queues.oldest_item_bound)?;
+        tracing_subscriber::EnvFilter::builder()
+            .parse(&self.log.level)
+            .map_err(|e| ("log.level", format!("not a log filter: {e}")))?;
+        Ok(())
+    }
+
+    /// The `database` section's checks.
+    fn validate_database(&self) -> std::result::Result<(), (&'static str, String)> {
         let url = self.database.url.expose();
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             return Err((
@@ -365,6 +394,25 @@ impl Config {
             "database.statement_timeout",
             self.database.statement_timeout,
         )?;
+        for replica in &self.database.replicas {
+            replica
+                .expose()
+                .parse::<sqlx::postgres::PgConnectOptions>()
+                .map_err(|e| {
+                    (
+                        "database.replicas",
+                        format!(
+                            "not a PostgreSQL URL: {}",
+                            replica.redact_in(&e.to_string())
+                        ),
+                    )
+                })?;
+        }
+        positive("database.replica_max_lag", self.database.replica_max_lag)
+    }
+
+    /// The `redis` section's checks.
+    fn validate_redis(&self) -> std::result::Result<(), (&'static str, String)> {
         redis::Client::open(self.redis.url.expose()).map_err(|e| {
             (
                 "redis.url",
@@ -388,48 +436,9 @@ impl Config {
                 "must not contain { or } with a cluster (they would become the hash tag)".into(),
             ));
         }
-        for replica in &self.database.replicas {
-            replica
-                .expose()
-                .parse::<sqlx::postgres::PgConnectOptions>()
-                .map_err(|e| {
-                    (
-                        "database.replicas",
-                        format!(
-                            "not a PostgreSQL URL: {}",
-                            replica.redact_in(&e.to_string())
-                        ),
-                    )
-                })?;
-        }
-        positive("database.replica_max_lag", self.database.replica_max_lag)?;
         positive("redis.cache_ttl", self.redis.cache_ttl)?;
         positive("redis.timeout", self.redis.timeout)?;
-        positive("redis.sync_interval", self.redis.sync_interval)?;
-        if self.leaderboard.refresh_threshold == 0 {
-            return Err(("leaderboard.refresh_threshold", "must be at least 1".into()));
-        }
-        positive("leaderboard.max_staleness", self.leaderboard.max_staleness)?;
-        positive(
-            "leaderboard.check_interval",
-            self.leaderboard.check_interval,
-        )?;
-        positive(
-            "leaderboard.refresh_timeout",
-            self.leaderboard.refresh_timeout,
-        )?;
-        parse_cron(&self.sweep.schedule).map_err(|e| ("sweep.schedule", e))?;
-        if self.sweep.batch_size == 0 || self.sweep.batch_size > 1_000_000 {
-            return Err(("sweep.batch_size", "must be 1 to 1000000".into()));
-        }
-        positive("sweep.timeout", self.sweep.timeout)?;
-        parse_cron(&self.queues.reorder_schedule).map_err(|e| ("queues.reorder_schedule", e))?;
-        positive("queues.reorder_timeout", self.queues.reorder_timeout)?;
-        positive("queues.oldest_item_bound", self.queues.oldest_item_bound)?;
-        tracing_subscriber::EnvFilter::builder()
-            .parse(&self.log.level)
-            .map_err(|e| ("log.level", format!("not a log filter: {e}")))?;
-        Ok(())
+        positive("redis.sync_interval", self.redis.sync_interval)
     }
 
     /// The configuration as a TOML document, every key with its value

@@ -9,7 +9,7 @@ use crate::config::Config;
 use crate::db;
 use crate::error::Result;
 use crate::perf::PerfLists;
-use crate::redis_conn::Redis;
+use crate::redis_runner::Redis;
 use crate::replicas::Replicas;
 
 /// PostgreSQL pool, Redis runner and cache, perf lists and configuration;

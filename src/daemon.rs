@@ -210,30 +210,8 @@ impl Generation {
             })?;
         for job in [Job::IntegritySweep, Job::QueueReorder] {
             let runner = JobRunner::new(job, ctx.clone(), instance.to_owned())?;
-            let schedule = runner.schedule().unwrap_or_default().to_owned();
-            let (token, tasks) = (shutdown.clone(), tracker.clone());
-            let cron = CronJob::new_async(schedule.as_str(), move |_, _| {
-                let (runner, token, tasks) = (runner.clone(), token.clone(), tasks.clone());
-                Box::pin(async move {
-                    if !token.is_cancelled()
-                        && let Err(e) = tasks.spawn(async move { runner.tick(&token).await }).await
-                    {
-                        telemetry::background_failure(
-                            telemetry::Task::JobTick,
-                            "a job's tick ended without a result",
-                            &e,
-                        );
-                    }
-                })
-            })
-            .map_err(|e| {
-                Error::Config(format!(
-                    "cannot schedule {}: {e} ({schedule:?})",
-                    job.as_str()
-                ))
-            })?;
             scheduler
-                .add(cron)
+                .add(cron_job(runner, shutdown, tracker)?)
                 .await
                 .map_err(|source| Error::Scheduler {
                     context: format!("scheduling {}", job.as_str()),
@@ -369,6 +347,39 @@ async fn wait_for_database(pool: &sqlx::PgPool, shutdown: &CancellationToken) ->
 /// checking again after 250 ms, then less and less often, every 5 s at most.
 const DATABASE_WAIT: crate::retry::Retry =
     crate::retry::Retry::new(u32::MAX, Duration::from_millis(250), Duration::from_secs(5));
+
+/// A cron job of the scheduler for `runner`'s schedule: each tick a task
+/// of the tracker's (it outlives a reload), unless the daemon is stopping.
+fn cron_job(
+    runner: JobRunner,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<CronJob> {
+    let job = runner.job();
+    let schedule = runner.schedule().unwrap_or_default().to_owned();
+    let (token, tasks) = (shutdown.clone(), tracker.clone());
+    let cron = CronJob::new_async(schedule.as_str(), move |_, _| {
+        let (runner, token, tasks) = (runner.clone(), token.clone(), tasks.clone());
+        Box::pin(async move {
+            if !token.is_cancelled()
+                && let Err(e) = tasks.spawn(async move { runner.tick(&token).await }).await
+            {
+                telemetry::background_failure(
+                    telemetry::Task::JobTick,
+                    "a job's tick ended without a result",
+                    &e,
+                );
+            }
+        })
+    })
+    .map_err(|e| {
+        Error::Config(format!(
+            "cannot schedule {}: {e} ({schedule:?})",
+            job.as_str()
+        ))
+    })?;
+    Ok(cron)
+}
 
 /// `host:pid`, recorded with each claimed tick.
 fn instance_name() -> String {

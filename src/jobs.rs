@@ -78,12 +78,8 @@ pub async fn integrity_sweep(ctx: &Context, cancel: &CancellationToken) -> Resul
         );
     }
     Ok(Done::Worked(format!(
-        "checked {} users: {} drifted, {} cache entries and {} live leaderboard places corrected, {} legacy credits pending{}",
-        report.users_checked,
-        report.drifted_users,
-        report.cache_repaired,
-        report.board_repaired,
-        report.pending_credits,
+        "{}{}",
+        report.summary(),
         if report.cache_checked {
             ""
         } else {

@@ -5,21 +5,24 @@
 //!
 //! # Layout
 //! Each layer uses only the ones above it.
-//! * [`config`], [`error`], [`types`]: configuration, the one error type and
-//!   its exit codes, and the input types parsed at the edge.
-//! * [`db`], [`replicas`], [`redis_conn`], [`score_row`], [`cache`],
-//!   [`telemetry`], [`perf`], [`context`]: the PostgreSQL pool and
-//!   migrations, the read replicas, the Redis connection (one node or a
-//!   cluster) and the runner every command goes through, the committed
-//!   score row, the score cache, the metrics and logging, the operation
-//!   timer and the Redis perf lists, and the bundle of them that services
-//!   take.
+//! * [`config`], [`error`], [`types`], [`retry`]: configuration, the one
+//!   error type and its exit codes, the input types parsed at the edge, and
+//!   the one retry policy.
+//! * [`db`], [`definitions`], [`replicas`], [`redis_conn`], [`redis_runner`],
+//!   [`score_row`], [`cache`], [`telemetry`], [`perf`], [`context`]: the
+//!   PostgreSQL pool and migrations, the current SQL definitions (sql/: every
+//!   function, trigger, view and grant, applied after the migrations), the
+//!   read replicas, the Redis connection (one node or a cluster) and the
+//!   runner every command goes through, the committed score row, the score
+//!   cache, the metrics and logging, the operation timer and the Redis perf
+//!   lists, and the bundle of them that services take.
 //! * [`loyalty`], [`leaderboard`], [`queues`]: the services; each owns its
 //!   SQL, its Redis keys and its invariants ([`leaderboard::live`] the live
 //!   board's). [`publish`] composes the score write that keeps the cache and
 //!   the live board. [`sweep`] checks and repairs what the services keep.
 //!   [`demo`] serves `demo seed`.
 //! * [`jobs`]: the scheduled work and the runner that guards each tick;
+//!   [`background`]: the daemon's loops, in one shape;
 //!   [`sync`]: the daemon's cache sync for writers that bypass loyaltyd;
 //!   [`backlog`]: the forum's traffic and backlog as metrics, whoever writes.
 //! * [`adopt`]: the online upgrade of a database of the original design.
@@ -49,6 +52,7 @@ pub mod perf;
 pub mod publish;
 pub mod queues;
 pub mod redis_conn;
+pub mod redis_runner;
 pub mod replicas;
 pub mod retry;
 pub mod score_row;

@@ -31,7 +31,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Error, Result};
-use crate::redis_conn::Redis;
+use crate::redis_runner::Redis;
 use crate::telemetry::{self, Operation, PERF_DROPPED};
 use crate::types::{QueueKind, UserId};
 
@@ -345,6 +345,9 @@ mod tests {
 
     #[test]
     fn glob_characters_in_the_prefix_are_literal() {
-        assert_eq!(crate::redis_conn::escape_glob("t[1]*?:"), "t\\[1\\]\\*\\?:");
+        assert_eq!(
+            crate::redis_runner::escape_glob("t[1]*?:"),
+            "t\\[1\\]\\*\\?:"
+        );
     }
 }

@@ -479,37 +479,7 @@ async fn rekey_locked(
             .execute(&mut *tx)
             .await
             .db("starting the reorder")?;
-        // The scopes' fold locks, without waiting (a writer folding a
-        // scope holds its lock to its commit): a scope someone holds is
-        // tried again (one scope) or left for the next run (every changed
-        // scope). Changes not folded yet are folded first, so the flags
-        // are current.
-        let locked: Vec<String> = match scopes {
-            ScopeSet::One(scope) => {
-                sqlx::query_scalar("SELECT $2::TEXT WHERE queue_fold_lock($1, $2)")
-                    .bind(queue.as_str())
-                    .bind(scope)
-                    .fetch_all(&mut *tx)
-                    .await
-            }
-            ScopeSet::Changed => {
-                // Two statements: the second's snapshot sees the flags the
-                // fold set.
-                sqlx::query("SELECT queue_fold($1)")
-                    .bind(queue.as_str())
-                    .execute(&mut *tx)
-                    .await
-                    .db("folding queue changes")?;
-                sqlx::query_scalar(
-                    "SELECT s.scope FROM queue_scopes s
-                     WHERE s.queue = $1 AND s.needs_reorder AND queue_fold_lock($1, s.scope)",
-                )
-                .bind(queue.as_str())
-                .fetch_all(&mut *tx)
-                .await
-            }
-        }
-        .db("locking queue scopes")?;
+        let locked = lock_scopes(&mut tx, queue, &scopes).await?;
         if locked.is_empty() {
             if let ScopeSet::One(_) = scopes {
                 if !REKEY_RETRY.again(attempt) {
@@ -548,19 +518,7 @@ async fn rekey_locked(
                 .await
                 .db("folding queue changes")?;
         }
-        let (scopes, items): (i64, i64) = sqlx::query_as(q.rekey)
-            .bind(&locked)
-            .fetch_one(&mut *tx)
-            .await
-            .db("reordering the queue")?;
-        // The moves into the counters (the old key range's blocks drain
-        // and are dropped; each scope's pace is the scope's, untouched).
-        sqlx::query("SELECT queue_fold($1, s) FROM unnest($2::TEXT[]) AS s")
-            .bind(queue.as_str())
-            .bind(&locked)
-            .execute(&mut *tx)
-            .await
-            .db("folding the reorder's moves")?;
+        let (scopes, items) = rekey(&mut tx, queue, &locked).await?;
         tx.commit().await.db("committing the reorder")?;
         return Ok(Reordered {
             queue,
@@ -571,6 +529,66 @@ async fn rekey_locked(
     Err(Error::Busy {
         what: format!("the {queue} queue's scope or its items"),
     })
+}
+
+/// The scopes' fold locks, without waiting (a writer folding a scope holds
+/// its lock to its commit): a scope someone holds is tried again (one
+/// scope) or left for the next run (every changed scope). Changes not
+/// folded yet are folded first, so the flags are current.
+async fn lock_scopes(
+    tx: &mut sqlx::PgConnection,
+    queue: QueueKind,
+    scopes: &ScopeSet<'_>,
+) -> Result<Vec<String>> {
+    match scopes {
+        ScopeSet::One(scope) => {
+            sqlx::query_scalar("SELECT $2::TEXT WHERE queue_fold_lock($1, $2)")
+                .bind(queue.as_str())
+                .bind(*scope)
+                .fetch_all(&mut *tx)
+                .await
+        }
+        ScopeSet::Changed => {
+            // Two statements: the second's snapshot sees the flags the fold
+            // set.
+            sqlx::query("SELECT queue_fold($1)")
+                .bind(queue.as_str())
+                .execute(&mut *tx)
+                .await
+                .db("folding queue changes")?;
+            sqlx::query_scalar(
+                "SELECT s.scope FROM queue_scopes s
+                 WHERE s.queue = $1 AND s.needs_reorder AND queue_fold_lock($1, s.scope)",
+            )
+            .bind(queue.as_str())
+            .fetch_all(&mut *tx)
+            .await
+        }
+    }
+    .db("locking queue scopes")
+}
+
+/// The locked scopes' items keyed again in priority order, and the moves
+/// folded into the counters (the old key range's blocks drain and are
+/// dropped; each scope's pace is the scope's, untouched): answers (scopes,
+/// items) reordered.
+async fn rekey(
+    tx: &mut sqlx::PgConnection,
+    queue: QueueKind,
+    locked: &[String],
+) -> Result<(i64, i64)> {
+    let moved: (i64, i64) = sqlx::query_as(sql(queue).rekey)
+        .bind(locked)
+        .fetch_one(&mut *tx)
+        .await
+        .db("reordering the queue")?;
+    sqlx::query("SELECT queue_fold($1, s) FROM unnest($2::TEXT[]) AS s")
+        .bind(queue.as_str())
+        .bind(locked)
+        .execute(&mut *tx)
+        .await
+        .db("folding the reorder's moves")?;
+    Ok(moved)
 }
 
 fn check_scope(queue: QueueKind, scope: &Scope) -> Result<()> {

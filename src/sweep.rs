@@ -159,6 +159,37 @@ async fn pending_credits(ctx: &Context) -> Result<u64> {
     Ok(n.max(0) as u64)
 }
 
+impl SweepReport {
+    /// The report in one line (the first drifted ids named): what
+    /// `score recalc --all` prints and the sweep job logs.
+    pub fn summary(&self) -> String {
+        let ids: Vec<String> = self
+            .drifted_user_ids
+            .iter()
+            .take(20)
+            .map(|u| u.to_string())
+            .collect();
+        let listed = match ids.len() {
+            0 => String::new(),
+            n if (n as u64) < self.drifted_users => format!(" (users {}, …)", ids.join(", ")),
+            _ => format!(" (users {})", ids.join(", ")),
+        };
+        format!(
+            "checked {} users: {} drifted and were repaired{listed}; {} cached scores and {} live leaderboard places corrected; {} legacy credits pending (not drift){}",
+            self.users_checked,
+            self.drifted_users,
+            self.cache_repaired,
+            self.board_repaired,
+            self.pending_credits,
+            if self.completed {
+                ""
+            } else {
+                "; stopped early"
+            }
+        )
+    }
+}
+
 /// How many users there are, and the ids of those whose stored score is not
 /// the sum of their events, from one snapshot. Runs under the sweep's time
 /// limit, and `cancel` stops it on the server.
@@ -237,17 +268,7 @@ async fn cached_scores_differing(
             sqlx::query_as::<_, (i64, i64)>("SELECT id::BIGINT, loyalty_score::BIGINT FROM users")
                 .fetch(&mut *tx)
                 .try_chunks(batch.max(1) as usize);
-        while let Some(chunk) = chunks
-            .try_next()
-            .await
-            .map_err(|e| e.1)
-            .db("reading scores for the cache check")?
-        {
-            if cancel.is_cancelled() {
-                return Err(Error::Cancelled {
-                    context: "the sweep's cache check",
-                });
-            }
+        while let Some(chunk) = next_users(&mut chunks, cancel, "the sweep's cache check").await? {
             let chunk: Vec<(UserId, i64)> = chunk
                 .into_iter()
                 .filter_map(|(id, score)| Some((UserId::new(id).ok()?, score)))
@@ -273,6 +294,29 @@ async fn cached_scores_differing(
     Ok((differing, checked))
 }
 
+/// The next batch of a check's stream of users; an error once the sweep is
+/// cancelled (a check stops between batches).
+async fn next_users<T, S>(
+    chunks: &mut S,
+    cancel: &CancellationToken,
+    check: &'static str,
+) -> Result<Option<Vec<T>>>
+where
+    S: futures_util::Stream<
+            Item = std::result::Result<
+                Vec<T>,
+                futures_util::stream::TryChunksError<T, sqlx::Error>,
+            >,
+        > + Unpin,
+{
+    use futures_util::TryStreamExt;
+    let chunk = chunks.try_next().await.map_err(|e| e.1).db(check)?;
+    if chunk.is_some() && cancel.is_cancelled() {
+        return Err(Error::Cancelled { context: check });
+    }
+    Ok(chunk)
+}
+
 /// Checks the live board (the leaderboard in Redis) against every user's
 /// score, `batch` users at a time, and corrects the places that differ
 /// (each write guarded by its version). When the board then holds more
@@ -296,17 +340,7 @@ async fn verify_live_board(ctx: &Context, batch: u32, cancel: &CancellationToken
         ))
         .fetch(&mut *tx)
         .try_chunks(batch.max(1) as usize);
-        while let Some(chunk) = chunks
-            .try_next()
-            .await
-            .map_err(|e| e.1)
-            .db("reading scores for the live board check")?
-        {
-            if cancel.is_cancelled() {
-                return Err(Error::Cancelled {
-                    context: "the live board check",
-                });
-            }
+        while let Some(chunk) = next_users(&mut chunks, cancel, "the live board check").await? {
             ranked += chunk.iter().filter(|s| s.score > 0).count() as i64;
             let Some(differing) = board.differing(&chunk).await else {
                 return Ok(repaired);

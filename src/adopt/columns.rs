@@ -192,8 +192,9 @@ impl Adoption<'_> {
                     .await?;
                 }
                 Some(c) if c.generated && want.column == "score_delta" => {
-                    // Migration 6's own step, on a table whose score_delta
-                    // is still generated: metadata only.
+                    // score_delta is a plain column the SQL contract keeps
+                    // (sql/scoring.sql); a generated one becomes one:
+                    // metadata only.
                     self.ddl(
                         &mut conn,
                         "ALTER TABLE moderation_events ALTER COLUMN score_delta DROP EXPRESSION",
@@ -207,26 +208,43 @@ impl Adoption<'_> {
             }
         }
         if !coerce.is_empty() {
-            // No rewrite, but the views and triggers on the columns must go
-            // and come back around the change: one transaction.
-            let columns: Vec<String> = coerce.iter().map(|w| w.column.to_owned()).collect();
-            let again = self.swap_dependents(table, &columns, "").await?;
-            let alter: Vec<String> = coerce
-                .iter()
-                .map(|w| format!("ALTER COLUMN {} TYPE {}", w.column, w.sql_type))
-                .collect();
-            let mut stmts = again.drops.clone();
-            stmts.push(format!("ALTER TABLE {table} {}", alter.join(", ")));
-            stmts.extend(again.creates.iter().cloned());
-            self.transaction(&stmts).await?;
-            for v in &again.validates {
-                self.ddl(&mut conn, v).await?;
-            }
+            self.coerce(table, &coerce).await?;
         }
         if !expand.is_empty() {
             self.expand_contract(table, &expand).await?;
         }
-        // Defaults, now that the types are right.
+        self.defaults(table).await?;
+        if table == "users" && !self.relation_exists("user_leaderboard").await? {
+            self.leaderboard_view().await?;
+        }
+        Ok(())
+    }
+
+    /// Types changed without a rewrite (binary coercible), the views and
+    /// triggers on the columns dropped and created again around the change:
+    /// one transaction.
+    async fn coerce(&self, table: &'static str, coerce: &[&Want]) -> Result<()> {
+        let columns: Vec<String> = coerce.iter().map(|w| w.column.to_owned()).collect();
+        let again = self.swap_dependents(table, &columns, "").await?;
+        let alter: Vec<String> = coerce
+            .iter()
+            .map(|w| format!("ALTER COLUMN {} TYPE {}", w.column, w.sql_type))
+            .collect();
+        let mut stmts = again.drops.clone();
+        stmts.push(format!("ALTER TABLE {table} {}", alter.join(", ")));
+        stmts.extend(again.creates.iter().cloned());
+        self.transaction(&stmts).await?;
+        let mut conn = self.conn().await?;
+        for v in &again.validates {
+            self.ddl(&mut conn, v).await?;
+        }
+        Ok(())
+    }
+
+    /// The columns' defaults, once their types are right, and the id
+    /// sequences grown with their columns.
+    async fn defaults(&self, table: &'static str) -> Result<()> {
+        let mut conn = self.conn().await?;
         let have = self.columns(table).await?;
         for want in WANTED.iter().filter(|w| w.table == table) {
             let current = have.get(want.column).and_then(|c| c.default.clone());
@@ -271,9 +289,6 @@ impl Adoption<'_> {
             self.ddl(&mut conn, &format!("ALTER SEQUENCE {seq} AS BIGINT"))
                 .await?;
         }
-        if table == "users" && !self.relation_exists("user_leaderboard").await? {
-            self.leaderboard_view().await?;
-        }
         Ok(())
     }
 
@@ -281,10 +296,23 @@ impl Adoption<'_> {
     /// under a lock: new columns, a trigger that keeps them in step, a
     /// back-fill in batches, indexes built concurrently, one swap.
     pub(super) async fn expand_contract(&self, table: &'static str, wants: &[&Want]) -> Result<()> {
-        let mut conn = self.conn().await?;
         let sync_fn = format!("{table}_loyaltyd_widen");
-        // 1. The new columns, and the trigger that fills them for every row
-        //    written from now on.
+        let watched = self.expand(table, wants, &sync_fn).await?;
+        self.backfill_new(table, wants).await?;
+        let swaps = self.index_new(table, wants).await?;
+        self.contract(table, wants, &watched, &swaps, &sync_fn)
+            .await
+    }
+
+    /// The new columns, and the trigger (`sync_fn`) that fills them for
+    /// every row written from now on; answers the old columns it watches.
+    async fn expand(
+        &self,
+        table: &'static str,
+        wants: &[&Want],
+        sync_fn: &str,
+    ) -> Result<Vec<String>> {
+        let mut conn = self.conn().await?;
         let mut sets = Vec::new();
         let mut watched = Vec::new();
         for want in wants {
@@ -321,7 +349,11 @@ impl Adoption<'_> {
             ),
         )
         .await?;
-        // 2. The rows written before: in batches along the primary key.
+        Ok(watched)
+    }
+
+    /// The rows written before the trigger: in batches along the primary key.
+    async fn backfill_new(&self, table: &'static str, wants: &[&Want]) -> Result<()> {
         let have = self.columns(table).await?;
         let assignments: Vec<String> = wants
             .iter()
@@ -345,9 +377,19 @@ impl Adoption<'_> {
                 pending.join(" OR ")
             ),
         )
-        .await?;
-        // 3. NOT NULL by a validated check, and every index that uses an old
-        //    column, built on the new one beside it.
+        .await
+    }
+
+    /// NOT NULL of the new columns by a validated check, and every index that
+    /// uses an old column, built on the new one beside it: answers (index,
+    /// its copy, whether it is the primary key), quoted for SQL.
+    async fn index_new(
+        &self,
+        table: &'static str,
+        wants: &[&Want],
+    ) -> Result<Vec<(String, String, bool)>> {
+        let mut conn = self.conn().await?;
+        let have = self.columns(table).await?;
         for want in wants {
             let new = format!("{}__new", want.column);
             // Only a NOT NULL the column has already: a NULL the original
@@ -397,7 +439,22 @@ impl Adoption<'_> {
             self.concurrently(&new_raw, &new_def).await?;
             swaps.push((name, new_name, primary));
         }
-        // 4. The swap: one short transaction of metadata changes.
+        Ok(swaps)
+    }
+
+    /// The swap: one short transaction of metadata changes (foreign keys,
+    /// the leaderboard view and what depends on the old columns dropped and
+    /// created again on the new ones), then the validations and the trigger
+    /// function gone.
+    async fn contract(
+        &self,
+        table: &'static str,
+        wants: &[&Want],
+        watched: &[String],
+        swaps: &[(String, String, bool)],
+        sync_fn: &str,
+    ) -> Result<()> {
+        let mut conn = self.conn().await?;
         let mut swap = Vec::new();
         // Foreign keys that reference a swapped column go, and come back NOT VALID.
         let fks: Vec<(String, String, String)> = sqlx::query_as(
@@ -417,7 +474,7 @@ impl Adoption<'_> {
         if table == "users" {
             swap.push("DROP MATERIALIZED VIEW IF EXISTS user_leaderboard".into());
         }
-        for (name, _, primary) in &swaps {
+        for (name, _, primary) in swaps {
             if *primary {
                 swap.push(format!(
                     "ALTER TABLE {table} DROP CONSTRAINT IF EXISTS {name}"
@@ -427,48 +484,12 @@ impl Adoption<'_> {
         swap.push(format!("DROP TRIGGER IF EXISTS {sync_fn} ON {table}"));
         // Views, triggers and CHECKs on the old columns (the forum's and
         // loyaltyd's): dropped here and created again below, on the new ones.
-        let again = self.swap_dependents(table, &watched, &sync_fn).await?;
+        let again = self.swap_dependents(table, watched, sync_fn).await?;
         swap.extend(again.drops.iter().cloned());
         for want in wants {
-            let default = self
-                .columns(table)
-                .await?
-                .get(want.column)
-                .and_then(|c| c.default.clone());
-            let sequence = default.as_deref().and_then(sequence_of);
-            if let Some(seq) = &sequence {
-                // Dropping the column would drop the sequence it owns.
-                swap.push(format!("ALTER SEQUENCE {seq} OWNED BY NONE"));
-            }
-            // No CASCADE: what depends on the column was dropped above to be
-            // created again; anything else makes the swap fail whole.
-            swap.push(format!("ALTER TABLE {table} DROP COLUMN {}", want.column));
-            swap.push(format!(
-                "ALTER TABLE {table} RENAME COLUMN {}__new TO {}",
-                want.column, want.column
-            ));
-            if let Some(d) = default {
-                swap.push(format!(
-                    "ALTER TABLE {table} ALTER COLUMN {} SET DEFAULT {d}",
-                    want.column
-                ));
-            }
-            if let Some(seq) = &sequence {
-                swap.push(format!(
-                    "ALTER SEQUENCE {seq} AS BIGINT OWNED BY {table}.{}",
-                    want.column
-                ));
-            }
-            let check = format!("{table}_{}__new_not_null", want.column);
-            if self.constraint_exists(table, &check).await? {
-                swap.push(format!(
-                    "ALTER TABLE {table} ALTER COLUMN {} SET NOT NULL",
-                    want.column
-                ));
-                swap.push(format!("ALTER TABLE {table} DROP CONSTRAINT {check}"));
-            }
+            swap.extend(self.column_swap(table, want).await?);
         }
-        for (name, new_name, primary) in &swaps {
+        for (name, new_name, primary) in swaps {
             swap.push(format!("ALTER INDEX {new_name} RENAME TO {name}"));
             if *primary {
                 swap.push(format!(
@@ -496,6 +517,50 @@ impl Adoption<'_> {
         self.ddl(&mut conn, &format!("DROP FUNCTION IF EXISTS {sync_fn}()"))
             .await?;
         Ok(())
+    }
+
+    /// The swap's statements for one column: the old one dropped, the new
+    /// one renamed in its place with its default, sequence and NOT NULL.
+    async fn column_swap(&self, table: &'static str, want: &Want) -> Result<Vec<String>> {
+        let mut swap = Vec::new();
+        let default = self
+            .columns(table)
+            .await?
+            .get(want.column)
+            .and_then(|c| c.default.clone());
+        let sequence = default.as_deref().and_then(sequence_of);
+        if let Some(seq) = &sequence {
+            // Dropping the column would drop the sequence it owns.
+            swap.push(format!("ALTER SEQUENCE {seq} OWNED BY NONE"));
+        }
+        // No CASCADE: what depends on the column was dropped above to be
+        // created again; anything else makes the swap fail whole.
+        swap.push(format!("ALTER TABLE {table} DROP COLUMN {}", want.column));
+        swap.push(format!(
+            "ALTER TABLE {table} RENAME COLUMN {}__new TO {}",
+            want.column, want.column
+        ));
+        if let Some(d) = default {
+            swap.push(format!(
+                "ALTER TABLE {table} ALTER COLUMN {} SET DEFAULT {d}",
+                want.column
+            ));
+        }
+        if let Some(seq) = &sequence {
+            swap.push(format!(
+                "ALTER SEQUENCE {seq} AS BIGINT OWNED BY {table}.{}",
+                want.column
+            ));
+        }
+        let check = format!("{table}_{}__new_not_null", want.column);
+        if self.constraint_exists(table, &check).await? {
+            swap.push(format!(
+                "ALTER TABLE {table} ALTER COLUMN {} SET NOT NULL",
+                want.column
+            ));
+            swap.push(format!("ALTER TABLE {table} DROP CONSTRAINT {check}"));
+        }
+        Ok(swap)
     }
 
     /// What a type change's swap drops and creates again for `columns` of

@@ -8,7 +8,7 @@ use super::rules;
 use super::target::{CHECKS, WANTED, queues};
 use super::{Adoption, Dependent, FORUM_TABLES, KeptType, Problem, Step};
 use crate::error::{DbContext, Error, Result};
-use crate::redis_conn::Redis;
+use crate::redis_runner::Redis;
 
 /// The Redis keys the original design leaves, and what becomes of them.
 pub(super) async fn inspect_redis(redis: &Redis) -> Vec<Problem> {
@@ -371,29 +371,31 @@ impl Adoption<'_> {
         Ok(())
     }
 
-    /// The steps, their rows and locks, in the order [`Adoption::run`] takes them.
-    pub(super) async fn plan(&mut self) -> Result<()> {
-        let pool = self.pool;
-        let rows = |t: &'static str| async move {
-            sqlx::query_scalar::<_, f32>("SELECT reltuples FROM pg_class WHERE oid = $1::REGCLASS")
-                .bind(t)
-                .fetch_one(pool)
-                .await
-                .map(|r| r.max(0.0) as i64)
-                .db("reading table sizes")
-        };
-        let short = format!(
+    /// A table's rows, as the statistics estimate them.
+    async fn rows(&self, table: &'static str) -> Result<i64> {
+        sqlx::query_scalar::<_, f32>("SELECT reltuples FROM pg_class WHERE oid = $1::REGCLASS")
+            .bind(table)
+            .fetch_one(self.pool)
+            .await
+            .map(|r| r.max(0.0) as i64)
+            .db("reading table sizes")
+    }
+
+    /// The lock of one short metadata change, as the plan states it.
+    fn short_lock(&self) -> String {
+        format!(
             "ACCESS EXCLUSIVE for one metadata change (waits at most {} ms, then lets the forum through and retries)",
             self.opts.lock_timeout.as_millis()
-        );
-        let mut steps = vec![Step {
-            step: "build the reference (what `migrate` builds) in schema loyaltyd_reference; move loyaltyd's own tables from it; turn on legacy_score_writes while the original code still runs".into(),
-            rows: 0,
-            lock: "none on forum tables".into(),
-        }];
+        )
+    }
+
+    /// The plan's steps for the forum tables' columns.
+    async fn column_steps(&self) -> Result<Vec<Step>> {
+        let short = self.short_lock();
+        let mut steps = Vec::new();
         for table in FORUM_TABLES {
             let have = self.columns(table).await?;
-            let n = rows(table).await?;
+            let n = self.rows(table).await?;
             for want in WANTED.iter().filter(|w| w.table == table) {
                 match have.get(want.column) {
                     None => steps.push(Step {
@@ -419,6 +421,19 @@ impl Adoption<'_> {
                 }
             }
         }
+        Ok(steps)
+    }
+
+    /// The steps, their rows and locks, in the order [`Adoption::run`] takes them.
+    pub(super) async fn plan(&mut self) -> Result<()> {
+        let rows = |t| self.rows(t);
+        let short = self.short_lock();
+        let mut steps = vec![Step {
+            step: "build the reference (what `migrate` builds) in schema loyaltyd_reference; move loyaltyd's own tables from it; turn on legacy_score_writes while the original code still runs".into(),
+            rows: 0,
+            lock: "none on forum tables".into(),
+        }];
+        steps.extend(self.column_steps().await?);
         if !self.report.kept_types.is_empty() {
             steps.push(Step {
                 step: format!(

@@ -19,7 +19,7 @@
 //!
 //! What `migrate` builds is read from the catalog, not from migration text:
 //! the migrations are run in a schema of their own beside the forum's (the
-//! reference, [`reference`]), loyaltyd's own tables are moved from it, and
+//! reference, module `reference`), loyaltyd's own tables are moved from it, and
 //! the forum's tables get its indexes; functions, triggers, views and
 //! grants are the current definitions (sql/), applied as `migrate` applies
 //! them. The migrations are then recorded in `_sqlx_migrations` with their

@@ -78,6 +78,51 @@ const OUTCOMES: &str = "('approved', 'rejected', 'calibrated')";
 /// whether `moderation_events.event_id` exists yet (a forum of the
 /// original design has none; a resumed adoption may).
 pub(super) fn rules(event_id: bool) -> Vec<Rule> {
+    let mut out = event_rules(event_id);
+    out.extend(user_rules());
+    out.extend(queue_rules());
+    // A quarantine rule leaves out what an earlier one of its table moves.
+    let mut earlier: Vec<(&'static str, String)> = Vec::new();
+    for rule in &mut out {
+        if let Fix::Quarantine { .. } = rule.fix {
+            let before: Vec<&String> = earlier
+                .iter()
+                .filter(|(t, _)| *t == rule.table)
+                .map(|(_, w)| w)
+                .collect();
+            let own = rule.when.clone();
+            if !before.is_empty() {
+                let not: Vec<String> = before
+                    .iter()
+                    .map(|w| format!("NOT COALESCE(({w}), false)"))
+                    .collect();
+                rule.when = format!("({own}) AND {}", not.join(" AND "));
+            }
+            earlier.push((rule.table, own));
+        }
+    }
+    out
+}
+
+/// A repair of `column` to `value` (SQL over the row), recorded under `kind`.
+fn set(column: &'static str, value: &str, kind: &str) -> Fix {
+    Fix::Set {
+        column,
+        value: value.into(),
+        kind: kind.into(),
+        also: "",
+    }
+}
+
+/// A move to the quarantine, with its reason.
+fn quarantine(reason: &str) -> Fix {
+    Fix::Quarantine {
+        reason: reason.into(),
+    }
+}
+
+/// The events' rules (spellings, then what no rule scores).
+fn event_rules(event_id: bool) -> Vec<Rule> {
     let mut out = Vec::new();
     let event = |problem: &str, when: String, fix: Fix| Rule {
         table: "moderation_events",
@@ -91,17 +136,6 @@ pub(super) fn rules(event_id: bool) -> Vec<Rule> {
         when,
         fix,
     };
-    let set = |column: &'static str, value: &str, kind: &str| Fix::Set {
-        column,
-        value: value.into(),
-        kind: kind.into(),
-        also: "",
-    };
-    let quarantine = |reason: &str| Fix::Quarantine {
-        reason: reason.into(),
-    };
-
-    // ---------------------------------------------------------- events
     for (column, valid, what) in [
         ("content_type", CONTENT_TYPES, "content type"),
         ("outcome", OUTCOMES, "outcome"),
@@ -159,8 +193,13 @@ pub(super) fn rules(event_id: bool) -> Vec<Rule> {
         ),
     ));
 
-    // ---------------------------------------------------------- users
-    // (After the events: a NULL score is the sum of the events that stay.)
+    out
+}
+
+/// The users' rules (after the events: a NULL score is the sum of the
+/// events that stay).
+fn user_rules() -> Vec<Rule> {
+    let mut out = Vec::new();
     let user = |problem: &str, when: &str, fix: Fix| Rule {
         table: "users",
         key: "id",
@@ -208,7 +247,12 @@ pub(super) fn rules(event_id: bool) -> Vec<Rule> {
         },
     ));
 
-    // ---------------------------------------------------------- queues
+    out
+}
+
+/// Each queue's rules.
+fn queue_rules() -> Vec<Rule> {
+    let mut out = Vec::new();
     for (queue, table, item, scope) in queues() {
         let q = |problem: String, when: String, fix: Fix| Rule {
             table,
@@ -277,26 +321,6 @@ pub(super) fn rules(event_id: bool) -> Vec<Rule> {
         ));
     }
 
-    // A quarantine rule leaves out what an earlier one of its table moves.
-    let mut earlier: Vec<(&'static str, String)> = Vec::new();
-    for rule in &mut out {
-        if let Fix::Quarantine { .. } = rule.fix {
-            let before: Vec<&String> = earlier
-                .iter()
-                .filter(|(t, _)| *t == rule.table)
-                .map(|(_, w)| w)
-                .collect();
-            let own = rule.when.clone();
-            if !before.is_empty() {
-                let not: Vec<String> = before
-                    .iter()
-                    .map(|w| format!("NOT COALESCE(({w}), false)"))
-                    .collect();
-                rule.when = format!("({own}) AND {}", not.join(" AND "));
-            }
-            earlier.push((rule.table, own));
-        }
-    }
     out
 }
 

@@ -19,7 +19,7 @@ use redis::Pipeline;
 use crate::context::Context;
 use crate::db;
 use crate::error::{DbContext, Error, Result};
-use crate::redis_conn::{Lua, Redis, SCRIPT_BATCH};
+use crate::redis_runner::{Lua, Redis, SCRIPT_BATCH};
 use crate::score_row::ScoreRow;
 use crate::types::UserId;
 

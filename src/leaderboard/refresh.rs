@@ -30,7 +30,7 @@ use crate::context::Context;
 use crate::db;
 use crate::error::{DbContext, Error, Result};
 use crate::perf::Timer;
-use crate::redis_conn::Redis;
+use crate::redis_runner::Redis;
 use crate::telemetry::{self, Operation};
 
 /// The debounce policy: refresh when enough changes are pending, or when any

@@ -18,32 +18,10 @@ const EVENTS: i64 = 40_000;
 
 /// Loads the original design's fixture into the (empty) test database.
 fn load_fixture(db: &str) {
-    let out = Command::new("psql")
-        .args([
-            "-X",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-v",
-            &format!("users={USERS}"),
-            "-v",
-            &format!("events={EVENTS}"),
-            "-h",
-            "/var/run/postgresql",
-            "-d",
-            db,
-            "-f",
-            concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/tests/fixtures/original_design.sql"
-            ),
-        ])
-        .output()
-        .unwrap_or_else(|e| panic!("psql: {e}"));
-    assert!(
-        out.status.success(),
-        "fixture: {}",
-        String::from_utf8_lossy(&out.stderr)
+    common::psql_fixture(
+        db,
+        "original_design.sql",
+        &[("users", USERS.to_string()), ("events", EVENTS.to_string())],
     );
 }
 
@@ -456,27 +434,7 @@ fn load_real_forum(db: &str) {
         .args(["-X", "-q", "-h", "/var/run/postgresql", "-d", db, "-c"])
         .arg(format!("DROP ROLE IF EXISTS {role}"))
         .output();
-    let out = Command::new("psql")
-        .args([
-            "-X",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-v",
-            &format!("role={role}"),
-        ])
-        .args(["-h", "/var/run/postgresql", "-d", db, "-f"])
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/fixtures/real_forum.sql"
-        ))
-        .output()
-        .unwrap_or_else(|e| panic!("psql: {e}"));
-    assert!(
-        out.status.success(),
-        "real forum fixture: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::psql_fixture(db, "real_forum.sql", &[("role", role)]);
 }
 
 #[sqlx::test(migrations = false)]

@@ -1035,6 +1035,29 @@ pub async fn finish(app: Child) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// Runs a SQL file of tests/fixtures/ with psql on `db` over the local
+/// socket, with `vars` as psql variables, stopping at its first error.
+pub fn psql_fixture(db: &str, file: &str, vars: &[(&str, String)]) {
+    let mut cmd = Command::new("psql");
+    cmd.args(["-X", "-q", "-v", "ON_ERROR_STOP=1"]);
+    for (k, v) in vars {
+        cmd.args(["-v", &format!("{k}={v}")]);
+    }
+    let out = cmd
+        .args(["-h", "/var/run/postgresql", "-d", db, "-f"])
+        .arg(format!(
+            "{}/tests/fixtures/{file}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .output()
+        .unwrap_or_else(|e| panic!("psql: {e}"));
+    assert!(
+        out.status.success(),
+        "{file}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Debian's Python, which has `python3-psycopg` (the test set-up installs it).
 /// Runs a psql script on a libpq connection string (unaligned, tuples only,
 /// stopping at the first error); returns (success, stdout, stderr).

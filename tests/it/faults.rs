@@ -433,7 +433,7 @@ async fn an_unreachable_redis_is_asked_once_per_back_off_not_once_per_command() 
         url: format!("redis://127.0.0.1:{port}/").into(),
         ..Default::default()
     };
-    let redis = loyaltyd::redis_conn::Redis::new(&cfg).unwrap_or_else(|e| panic!("{e}"));
+    let redis = loyaltyd::redis_runner::Redis::new(&cfg).unwrap_or_else(|e| panic!("{e}"));
     let cache = loyaltyd::cache::Cache::new(redis, &cfg);
     let started = std::time::Instant::now();
     for id in 1..=20 {
