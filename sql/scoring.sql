@@ -200,15 +200,12 @@ END $$;
 -- by the changed outcome or content type.
 CREATE OR REPLACE FUNCTION moderation_events_rescored() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
-DECLARE
-    ids BIGINT[];
-    deltas BIGINT[];
 BEGIN
-    SELECT array_agg(m.id), array_agg(m.delta) INTO ids, deltas
-    FROM (SELECT user_id::BIGINT AS id, score_delta::BIGINT AS delta FROM new_events
-          UNION ALL
-          SELECT user_id, -score_delta FROM old_events) m;
-    PERFORM scores_moved(ids, deltas);
+    PERFORM scores_moved(m.ids, m.deltas)
+    FROM (SELECT array_agg(x.id) AS ids, array_agg(x.delta) AS deltas
+          FROM (SELECT user_id::BIGINT AS id, score_delta::BIGINT AS delta FROM new_events
+                UNION ALL
+                SELECT user_id, -score_delta FROM old_events) x) m;
     RETURN NULL;
 END $$;
 

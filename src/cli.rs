@@ -13,7 +13,7 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::types::{ContentType, Ident, Outcome, Priority, QueueKind, Scope, UserId};
+use crate::types::{Ident, Priority, QueueKind, Scope, UserId};
 use crate::{adopt, daemon, db, demo, leaderboard, loyalty, perf, queues, sweep, telemetry};
 
 /// loyaltyd: incremental loyalty scores, a debounced leaderboard and exact
@@ -87,26 +87,7 @@ pub struct AdoptArgs {
 #[derive(Debug, Subcommand)]
 pub enum EventCommand {
     /// Record a moderation event and update the user's score
-    Record {
-        /// The user whose content was moderated
-        #[arg(long, value_parser = parse_user)]
-        user: UserId,
-        /// The forum's name for the event, e.g. moderation_decision
-        #[arg(long, allow_hyphen_values = true, value_parser = |s: &str| Ident::parse("--event-type", s))]
-        event_type: Ident,
-        /// What was moderated
-        #[arg(long, value_enum)]
-        content_type: ContentType,
-        /// Which piece of content
-        #[arg(long, allow_hyphen_values = true, value_parser = |s: &str| Ident::parse("--content-id", s))]
-        content_id: Ident,
-        /// The decision
-        #[arg(long, value_enum)]
-        outcome: Outcome,
-        /// Idempotency key: a retried event with the same key counts once
-        #[arg(long, allow_hyphen_values = true, value_parser = |s: &str| Ident::parse("--event-id", s))]
-        event_id: Option<Ident>,
-    },
+    Record(loyalty::NewEvent),
 }
 
 /// `score ...`
@@ -321,22 +302,7 @@ pub async fn run(cli: Cli) -> Result<()> {
 /// The commands that work on the data.
 async fn data_command(ctx: &Context, json: bool, command: Command) -> Result<()> {
     match command {
-        Command::Event(EventCommand::Record {
-            user,
-            event_type,
-            content_type,
-            content_id,
-            outcome,
-            event_id,
-        }) => {
-            let event = loyalty::NewEvent {
-                user,
-                event_type,
-                content_type,
-                content_id,
-                outcome,
-                event_id,
-            };
+        Command::Event(EventCommand::Record(event)) => {
             emit(json, &loyalty::record_event(ctx, &event).await?)
         }
         Command::Score(ScoreCommand::Get { user }) => {

@@ -26,20 +26,26 @@ use crate::score_row::ScoreRow;
 use crate::telemetry::Operation;
 use crate::types::{ContentType, Ident, Outcome, UserId};
 
-/// A moderation event to record.
-#[derive(Debug, Clone)]
+/// A moderation event to record (`event record`'s arguments too).
+#[derive(Debug, Clone, clap::Args)]
 pub struct NewEvent {
-    /// Whose content was moderated.
+    /// The user whose content was moderated
+    #[arg(long, value_parser = |s: &str| s.parse::<UserId>())]
     pub user: UserId,
-    /// The forum's own name for the event (e.g. `moderation_decision`).
+    /// The forum's name for the event, e.g. moderation_decision
+    #[arg(long, allow_hyphen_values = true, value_parser = |s: &str| Ident::parse("--event-type", s))]
     pub event_type: Ident,
-    /// What was moderated.
+    /// What was moderated
+    #[arg(long, value_enum)]
     pub content_type: ContentType,
-    /// Which piece of content.
+    /// Which piece of content
+    #[arg(long, allow_hyphen_values = true, value_parser = |s: &str| Ident::parse("--content-id", s))]
     pub content_id: Ident,
-    /// The decision.
+    /// The decision
+    #[arg(long, value_enum)]
     pub outcome: Outcome,
-    /// Idempotency key: a retry with the same key counts once.
+    /// Idempotency key: a retried event with the same key counts once
+    #[arg(long, allow_hyphen_values = true, value_parser = |s: &str| Ident::parse("--event-id", s))]
     pub event_id: Option<Ident>,
 }
 

@@ -303,6 +303,24 @@ pub async fn users(pool: &PgPool, n: i64) {
     .unwrap_or_else(|e| panic!("users: {e}"));
 }
 
+/// Users 1..=`positive` + 3 with many tied scores (1 + id % 4) and three
+/// more at zero or below (unranked), written with their bookkeeping; their
+/// sign-ups go back an hour for every `tied` ids (ties of sign-up time
+/// where `tied` > 1: the id decides).
+pub async fn tied_users(pool: &PgPool, positive: i64, tied: i64) {
+    sqlx::query(
+        "INSERT INTO users (id, username, loyalty_score, score_version, created_at)
+         SELECT g, 'u' || g, CASE WHEN g <= $1 THEN 1 + g % 4 ELSE -(g % 2) END, 1,
+                TIMESTAMPTZ '2024-01-01' - (g / $2) * INTERVAL '1 hour'
+         FROM generate_series(1, $1 + 3) g",
+    )
+    .bind(positive)
+    .bind(tied)
+    .execute(pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
 /// Every user's stored score next to the sum of their events.
 pub async fn score_drift(pool: &PgPool) -> Vec<(i64, i64, i64)> {
     sqlx::query_as(

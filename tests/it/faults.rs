@@ -117,23 +117,34 @@ async fn a_job_lock_held_by_an_idle_connection_past_the_time_limit_is_a_failure_
     drop(leaked);
 }
 
+/// `event record` of user 1's `content_type` item `content_id`, with an
+/// event id.
+fn record<'a>(
+    content_type: &'a str,
+    content_id: &'a str,
+    outcome: &'a str,
+    event_id: &'a str,
+) -> [&'a str; 14] {
+    [
+        "event",
+        "record",
+        "--user",
+        "1",
+        "--event-type",
+        "m",
+        "--content-type",
+        content_type,
+        "--content-id",
+        content_id,
+        "--outcome",
+        outcome,
+        "--event-id",
+        event_id,
+    ]
+}
+
 /// The event the CLI records, is killed in, and then retries.
-const RETRIED: &[&str] = &[
-    "event",
-    "record",
-    "--user",
-    "1",
-    "--event-type",
-    "m",
-    "--content-type",
-    "topic",
-    "--content-id",
-    "t-2",
-    "--outcome",
-    "rejected",
-    "--event-id",
-    "retry-me",
-];
+const RETRIED: [&str; 4] = ["topic", "t-2", "rejected", "retry-me"];
 
 #[sqlx::test(migrations = false)]
 async fn a_retry_of_an_event_id_after_a_kill_after_commit_repairs_the_cache(pool: PgPool) {
@@ -153,7 +164,7 @@ async fn a_retry_of_an_event_id_after_a_kill_after_commit_repairs_the_cache(pool
     // answering); it is killed there.
     proxy.stall();
     let mut cli = common::loyaltyd(&config)
-        .args(RETRIED)
+        .args(record(RETRIED[0], RETRIED[1], RETRIED[2], RETRIED[3]))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -181,9 +192,14 @@ async fn a_retry_of_an_event_id_after_a_kill_after_commit_repairs_the_cache(pool
     // The caller retries with the same event id: counted once, cache repaired.
     // (Off the runtime's thread: the proxy runs on it.)
     let retry_config = config.clone();
-    let out = tokio::task::spawn_blocking(move || common::run_json(&retry_config, RETRIED))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let out = tokio::task::spawn_blocking(move || {
+        common::run_json(
+            &retry_config,
+            &record(RETRIED[0], RETRIED[1], RETRIED[2], RETRIED[3]),
+        )
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(out["duplicate"], true);
     assert_eq!(out["loyalty_score"], 0);
     assert_eq!(common::redis_get_i64(&key).await, Some(0));
@@ -361,24 +377,7 @@ async fn an_event_id_reused_with_another_payload_exits_65_and_writes_nothing(poo
     common::migrate(&pool).await;
     common::users(&pool, 1).await;
     let config = common::config(&pool, "reuse");
-    let args = |outcome: &'static str| {
-        vec![
-            "event",
-            "record",
-            "--user",
-            "1",
-            "--event-type",
-            "m",
-            "--content-type",
-            "post",
-            "--content-id",
-            "p-1",
-            "--outcome",
-            outcome,
-            "--event-id",
-            "k-1",
-        ]
-    };
+    let args = |outcome: &'static str| record("post", "p-1", outcome, "k-1");
     assert!(common::run(&config, &args("approved")).status.success());
     let out = common::run(&config, &args("rejected"));
     assert_eq!(out.status.code(), Some(65));

@@ -41,18 +41,8 @@ async fn page_and_rank_match_the_seed_definition_at_the_ten_percent_boundaries(p
             .execute(&pool)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
-        // Scores with many ties (id % 4), sign-ups in reverse id order, plus
-        // three users with zero or negative scores who must stay unranked.
-        sqlx::query(
-            "INSERT INTO users (id, username, loyalty_score, score_version, created_at)
-             SELECT g, 'u' || g, CASE WHEN g <= $1 THEN 1 + g % 4 ELSE -(g % 2) END, 1,
-                    TIMESTAMPTZ '2024-01-01' - g * INTERVAL '1 hour'
-             FROM generate_series(1, $1 + 3) g",
-        )
-        .bind(positive)
-        .execute(&pool)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        // Sign-ups in reverse id order.
+        common::tied_users(&pool, positive, 1).await;
         common::refresh(&ctx).await;
         let expected = expected_board(&pool).await;
         assert_eq!(expected.len() as i64, positive);

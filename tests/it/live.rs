@@ -106,18 +106,8 @@ async fn ties_and_the_ten_percent_boundary_are_exact_and_follow_each_write(pool:
             .execute(&pool)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
-        // Scores with many ties (id % 4), sign-ups tied in threes (the id
-        // decides), and three users at zero or below who stay unranked.
-        sqlx::query(
-            "INSERT INTO users (id, username, loyalty_score, score_version, created_at)
-             SELECT g, 'u' || g, CASE WHEN g <= $1 THEN 1 + g % 4 ELSE -(g % 2) END, 1,
-                    TIMESTAMPTZ '2024-01-01' - (g / 3) * INTERVAL '1 hour'
-             FROM generate_series(1, $1 + 3) g",
-        )
-        .bind(positive)
-        .execute(&pool)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        // Sign-ups tied in threes (the id decides).
+        common::tied_users(&pool, positive, 3).await;
         assert_eq!(build(&ctx).await, positive as u64);
         let what = format!("{positive} ranked");
         assert_exact(&ctx, &pool, &what).await;

@@ -165,17 +165,15 @@ async fn unknown_without_history_the_queues_pace_for_a_new_scope_and_reorders_st
     .execute(&pool)
     .await
     .unwrap_or_else(|e| panic!("{e}"));
-    let json = common::run_json(
-        &ctx.config,
-        &[
-            "queue",
-            "position",
-            "--queue",
-            "message",
-            "--content-id",
-            "m1",
-        ],
-    );
+    let position = [
+        "queue",
+        "position",
+        "--queue",
+        "message",
+        "--content-id",
+        "m1",
+    ];
+    let json = common::run_json(&ctx.config, &position);
     assert_eq!(json["position"], 1);
     for key in [
         "expected_wait_seconds",
@@ -185,17 +183,7 @@ async fn unknown_without_history_the_queues_pace_for_a_new_scope_and_reorders_st
     ] {
         assert!(json[key].is_null(), "{key}: {json}");
     }
-    let out = common::run(
-        &ctx.config,
-        &[
-            "queue",
-            "position",
-            "--queue",
-            "message",
-            "--content-id",
-            "m1",
-        ],
-    );
+    let out = common::run(&ctx.config, &position);
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("expected wait unknown"),
         "{}",
