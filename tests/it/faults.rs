@@ -124,23 +124,10 @@ fn record<'a>(
     content_id: &'a str,
     outcome: &'a str,
     event_id: &'a str,
-) -> [&'a str; 14] {
-    [
-        "event",
-        "record",
-        "--user",
-        "1",
-        "--event-type",
-        "m",
-        "--content-type",
-        content_type,
-        "--content-id",
-        content_id,
-        "--outcome",
-        outcome,
-        "--event-id",
-        event_id,
-    ]
+) -> Vec<&'a str> {
+    let mut args = common::record_args("1", content_type, content_id, outcome);
+    args.extend(["--event-id", event_id]);
+    args
 }
 
 /// The event the CLI records, is killed in, and then retries.
