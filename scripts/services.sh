@@ -6,7 +6,8 @@
 # also installs what the tests drive loyaltyd with: Python's psycopg and
 # redis-py (the forum handlers of the SQL contract tests, the original
 # design's own service code in the adoption tests), Prometheus (promtool
-# and a live server) and plpgsql_check (the linter of the SQL layer).
+# and a live server), plpgsql_check (the linter of the SQL layer), and
+# Java's JDBC driver and PgBouncer (clients as forums run them).
 # Usage: scripts/services.sh [--test] [DATABASE...]
 set -euo pipefail
 
@@ -33,6 +34,10 @@ if $test_tools; then
     pg_major=${pg_major:-15}
     [ -f "/usr/share/postgresql/$pg_major/extension/plpgsql_check.control" ] \
         || missing+=("postgresql-$pg_major-plpgsql-check")
+    # A typed client (JDBC) and a connection pooler, as forums run them.
+    command -v java >/dev/null 2>&1 || missing+=(default-jdk-headless)
+    [ -f /usr/share/java/postgresql.jar ] || missing+=(libpostgresql-jdbc-java)
+    command -v pgbouncer >/dev/null 2>&1 || missing+=(pgbouncer)
 fi
 if ((${#missing[@]})); then
     log "installing ${missing[*]} from Debian's packages"

@@ -74,7 +74,9 @@ COMMENT ON FUNCTION loyalty_standing(BIGINT) IS
 
 -- A page of the view: `p_limit` entries after `p_offset` ranks. Ranks are
 -- dense 1..n: "rank > offset" skips without reading the skipped rows.
-CREATE OR REPLACE FUNCTION leaderboard_page(p_limit INTEGER DEFAULT 100, p_offset BIGINT DEFAULT 0)
+-- (BIGINT arguments: a typed client binding 64-bit integers finds it, and
+-- INTEGER ones are cast up.)
+CREATE OR REPLACE FUNCTION leaderboard_page(p_limit BIGINT DEFAULT 100, p_offset BIGINT DEFAULT 0)
     RETURNS TABLE (user_id BIGINT, username TEXT, loyalty_score BIGINT, rank BIGINT, can_create_topics BOOLEAN)
     LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path FROM CURRENT AS $$
 BEGIN
@@ -85,6 +87,6 @@ BEGIN
     FROM user_leaderboard l WHERE l.rank > p_offset ORDER BY l.rank LIMIT p_limit;
 END $$;
 
-COMMENT ON FUNCTION leaderboard_page(INTEGER, BIGINT) IS
+COMMENT ON FUNCTION leaderboard_page(BIGINT, BIGINT) IS
     'A page of the leaderboard view as of its last refresh. '
     'Live pages from committed scores, with names: Redis FCALL_RO loyaltyd_page (docs/integrating.md, "Live standing").';

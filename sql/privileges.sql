@@ -1,7 +1,9 @@
--- What a forum's own role may do (SPEC §10, §14): exactly what the contract
--- needs. Scores, versions, pending counts, queue keys and counters are
--- written by the triggers on the role's behalf (they run as their owner);
--- the role gets no UPDATE of any of them.
+-- What a forum's own role may do (SPEC §10, §14, §15): exactly what the
+-- contract needs. It signs its users up and renames them (INSERT of id,
+-- username and created_at, UPDATE of username); scores, versions, pending
+-- counts, queue keys and counters are written by the triggers on the role's
+-- behalf (they run as their owner), and the role gets no UPDATE of any of
+-- them.
 
 -- Grants a forum's role the contract and records it, so that every later
 -- apply of these definitions grants it what they add (below). Refuses
@@ -23,13 +25,15 @@ BEGIN
             USING ERRCODE = '22023', HINT = 'create a role for the forum: CREATE ROLE forum_app LOGIN';
     END IF;
     EXECUTE format('GRANT USAGE ON SCHEMA %I TO %I', current_schema(), role_name);
+    EXECUTE format('GRANT SELECT (id, username, loyalty_score, created_at, updated_at), INSERT (id, username, created_at),
+                    UPDATE (username) ON users TO %I', role_name);
     EXECUTE format('GRANT SELECT, INSERT ON moderation_events TO %I', role_name);
     EXECUTE format('GRANT USAGE ON SEQUENCE moderation_events_id_seq TO %I', role_name);
     EXECUTE format('GRANT SELECT, INSERT, DELETE ON topic_creation_queue, post_moderation_queue, private_message_queue TO %I', role_name);
     EXECUTE format('GRANT SELECT ON topic_creation_queue_positions, post_moderation_queue_positions,
                     private_message_queue_positions TO %I', role_name);
-    EXECUTE format('GRANT EXECUTE ON FUNCTION queue_position(TEXT, TEXT), queue_head(TEXT, TEXT, INTEGER),
-                    queue_length(TEXT, TEXT), loyalty_standing(BIGINT), leaderboard_page(INTEGER, BIGINT),
+    EXECUTE format('GRANT EXECUTE ON FUNCTION queue_position(TEXT, TEXT), queue_head(TEXT, TEXT, BIGINT),
+                    queue_length(TEXT, TEXT), loyalty_standing(BIGINT), leaderboard_page(BIGINT, BIGINT),
                     record_moderation_event(BIGINT, TEXT, TEXT, TEXT, TEXT, TEXT),
                     record_moderation_events(BIGINT[], TEXT[], TEXT[], TEXT[], TEXT[], TEXT[]),
                     queue_add(TEXT, TEXT, TEXT, FLOAT8) TO %I', role_name);

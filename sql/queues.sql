@@ -451,6 +451,9 @@ DECLARE
     since TIMESTAMPTZ;
     pace RECORD;
 BEGIN
+    IF p_content_id IS NULL THEN
+        RAISE EXCEPTION 'queue_position: content id is NULL' USING ERRCODE = '22023', HINT = 'give the item''s id';
+    END IF;
     IF p_queue = 'topic' THEN
         SELECT '', i.position_in_queue, i.priority_score, i.entered_queue_at,
                (SELECT count(*) FROM topic_creation_queue j
@@ -529,7 +532,7 @@ END $$;
 
 -- The first `p_limit` items of a scope ('' for the topic queue), in order,
 -- each with its expected wait (one pace for the scope).
-CREATE OR REPLACE FUNCTION queue_head(p_queue TEXT, p_scope TEXT, p_limit INTEGER DEFAULT 100)
+CREATE OR REPLACE FUNCTION queue_head(p_queue TEXT, p_scope TEXT, p_limit BIGINT DEFAULT 100)
     RETURNS TABLE (content_id TEXT, "position" BIGINT, priority_score FLOAT8, entered_queue_at TIMESTAMPTZ,
                    expected_wait_seconds FLOAT8, wait_source TEXT, wait_window_seconds FLOAT8,
                    wait_items_seen FLOAT8)

@@ -37,10 +37,20 @@ CREATE OR REPLACE FUNCTION event_points(p_content_type TEXT, p_outcome TEXT) RET
 -- adding one to a table that has rows rewrites it under an ACCESS EXCLUSIVE
 -- lock, which `adopt` cannot do online). It runs on every INSERT and on
 -- every UPDATE of its inputs, so a writer cannot store another value; as
--- its owner, like every trigger a client's statement reaches.
+-- its owner, like every trigger a client's statement reaches. An event of
+-- a user that does not exist is refused here, saying what to do (the
+-- foreign key would say only that a key is missing): the forum signs its
+-- users up in `users` first.
 CREATE OR REPLACE FUNCTION moderation_events_delta() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 BEGIN
+    IF TG_OP = 'INSERT' AND NOT EXISTS (SELECT 1 FROM users u WHERE u.id = NEW.user_id) THEN
+        RAISE EXCEPTION 'unknown user %: no row in users has this id; insert the user first', NEW.user_id
+            USING ERRCODE = '23503', CONSTRAINT = 'moderation_events_user_id_fkey', TABLE = 'moderation_events',
+                  COLUMN = 'user_id',
+                  HINT = format('sign the user up before recording their events: INSERT INTO users (id, username) VALUES (%s, ''…'')',
+                                NEW.user_id);
+    END IF;
     NEW.score_delta := event_points(NEW.content_type, NEW.outcome);
     RETURN NEW;
 END $$;

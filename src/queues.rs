@@ -404,7 +404,7 @@ pub async fn list(ctx: &Context, queue: QueueKind, scope: &Scope, limit: i64) ->
     let items: Vec<Item> = sqlx::query_as("SELECT * FROM queue_head($1, $2, $3)")
         .bind(queue.as_str())
         .bind(scope.key())
-        .bind(limit as i32)
+        .bind(limit)
         .fetch_all(&ctx.pool)
         .await
         .db("listing the queue")?;

@@ -692,3 +692,129 @@ async fn the_seeds_redis_counter_counts_as_pending_and_a_refresh_keeps_what_arri
     loyaltyd::leaderboard::refresh::consume_seed_pending(&ctx.redis, 2).await;
     assert_eq!(common::redis_get_i64(&key).await, Some(1));
 }
+
+/// The forum's role signs its users up and renames them with plain SQL, and
+/// can write nothing else of `users`; an event for a user it has not signed
+/// up is refused with a line that names the user and says to insert it.
+#[sqlx::test(migrations = false)]
+async fn the_forum_role_signs_users_up_and_renames_them_and_nothing_else(pool: PgPool) {
+    common::migrate(&pool).await;
+    let role = ForumRole::create(&pool, "users").await;
+    let (ok, out, err) = role.psql(
+        "INSERT INTO users (id, username) VALUES (7, 'ada');
+         INSERT INTO users (id, username, created_at) VALUES (8, 'bob', '2024-05-01');
+         UPDATE users SET username = 'ada lovelace' WHERE id = 7;
+         INSERT INTO users (id, username) VALUES (8, 'bobby')
+             ON CONFLICT (id) DO UPDATE SET username = EXCLUDED.username;
+         INSERT INTO moderation_events (user_id, event_type, content_type, content_id, outcome)
+             VALUES (7, 'moderation_decision', 'topic', 't-1', 'approved');
+         SELECT id, username, loyalty_score FROM users ORDER BY id;",
+    );
+    assert!(ok, "{err}");
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        ["7|ada lovelace|5", "8|bobby|0"]
+    );
+    for sql in [
+        "UPDATE users SET loyalty_score = 100 WHERE id = 7",
+        "INSERT INTO users (id, username, loyalty_score) VALUES (9, 'cy', 50)",
+        "UPDATE users SET created_at = now() WHERE id = 7",
+        "DELETE FROM users WHERE id = 8",
+    ] {
+        let (ok, _, err) = role.psql(sql);
+        assert!(!ok && err.contains("permission denied"), "{sql}: {err}");
+    }
+    let (ok, _, err) = role.psql(
+        "INSERT INTO moderation_events (user_id, event_type, content_type, content_id, outcome)
+         VALUES (404, 'moderation_decision', 'post', 'p-1', 'approved')",
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("unknown user 404") && err.contains("insert the user first"),
+        "{err}"
+    );
+    assert!(
+        err.contains("INSERT INTO users (id, username) VALUES (404"),
+        "{err}"
+    );
+    // loyaltyd's own path says the same, with the data exit code.
+    let ctx = common::ctx(&pool, "users");
+    let refused = loyaltyd::loyalty::record_event(
+        &ctx,
+        &common::event(404, ContentType::Post, Outcome::Approved),
+    )
+    .await;
+    assert!(
+        matches!(refused, Err(loyaltyd::error::Error::UnknownUser(404))),
+        "{refused:?}"
+    );
+    assert_eq!(score(&pool, 7).await, 5);
+    scores_exact(&pool, "sign-ups and renames").await;
+    role.drop_role(&pool).await;
+}
+
+/// A typed client (JDBC, Debian's driver: a Java long binds as BIGINT, an
+/// int as INTEGER, and a statement is prepared on the server from its fifth
+/// run) finds every read function as the forum's role, and a NULL id is
+/// refused with 22023.
+#[sqlx::test(migrations = false)]
+async fn a_jdbc_client_binding_longs_finds_every_read_function_and_null_ids_are_refused(
+    pool: PgPool,
+) {
+    common::migrate(&pool).await;
+    common::users(&pool, 3).await;
+    exec(
+        &pool,
+        "INSERT INTO moderation_events (user_id, event_type, content_type, content_id, outcome)
+             VALUES (1, 'moderation_decision', 'topic', 't-0', 'approved');
+         INSERT INTO post_moderation_queue (post_id, topic_id) VALUES ('p-1', 't-1'), ('p-2', 't-1');
+         REFRESH MATERIALIZED VIEW user_leaderboard;",
+    )
+    .await;
+    let role = ForumRole::create(&pool, "jdbc").await;
+    exec(
+        &pool,
+        &format!("ALTER ROLE \"{}\" PASSWORD 'typed'", role.name),
+    )
+    .await;
+    let out = Command::new("java")
+        .args(["-cp", "/usr/share/java/postgresql.jar"])
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/TypedClient.java"
+        ))
+        .arg(format!(
+            "jdbc:postgresql://127.0.0.1:5432/{}",
+            role.database
+        ))
+        .args([role.name.as_str(), "typed"])
+        .output()
+        .unwrap_or_else(|e| panic!("java (scripts/services.sh --test installs it): {e}"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .collect::<Vec<_>>(),
+        [
+            "page_long 1",
+            "page_int 1",
+            "standing 5",
+            "head p-1",
+            "length 2",
+            "position 2",
+            "position_null refused 22023",
+            "page_null refused 22023",
+            "record 6",
+        ]
+    );
+    assert_eq!(
+        score(&pool, 1).await,
+        6,
+        "the replayed event id counted once"
+    );
+    role.drop_role(&pool).await;
+}
