@@ -219,6 +219,10 @@ pub struct CheckConfigArgs {
     /// [default: /etc/loyaltyd/loyaltyd.env if it exists]
     #[arg(long, value_name = "PATH")]
     pub env_file: Option<PathBuf>,
+    /// Check the configuration only; without it, check-config also logs in
+    /// to PostgreSQL as the service would, and fails where it would fail
+    #[arg(long)]
+    pub offline: bool,
 }
 
 /// The environment file of the Debian package's unit.
@@ -265,7 +269,15 @@ pub async fn run(cli: Cli) -> Result<()> {
             let path = cli.config.clone();
             daemon::run(config, Box::new(move || Config::load(path.as_deref()))).await
         }
-        Command::CheckConfig(_) => emit(json, &CheckedConfig(config.clone())),
+        Command::CheckConfig(args) => {
+            if !args.offline {
+                // The service's first step: a login it refuses, a database
+                // that does not exist, is a configuration error (78), and an
+                // unreachable server 69, here as there.
+                db::connect(&config.database).await?;
+            }
+            emit(json, &CheckedConfig(config.clone()))
+        }
         Command::Migrate => {
             let pool = db::connect(&config.database).await?;
             db::migrate(&pool).await?;

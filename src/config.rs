@@ -53,7 +53,8 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct DatabaseConfig {
-    /// PostgreSQL URL. Default `postgres://127.0.0.1:5432/loyaltyd`; `DATABASE_URL` is honoured.
+    /// PostgreSQL URL. Default `postgres:///loyaltyd?host=/var/run/postgresql`
+    /// (the local socket, as the OS user); `DATABASE_URL` is honoured.
     pub url: SecretUrl,
     /// Pool size. Default 10. The refresh and the sweep each hold one connection while they run.
     pub max_connections: u32,
@@ -75,7 +76,7 @@ pub struct DatabaseConfig {
 impl Default for DatabaseConfig {
     fn default() -> Self {
         DatabaseConfig {
-            url: "postgres://127.0.0.1:5432/loyaltyd".into(),
+            url: "postgres:///loyaltyd?host=/var/run/postgresql".into(),
             max_connections: 10,
             connect_timeout: Duration::from_secs(5),
             statement_timeout: Duration::from_secs(30),

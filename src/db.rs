@@ -165,7 +165,18 @@ const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 /// Applies pending migrations, then the current SQL definitions where they
 /// changed; running it again changes nothing.
 pub async fn migrate(pool: &PgPool) -> Result<()> {
-    MIGRATOR.run(pool).await?;
+    MIGRATOR.run(pool).await.map_err(|e| match e {
+        // Not reaching the server, or a login it refuses (a database or a
+        // role that does not exist: a configuration to fix, exit 78), is
+        // said as any other statement's failure would say it.
+        sqlx::migrate::MigrateError::Execute(source)
+            if crate::error::is_unavailable(&source)
+                || crate::error::login_refused(&source).is_some() =>
+        {
+            crate::error::from_sqlx("applying the migrations", source)
+        }
+        other => Error::Migrate(other),
+    })?;
     crate::definitions::apply(pool).await?;
     Ok(())
 }

@@ -418,7 +418,7 @@ impl<T> DbContext<T> for std::result::Result<T, sqlx::Error> {
 /// What to do about a login the server refused for a reason of the
 /// configuration: a role or a database that does not exist, a password it
 /// does not take (SQLSTATE 28000, 28P01, 3D000).
-fn login_refused(e: &sqlx::Error) -> Option<&'static str> {
+pub fn login_refused(e: &sqlx::Error) -> Option<&'static str> {
     let sqlx::Error::Database(db) = e else {
         return None;
     };

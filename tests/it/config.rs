@@ -14,7 +14,9 @@ fn check_config(file: Option<&str>, env: &[(&str, &str)]) -> std::process::Outpu
     // An empty working directory: no config.toml is picked up by accident.
     let dir = std::env::temp_dir().join(crate::common::unique_prefix("cwd").replace(':', "_"));
     let _ = std::fs::create_dir_all(&dir);
-    cmd.current_dir(&dir).arg("check-config").arg("--json");
+    cmd.current_dir(&dir)
+        .args(["check-config", "--offline"])
+        .arg("--json");
     if let Some(text) = file {
         let path = dir.join("custom.toml");
         std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
@@ -103,7 +105,7 @@ fn database_url_and_redis_url_are_honoured_below_the_prefixed_variables() {
 fn passwords_never_appear_in_check_config_output() {
     for json in [true, false] {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_loyaltyd"));
-        cmd.arg("check-config")
+        cmd.args(["check-config", "--offline"])
             .env(
                 "LOYALTYD_DATABASE__URL",
                 "postgres://app:hunter2secret@db/x",
@@ -173,7 +175,12 @@ fn each_kind_of_configuration_error_exits_78_naming_the_key() {
 fn a_missing_or_unreadable_config_file_exits_78() {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_loyaltyd"));
     let out = cmd
-        .args(["check-config", "--config", "/nonexistent/loyaltyd.toml"])
+        .args([
+            "check-config",
+            "--offline",
+            "--config",
+            "/nonexistent/loyaltyd.toml",
+        ])
         .output()
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(out.status.code(), Some(78));
@@ -182,8 +189,7 @@ fn a_missing_or_unreadable_config_file_exits_78() {
     let path = std::env::temp_dir().join(crate::common::unique_prefix("bin").replace(':', "_"));
     std::fs::write(&path, b"[log]\nlevel = \"\xff\xfe\"\n").unwrap_or_else(|e| panic!("{e}"));
     let out = Command::new(env!("CARGO_BIN_EXE_loyaltyd"))
-        .arg("check-config")
-        .arg("--config")
+        .args(["check-config", "--offline", "--config"])
         .arg(&path)
         .output()
         .unwrap_or_else(|e| panic!("{e}"));
@@ -224,7 +230,7 @@ fn check_config_reads_the_services_environment_file() {
             }
         }
         cmd.current_dir(&dir)
-            .args(["check-config", "--json", "--env-file"])
+            .args(["check-config", "--offline", "--json", "--env-file"])
             .arg(path)
             .output()
             .unwrap_or_else(|e| panic!("{e}"))

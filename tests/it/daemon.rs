@@ -488,6 +488,7 @@ fn the_systemd_unit_verifies_and_is_hardened() {
         "ProtectHome=yes",
         "PrivateTmp=yes",
         "Restart=on-failure",
+        "RestartPreventExitStatus=78",
         "EnvironmentFile=",
     ] {
         assert!(unit.contains(directive), "{directive} missing");

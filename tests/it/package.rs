@@ -59,7 +59,10 @@ async fn the_debian_package_installs_configures_migrates_and_removes_cleanly(poo
     assert!(ok, "dpkg -i: {out}");
     assert_eq!(mode("/etc/loyaltyd/loyaltyd.env"), 0o600);
     assert_eq!(mode("/usr/bin/loyaltyd"), 0o755);
-    assert!(sh("getent", &["passwd", "loyaltyd"]).0, "the system user");
+    assert!(
+        !sh("getent", &["passwd", "loyaltyd"]).0,
+        "the unit's user is systemd's dynamic one: the package makes none"
+    );
     let (ok, out) = sh("dpkg-query", &["-W", "-f=${Conffiles}", "loyaltyd"]);
     assert!(
         ok && out.contains("/etc/loyaltyd/config.toml")
@@ -67,13 +70,41 @@ async fn the_debian_package_installs_configures_migrates_and_removes_cleanly(poo
         "{out}"
     );
 
-    // The installed binary with the installed configuration.
+    // The installed binary with the installed configuration: the local
+    // socket and a database `loyaltyd` this machine does not have. check-config
+    // and the service itself fail alike, exit 78 with the fix (the unit does
+    // not restart on 78).
+    for args in [
+        &["--config", "/etc/loyaltyd/config.toml", "check-config"][..],
+        &["--config", "/etc/loyaltyd/config.toml", "run"][..],
+    ] {
+        let out = Command::new("/usr/bin/loyaltyd")
+            .args(args)
+            .env_remove("DATABASE_URL")
+            .env(
+                "LOYALTYD_METRICS__LISTEN",
+                format!("127.0.0.1:{}", common::free_port()),
+            )
+            .output()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{args:?}: {err}");
+        assert!(
+            err.contains("database \"loyaltyd\" does not exist") && err.contains("createdb"),
+            "{args:?}: {err}"
+        );
+    }
+    let url = common::database_url(&pool);
     let (ok, out) = sh(
         "/usr/bin/loyaltyd",
-        &["check-config", "--config", "/etc/loyaltyd/config.toml"],
+        &[
+            "check-config",
+            "--offline",
+            "--config",
+            "/etc/loyaltyd/config.toml",
+        ],
     );
-    assert!(ok, "check-config: {out}");
-    let url = common::database_url(&pool);
+    assert!(ok, "check-config --offline: {out}");
     let migrate = Command::new("/usr/bin/loyaltyd")
         .args(["--config", "/etc/loyaltyd/config.toml", "migrate"])
         .env("LOYALTYD_DATABASE__URL", &url)
@@ -108,5 +139,4 @@ async fn the_debian_package_installs_configures_migrates_and_removes_cleanly(poo
     let (ok, out) = sh("dpkg", &["-P", "loyaltyd"]);
     assert!(ok, "dpkg -P: {out}");
     assert!(!Path::new("/etc/loyaltyd").exists(), "dpkg -P purges it");
-    assert!(!sh("getent", &["passwd", "loyaltyd"]).0, "and the user");
 }
