@@ -60,7 +60,10 @@ pub async fn seed(
     let started = Instant::now();
     let say = |msg: String| {
         if progress {
-            eprintln!("demo seed: {msg} ({:.1}s)", started.elapsed().as_secs_f64());
+            crate::log_output::say(&format!(
+                "demo seed: {msg} ({:.1}s)",
+                started.elapsed().as_secs_f64()
+            ));
         }
     };
     // A connection of its own (closed afterwards): bulk loading does not need

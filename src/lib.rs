@@ -47,6 +47,7 @@ pub mod error;
 pub mod jobs;
 pub mod leaderboard;
 pub mod locks;
+pub mod log_output;
 pub mod loyalty;
 pub mod perf;
 pub mod publish;

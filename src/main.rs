@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use loyaltyd::cli::{self, Cli};
 use loyaltyd::error::{EXIT_RUNTIME, one_line};
+use loyaltyd::log_output::say;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -22,7 +23,10 @@ fn main() -> ExitCode {
             // One line, as every other error: clap's message and usage, folded.
             let text = e.render().to_string();
             let text = text.replace("For more information, try '--help'.", "(see --help)");
-            eprintln!("loyaltyd: {}", one_line(text.trim_start_matches("error: ")));
+            say(&format!(
+                "loyaltyd: {}",
+                one_line(text.trim_start_matches("error: "))
+            ));
             return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
         }
     };
@@ -40,7 +44,7 @@ fn main() -> ExitCode {
                 }
             }
             Err(e) => {
-                eprintln!("loyaltyd: {}", e.one_line());
+                say(&format!("loyaltyd: {}", e.one_line()));
                 return ExitCode::from(e.exit_code());
             }
         }
@@ -51,14 +55,17 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("loyaltyd: cannot start the async runtime: {e}");
+            say(&format!("loyaltyd: cannot start the async runtime: {e}"));
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
     match runtime.block_on(cli::run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => {
+            loyaltyd::log_output::flush(std::time::Duration::from_secs(1));
+            ExitCode::SUCCESS
+        }
         Err(e) => {
-            eprintln!("loyaltyd: {}", e.one_line());
+            say(&format!("loyaltyd: {}", e.one_line()));
             ExitCode::from(e.exit_code())
         }
     }

@@ -545,11 +545,14 @@ pub enum Task {
     Systemd,
     /// The scheduler's or a loop's shutdown.
     Shutdown,
+    /// A log line that could not be written (stderr's reader gone or not
+    /// reading): counted, not logged.
+    LogOutput,
 }
 
 impl Task {
     /// Every task, for exporting their counters at zero.
-    pub const ALL: [Task; 8] = [
+    pub const ALL: [Task; 9] = [
         Task::ForumWatch,
         Task::BoardBuild,
         Task::JobTick,
@@ -558,6 +561,7 @@ impl Task {
         Task::Rollback,
         Task::Systemd,
         Task::Shutdown,
+        Task::LogOutput,
     ];
 
     /// The `task` label.
@@ -571,6 +575,7 @@ impl Task {
             Task::Rollback => "rollback",
             Task::Systemd => "systemd",
             Task::Shutdown => "shutdown",
+            Task::LogOutput => "log_output",
         }
     }
 }
@@ -686,7 +691,7 @@ pub fn init_logging(cfg: &LogConfig) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_LEVEL));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| crate::log_output::LogOutput)
         .with_ansi(std::io::stderr().is_terminal());
     // (The reload handle's type names the formatter: one per branch.)
     let reload: Option<FilterReload> = match cfg.format {

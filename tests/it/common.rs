@@ -1076,6 +1076,29 @@ pub fn psql_fixture(db: &str, file: &str, vars: &[(&str, String)]) {
     );
 }
 
+/// A child process killed when the test ends, however it ends.
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl std::ops::Deref for Killed {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Killed {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
 /// Debian's Python, which has `python3-psycopg` (the test set-up installs it).
 /// Runs a psql script on a libpq connection string (unaligned, tuples only,
 /// stopping at the first error); returns (success, stdout, stderr).

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::process::Command;
 use std::time::Duration;
 
 use loyaltyd::config::Config;
@@ -614,4 +615,81 @@ async fn sighup_reloads_what_can_change_and_refuses_a_bad_file(pool: PgPool) {
     );
     daemon.signal("TERM");
     assert_eq!(daemon.wait_exit(Duration::from_secs(15)).await.0, Some(0));
+}
+
+/// A log reader that goes away (a supervisor that died, `| head -n 1`) or
+/// stops reading (a full pipe) costs the daemon log lines, never its life:
+/// it keeps running, counts the lines it lost, and exits 0 on SIGTERM.
+#[sqlx::test(migrations = false)]
+async fn a_log_reader_that_goes_away_or_stops_reading_neither_kills_nor_hangs_the_daemon(
+    pool: PgPool,
+) {
+    use std::io::BufRead;
+    use std::process::Stdio;
+    common::migrate(&pool).await;
+    for closed in [true, false] {
+        let mut config = common::config(&pool, "pipes");
+        let addr: SocketAddr = format!("127.0.0.1:{}", common::free_port())
+            .parse()
+            .unwrap_or_else(|e| panic!("{e}"));
+        config.metrics.listen = addr;
+        // A line every few milliseconds (each refresh check logs one at
+        // debug): the pipe fills, and the queue behind it.
+        config.log.level = "debug".into();
+        config.leaderboard.check_interval = Duration::from_millis(5);
+        let file = common::write_config(&config);
+        let mut child = common::Killed(
+            common::loyaltyd_at(&file)
+                .arg("run")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| panic!("{e}")),
+        );
+        let stderr = child.stderr.take().unwrap_or_else(|| panic!("no stderr"));
+        let mut first = String::new();
+        let mut reader = std::io::BufReader::new(stderr);
+        reader
+            .read_line(&mut first)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(first.contains("starting"), "{first}");
+        // The reader goes away, or just stops reading.
+        let kept = if closed {
+            drop(reader);
+            drop(child.stdout.take());
+            None
+        } else {
+            Some(reader)
+        };
+        let lost = "loyaltyd_background_failures_total{task=\"log_output\"}";
+        common::eventually(
+            "log lines lost and counted",
+            Duration::from_secs(60),
+            || async {
+                common::series(&common::scrape(addr).await.unwrap_or_default(), lost).unwrap_or(0.0)
+                    > 0.0
+            },
+        )
+        .await;
+        assert!(
+            child.try_wait().ok().flatten().is_none(),
+            "the daemon died with its log reader (closed: {closed})"
+        );
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let started = std::time::Instant::now();
+        let code = loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                break status.code();
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "no exit within 10 s of SIGTERM (closed: {closed})"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(code, Some(0), "closed: {closed}");
+        drop(kept);
+    }
 }
