@@ -68,16 +68,18 @@ end
 return set
 "#;
 
-/// A read: the cached value, or on a miss a lease for the refill.
-/// KEYS: value key, lease key. ARGV: lease token, lease milliseconds.
-/// Returns the value; or "" when the miss took the lease; or nil when
-/// another reader holds it.
+/// A read: the cached value, or on a miss a lease for the refill. A value
+/// without a version is one loyaltyd did not write (the original design's
+/// code, before or beside it): never served, refilled from the database
+/// like a miss. KEYS: value key, version key, lease key. ARGV: lease token,
+/// lease milliseconds. Returns the value; or "" when the miss took the
+/// lease; or nil when another reader holds it.
 const GET_OR_LEASE: &str = r#"
 local v = redis.call('GET', KEYS[1])
-if v then
+if v and redis.call('EXISTS', KEYS[2]) == 1 then
   return v
 end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+if redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return ''
 end
 return false
@@ -235,8 +237,9 @@ impl Cache {
         let mut pipe = redis::pipe();
         pipe.cmd("EVALSHA")
             .arg(GET_OR_LEASE_SCRIPT.get_hash())
-            .arg(2)
+            .arg(3)
             .arg(self.score_key(user))
+            .arg(self.version_key(user))
             .arg(self.lease_key(user))
             .arg(&token)
             .arg(LEASE.as_millis() as u64);

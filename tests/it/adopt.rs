@@ -772,3 +772,47 @@ async fn a_real_forum_keeps_its_objects_and_its_requests_succeed_through_an_adop
     .execute(&pool)
     .await;
 }
+
+/// An entry the original code left in the cache that loyaltyd never wrote
+/// (its own race left it stale) is not served after adoption, though the
+/// user's score needed no repair: an entry without loyaltyd's version is
+/// read as a miss and refilled from the database.
+#[sqlx::test(migrations = false)]
+async fn after_adoption_no_cached_score_the_original_code_wrote_is_served(pool: PgPool) {
+    let db = database(&pool).await;
+    load_fixture(&db);
+    let config = common::config(&pool, "stale");
+    let (user, score): (i64, i64) = sqlx::query_as(
+        "SELECT id::BIGINT, loyalty_score::BIGINT FROM users u WHERE loyalty_score IS NOT NULL
+           AND loyalty_score = (SELECT COALESCE(sum(CASE lower(btrim(outcome)) WHEN 'approved' THEN 1
+                                                        WHEN 'rejected' THEN -1 ELSE 0 END
+                                                   * CASE lower(btrim(content_type)) WHEN 'topic' THEN 5 ELSE 1 END), 0)
+                                FROM moderation_events e WHERE e.user_id = u.id)
+         ORDER BY id LIMIT 1",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let key = format!("{}loyalty:{user}", config.redis.key_prefix);
+    let mut redis = common::redis().await;
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg(77_777)
+        .query_async(&mut redis)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let out = adopt(&config, &["--no-legacy-writers"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = common::run_json(&config, &["score", "get", "--user", &user.to_string()]);
+    assert_eq!(got["loyalty_score"], score, "{got}");
+    let cached: Option<i64> = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut redis)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(cached, Some(score), "refilled from the database");
+}
