@@ -259,15 +259,23 @@ BEGIN
                               t_kind, t_n, false);
     PERFORM queue_fold_counts(p_queue, scopes, t_scope, ARRAY(SELECT queue_superblock(k) FROM unnest(t_key) AS k),
                               t_kind, t_n, true);
-    -- Each scope: its removals added to its decayed count (decayed to the
-    -- latest removal's time: removals' times arrive in any order), and a
-    -- reorder flag when something was added or moved in by others.
+    -- Each scope: its removals added to its decayed count (one a
+    -- transaction at most: its removals share a time; decayed to the latest
+    -- removal's time: removals' times arrive in any order), and a reorder
+    -- flag when something was added or moved in by others.
     INSERT INTO queue_scopes AS s (queue, scope, needs_reorder, removed_decayed, removed_at, pace_since)
     SELECT p_queue, t.scope, bool_or(t.kind IN (1, 2)),
-           COALESCE(sum(exp(-GREATEST(date_part('epoch', t.last - t.at), 0) / tau)) FILTER (WHERE t.kind = -1), 0),
-           max(t.last), min(t.at) FILTER (WHERE t.kind = -1)
-    FROM (SELECT x.*, max(x.at) FILTER (WHERE x.kind = -1) OVER (PARTITION BY x.scope) AS last
-          FROM unnest(t_scope, t_kind, t_at) AS x(scope, kind, at)) t
+           COALESCE(sum(exp(-GREATEST(date_part('epoch', t.last - t.sec), 0) / tau))
+                        FILTER (WHERE t.kind = -1 AND t.nth = 1), 0),
+           max(t.last), min(t.sec) FILTER (WHERE t.kind = -1)
+    FROM (SELECT x.scope, x.kind, x.at AS sec,
+                 row_number() OVER (PARTITION BY x.scope, x.kind, x.at) AS nth,
+                 max(x.at) FILTER (WHERE x.kind = -1) OVER (PARTITION BY x.scope) AS last
+          FROM unnest(t_scope, t_kind, t_at) AS x(scope, kind, at)
+          -- (A transaction's removals split across two folds: the second
+          -- finds its time already counted.)
+          WHERE x.kind <> -1 OR x.at IS DISTINCT FROM (SELECT sc.removed_at FROM queue_scopes sc
+                                                      WHERE sc.queue = p_queue AND sc.scope = x.scope)) t
     GROUP BY t.scope
     ON CONFLICT (queue, scope) DO UPDATE
     SET needs_reorder = s.needs_reorder OR EXCLUDED.needs_reorder,
@@ -365,6 +373,13 @@ END $$;
 -- guess. (A log of removals would cost a row per remove, and a daemon's
 -- samples would need the daemon running for the SQL API to answer; the
 -- decayed count needs neither, and is exact for whichever writer removes.)
+--
+-- Two bounds keep it a moderators' pace: one transaction teaches it at most
+-- one removal (its removals share a time: a purge of forty spam items in
+-- one statement is not forty decisions), and the time since the last
+-- removal is a floor under the time per item (moderators who stopped make
+-- the estimate grow as the wait does, where the decayed rate alone would
+-- take an hour to notice).
 CREATE OR REPLACE FUNCTION queue_pace_window() RETURNS FLOAT8
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     RETURN 3600;
@@ -372,11 +387,34 @@ CREATE OR REPLACE FUNCTION queue_pace_min_items() RETURNS FLOAT8
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     RETURN 3;
 
+-- The removals of a queue's scopes (one scope, or all with NULL) decayed to
+-- now, per scope: the folded counts, and the changes not folded yet (one a
+-- transaction at most); when each scope's removals began, and its last one.
+CREATE OR REPLACE FUNCTION queue_removals(p_queue TEXT, p_scope TEXT)
+    RETURNS TABLE (scope TEXT, seen FLOAT8, since TIMESTAMPTZ, last TIMESTAMPTZ)
+    LANGUAGE sql STABLE AS $$
+        SELECT u.scope, sum(u.d), min(u.first), max(u.last)
+        FROM (SELECT sc.scope,
+                     sc.removed_decayed * exp(-GREATEST(date_part('epoch', now() - sc.removed_at), 0) / queue_pace_window()) AS d,
+                     sc.pace_since AS first, sc.removed_at AS last
+              FROM queue_scopes sc
+              WHERE sc.queue = p_queue AND (p_scope IS NULL OR sc.scope = p_scope) AND sc.removed_at IS NOT NULL
+              UNION ALL
+              SELECT x.scope, exp(-GREATEST(date_part('epoch', now() - x.sec), 0) / queue_pace_window()), x.sec, x.sec
+              FROM (SELECT DISTINCT c.scope, c.at AS sec FROM queue_changes c
+                    WHERE c.queue = p_queue AND (p_scope IS NULL OR c.scope = p_scope) AND c.kind = -1
+                      -- (The rest of a transaction a fold counted already.)
+                      AND c.at IS DISTINCT FROM (SELECT sc.removed_at FROM queue_scopes sc
+                                                 WHERE sc.queue = c.queue AND sc.scope = c.scope)) x) u
+        GROUP BY u.scope
+    $$;
+
 -- The pace of a scope ('' for the topic queue): seconds per removed item,
 -- the (decayed) window and removals it rests on, and its source: 'scope',
 -- or 'queue' when the scope itself has too little history (a new or quiet
--- topic: the queue's removals per active scope); all NULL when neither has
--- enough. Folded counts and the changes not folded yet both count.
+-- topic: the queue's removals per active scope), each with '_idle' when the
+-- time since the last removal is the floor (moderators stopped); all NULL
+-- when neither has enough.
 CREATE OR REPLACE FUNCTION queue_pace(p_queue TEXT, p_scope TEXT,
                                       OUT per_item_seconds FLOAT8, OUT window_seconds FLOAT8,
                                       OUT items_seen FLOAT8, OUT source TEXT)
@@ -384,57 +422,42 @@ CREATE OR REPLACE FUNCTION queue_pace(p_queue TEXT, p_scope TEXT,
 DECLARE
     tau CONSTANT FLOAT8 := queue_pace_window();
     since TIMESTAMPTZ;
+    last TIMESTAMPTZ;
     scopes BIGINT;
 BEGIN
-    SELECT sc.removed_decayed * exp(-GREATEST(date_part('epoch', now() - sc.removed_at), 0) / tau), sc.pace_since
-    INTO items_seen, since
-    FROM queue_scopes sc WHERE sc.queue = p_queue AND sc.scope = p_scope AND sc.removed_at IS NOT NULL;
-    SELECT COALESCE(items_seen, 0) + COALESCE(sum(exp(-GREATEST(date_part('epoch', now() - x.at), 0) / tau)), 0),
-           LEAST(since, min(x.at))
-    INTO items_seen, since
-    FROM queue_changes x WHERE x.queue = p_queue AND x.scope = p_scope AND x.kind = -1;
+    SELECT r.seen, r.since, r.last INTO items_seen, since, last FROM queue_removals(p_queue, p_scope) r;
     IF items_seen >= queue_pace_min_items() THEN
         window_seconds := tau * (1 - exp(-GREATEST(date_part('epoch', now() - since), 0) / tau));
         per_item_seconds := window_seconds / items_seen;
         source := 'scope';
-        RETURN;
-    END IF;
-    items_seen := NULL;
-    IF p_queue <> 'topic' THEN
-        SELECT sum(d), count(*) FILTER (WHERE d >= 1), min(first)
-        INTO items_seen, scopes, since
-        FROM (SELECT u.scope, sum(u.d) AS d, min(u.first) AS first
-              FROM (SELECT sc.scope,
-                           sc.removed_decayed * exp(-GREATEST(date_part('epoch', now() - sc.removed_at), 0) / tau) AS d,
-                           sc.pace_since AS first
-                    FROM queue_scopes sc WHERE sc.queue = p_queue AND sc.removed_at IS NOT NULL
-                    UNION ALL
-                    SELECT x.scope, exp(-GREATEST(date_part('epoch', now() - x.at), 0) / tau), x.at
-                    FROM queue_changes x WHERE x.queue = p_queue AND x.kind = -1) u
-              GROUP BY u.scope) per_scope;
+    ELSIF p_queue <> 'topic' THEN
+        -- The queue's typical pace: its removals per active scope.
+        SELECT sum(r.seen), count(*) FILTER (WHERE r.seen >= 1), min(r.since), max(r.last)
+        INTO items_seen, scopes, since, last
+        FROM queue_removals(p_queue, NULL) r;
         IF items_seen >= queue_pace_min_items() AND scopes > 0 THEN
             window_seconds := tau * (1 - exp(-GREATEST(date_part('epoch', now() - since), 0) / tau));
             per_item_seconds := window_seconds * scopes / items_seen;
             source := 'queue';
-            RETURN;
         END IF;
     END IF;
-    per_item_seconds := NULL;
-    window_seconds := NULL;
-    items_seen := NULL;
-    source := NULL;
+    IF source IS NULL THEN
+        items_seen := NULL;
+        RETURN;
+    END IF;
+    IF date_part('epoch', now() - last) > per_item_seconds THEN
+        per_item_seconds := date_part('epoch', now() - last);
+        source := source || '_idle';
+    END IF;
 END $$;
 
 -- ---------------------------------------------------------------- the read API
 
--- An item's exact, dense, 1-based position and expected wait, in two
--- statements: the item's row with the count of its block up to it; then
--- the superblocks before its superblock, its superblock's blocks before its
--- block, the changes not yet folded before its block (index range reads,
--- bounded by the items waiting), and its scope's removals (queue_pace's
--- scope branch). queue_pace itself only when the scope has too little
--- history. (Each statement and each nested call costs a fixed few
--- microseconds, the read mostly those.) No row for an item not queued.
+-- An item's exact, dense, 1-based position and expected wait: the item's
+-- row with the count of its block up to it; then the superblocks before its
+-- superblock, its superblock's blocks before its block and the changes not
+-- yet folded before its block (index range reads, bounded by the items
+-- waiting); then its scope's pace. No row for an item not queued.
 CREATE OR REPLACE FUNCTION queue_position(p_queue TEXT, p_content_id TEXT)
     RETURNS TABLE (scope TEXT, "position" BIGINT, priority_score FLOAT8, entered_queue_at TIMESTAMPTZ,
                    expected_wait_seconds FLOAT8, wait_source TEXT, wait_window_seconds FLOAT8,
@@ -442,13 +465,10 @@ CREATE OR REPLACE FUNCTION queue_position(p_queue TEXT, p_content_id TEXT)
     LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path FROM CURRENT AS $$
 #variable_conflict use_variable
 DECLARE
-    tau CONSTANT FLOAT8 := queue_pace_window();
     k BIGINT;
     inside BIGINT;
     blk BIGINT;
     before BIGINT;
-    seen FLOAT8;
-    since TIMESTAMPTZ;
     pace RECORD;
 BEGIN
     IF p_content_id IS NULL THEN
@@ -489,28 +509,14 @@ BEGIN
          + COALESCE((SELECT sum(b.item_count) FROM queue_blocks b
                      WHERE b.queue = p_queue AND b.scope = scope AND b.block >= (blk >> 5) << 5 AND b.block < blk), 0)
          + COALESCE((SELECT sum(CASE WHEN c.kind > 0 THEN c.n ELSE -c.n END) FROM queue_changes c
-                     WHERE c.queue = p_queue AND c.scope = scope AND c.key < queue_block_first_key(blk)), 0),
-           COALESCE((SELECT sc.removed_decayed * exp(-GREATEST(date_part('epoch', now() - sc.removed_at), 0) / tau)
-                     FROM queue_scopes sc
-                     WHERE sc.queue = p_queue AND sc.scope = scope AND sc.removed_at IS NOT NULL), 0)
-         + COALESCE((SELECT sum(exp(-GREATEST(date_part('epoch', now() - x.at), 0) / tau)) FROM queue_changes x
-                     WHERE x.queue = p_queue AND x.scope = scope AND x.kind = -1), 0)::FLOAT8,
-           LEAST((SELECT sc.pace_since FROM queue_scopes sc WHERE sc.queue = p_queue AND sc.scope = scope),
-                 (SELECT min(x.at) FROM queue_changes x WHERE x.queue = p_queue AND x.scope = scope AND x.kind = -1))
-    INTO before, seen, since;
+                     WHERE c.queue = p_queue AND c.scope = scope AND c.key < queue_block_first_key(blk)), 0)
+    INTO before;
     "position" := before + inside;
-    IF seen >= queue_pace_min_items() THEN
-        wait_window_seconds := tau * (1 - exp(-GREATEST(date_part('epoch', now() - since), 0) / tau));
-        wait_items_seen := seen;
-        wait_source := 'scope';
-        expected_wait_seconds := "position" * wait_window_seconds / seen;
-    ELSE
-        SELECT * INTO pace FROM queue_pace(p_queue, scope);
-        expected_wait_seconds := "position" * pace.per_item_seconds;
-        wait_source := pace.source;
-        wait_window_seconds := pace.window_seconds;
-        wait_items_seen := pace.items_seen;
-    END IF;
+    SELECT * INTO pace FROM queue_pace(p_queue, scope);
+    expected_wait_seconds := "position" * pace.per_item_seconds;
+    wait_source := pace.source;
+    wait_window_seconds := pace.window_seconds;
+    wait_items_seen := pace.items_seen;
     RETURN NEXT;
 END $$;
 

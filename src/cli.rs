@@ -568,6 +568,10 @@ impl Render for queues::Listing {
         let mut out = format!("{} queue: {} items", self.queue, self.length);
         if let Some(first) = self.items.first() {
             out.push_str(&format!("; head: {}", first.wait.describe()));
+            out.push_str(&format!(
+                "\n{:>8}  {:>10}  {:<23}  {:>9}  content id",
+                "position", "priority", "entered", "wait"
+            ));
         }
         for i in &self.items {
             out.push_str(&format!(

@@ -94,7 +94,10 @@ pub struct Wait {
     /// Expected seconds until the item is taken off the queue.
     pub expected_wait_seconds: Option<f64>,
     /// `scope` (the item's own topic or conversation), or `queue` (the
-    /// typical pace of the queue's active scopes, for a new or quiet scope).
+    /// typical pace of the queue's active scopes, for a new or quiet scope);
+    /// with `_idle` when no removal came for longer than that pace (the time
+    /// since the last one is then the time per item: the estimate grows
+    /// with the pause).
     pub wait_source: Option<String>,
     /// The (decayed) length of time the pace was measured over, in seconds.
     pub wait_window_seconds: Option<f64>,
@@ -103,8 +106,9 @@ pub struct Wait {
 }
 
 impl Wait {
-    /// "usually within 40 minutes (the topic's pace: 57 removals in the last hour)",
-    /// or why there is no estimate.
+    /// "expected wait 40 min (its scope's pace: 57 removals over 1 h)", with
+    /// "no removal for 25 min: slower than that pace" where moderators
+    /// stopped, or why there is no estimate.
     pub fn describe(&self) -> String {
         match (
             self.expected_wait_seconds,
@@ -112,17 +116,28 @@ impl Wait {
             self.wait_window_seconds,
             self.wait_items_seen,
         ) {
-            (Some(wait), Some(source), Some(window), Some(seen)) => format!(
-                "expected wait {} ({} pace: {:.0} removals over {})",
-                human_duration(wait),
-                if source == "scope" {
-                    "its scope's"
-                } else {
-                    "the queue's typical"
-                },
-                seen,
-                human_duration(window)
-            ),
+            (Some(wait), Some(source), Some(window), Some(seen)) => {
+                let (basis, idle) = match source.strip_suffix("_idle") {
+                    Some(basis) => (basis, true),
+                    None => (source, false),
+                };
+                format!(
+                    "expected wait {} ({} pace: {:.0} removals over {}{})",
+                    human_duration(wait),
+                    if basis == "scope" {
+                        "its scope's"
+                    } else {
+                        "the queue's typical"
+                    },
+                    seen,
+                    human_duration(window),
+                    if idle {
+                        "; no removal for longer than that pace: slower"
+                    } else {
+                        ""
+                    }
+                )
+            }
             _ => "expected wait unknown (too few removals seen yet)".to_owned(),
         }
     }
