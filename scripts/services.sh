@@ -8,16 +8,19 @@
 # design's own service code in the adoption tests), Prometheus (promtool
 # and a live server), plpgsql_check (the linter of the SQL layer), and
 # Java's JDBC driver and PgBouncer (clients as forums run them).
-# Usage: scripts/services.sh [--test] [DATABASE...]
+# With --bench, what the benchmark needs beyond the services: replication
+# connections for its streaming replica.
+# Usage: scripts/services.sh [--test | --bench] [DATABASE...]
 set -euo pipefail
 
 log() { printf 'services: %s\n' "$*" >&2; }
 
 test_tools=false
-if [ "${1:-}" = "--test" ]; then
-    test_tools=true
-    shift
-fi
+replication=false
+case "${1:-}" in
+    --test) test_tools=true; replication=true; shift ;;
+    --bench) replication=true; shift ;;
+esac
 
 missing=()
 command -v pg_ctlcluster >/dev/null 2>&1 || missing+=(postgresql)
@@ -66,13 +69,14 @@ if ! su postgres -c "psql -h /var/run/postgresql -tAc \"SELECT 1 FROM pg_roles W
     su postgres -c "createuser -h /var/run/postgresql --superuser root"
 fi
 
-# The tests copy the server into a streaming replica (pg_basebackup as the
-# postgres user over the local socket): that needs a replication entry in
-# pg_hba.conf, which Debian's default has and a trimmed one may not.
-if $test_tools; then
+# The tests and the benchmark copy the server into a streaming replica
+# (pg_basebackup as the postgres user over the local socket): that needs a
+# replication entry in pg_hba.conf, which Debian's default has and a trimmed
+# one may not.
+if $replication; then
     hba=$(psql -h /var/run/postgresql -U root -d postgres -tAc "SHOW hba_file")
     if ! grep -Eq '^[[:space:]]*local[[:space:]]+replication' "$hba"; then
-        log "allowing local replication connections (for the replica tests)"
+        log "allowing local replication connections (for the streaming replica)"
         printf 'local replication postgres peer\n' >> "$hba"
         psql -h /var/run/postgresql -U root -d postgres -tAc "SELECT pg_reload_conf()" >/dev/null
     fi
