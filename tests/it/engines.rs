@@ -320,7 +320,9 @@ impl PgReplica {
             let _ = std::fs::remove_dir_all(&data);
         }
         // Debian keeps the server's configuration outside the data directory:
-        // the copy gets a minimal one of its own.
+        // the copy gets a minimal one of its own. (Feedback: the primary's
+        // vacuum keeps what the replica's readers see, so replay never waits
+        // 30 s for one of them, max_standby_streaming_delay, to end.)
         let port = free_port();
         // A hot standby needs these at least as high as on its primary.
         let out = Command::new("psql")
@@ -337,7 +339,7 @@ impl PgReplica {
             data.join("postgresql.conf"),
             format!(
                 "port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
-                 hot_standby = on\nshared_buffers = 32MB\n{limits}\n",
+                 hot_standby = on\nhot_standby_feedback = on\nshared_buffers = 128MB\n{limits}\n",
                 dir.display()
             ),
         )

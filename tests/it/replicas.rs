@@ -17,22 +17,37 @@ const ON_REPLICA: &str = r#"loyaltyd_lagging_reads_total{target="replica",reason
 const LAGGED: &str = r#"loyaltyd_lagging_reads_total{target="primary",reason="lag"}"#;
 
 /// Waits until the replica has replayed everything the primary wrote so far.
+/// Bounded by progress, not by wall time: the replica replays the WAL of the
+/// whole cluster, which a loaded machine's other tests write by the
+/// gigabyte, so catching up can take longer than any fixed bound while
+/// replay moves on. Only a replay that stands still for 30 s fails.
 async fn caught_up(pool: &PgPool, replica: &PgPool) {
-    let lsn: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::TEXT")
+    let target: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::TEXT")
         .fetch_one(pool)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    common::eventually("the replica catching up", Duration::from_secs(30), || {
-        let (replica, lsn) = (replica.clone(), lsn.clone());
-        async move {
-            sqlx::query_scalar::<_, bool>("SELECT pg_last_wal_replay_lsn() >= $1::pg_lsn")
-                .bind(lsn)
-                .fetch_one(&replica)
-                .await
-                .unwrap_or(false)
+    let (mut last, mut moved) = (String::new(), std::time::Instant::now());
+    loop {
+        let (replayed, done): (Option<String>, Option<bool>) = sqlx::query_as(
+            "SELECT pg_last_wal_replay_lsn()::TEXT, pg_last_wal_replay_lsn() >= $1::pg_lsn",
+        )
+        .bind(&target)
+        .fetch_one(replica)
+        .await
+        .unwrap_or((None, None));
+        if done == Some(true) {
+            return;
         }
-    })
-    .await;
+        let replayed = replayed.unwrap_or_default();
+        if replayed != last {
+            (last, moved) = (replayed, std::time::Instant::now());
+        }
+        assert!(
+            moved.elapsed() < Duration::from_secs(30),
+            "the replica's replay stood still for 30 s at {last}, short of {target}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Users with scores and a refreshed view, and a context reading the replica.
