@@ -25,7 +25,7 @@ pub async fn scores(ctx: &Context, rows: &[ScoreRow]) -> bool {
             "EVALSHA",
             &pipe,
             true,
-            &[cache::write_script(), live::library()],
+            &[cache::write_script(), live::library(&ctx.redis)],
         )
         .await
 }

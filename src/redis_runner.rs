@@ -24,6 +24,8 @@ pub struct Lua {
     hash: String,
     /// A library's name; `None` for a script.
     library: Option<&'static str>,
+    /// A library's version (its `library version N` line), if it says one.
+    version: Option<u32>,
 }
 
 impl Lua {
@@ -33,6 +35,7 @@ impl Lua {
             source,
             hash: redis::Script::new(source).get_hash().to_owned(),
             library: None,
+            version: None,
         }
     }
 
@@ -42,6 +45,7 @@ impl Lua {
             source,
             hash: String::new(),
             library: Some(name),
+            version: library_version(source),
         }
     }
 
@@ -49,6 +53,17 @@ impl Lua {
     pub fn get_hash(&self) -> &str {
         &self.hash
     }
+}
+
+/// The version a library's source states (`library version N`).
+fn library_version(source: &str) -> Option<u32> {
+    source
+        .split("library version ")
+        .nth(1)?
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Users per call of the batch scripts (the cache's and the live board's):
@@ -272,47 +287,50 @@ impl Redis {
     }
 
     /// Loads a function library unless every node that holds keys has it
-    /// already (`replace`: load it whatever they have, e.g. a newer
-    /// version's); false when Redis is away. For clients of other languages,
-    /// which call the library but cannot load it.
+    /// already (`replace`: load it over an older or equal version, e.g. at a
+    /// start); a node holding a higher version keeps it (another loyaltyd,
+    /// newer, shares the deployment). False when Redis is away. For clients
+    /// of other languages, which call the library but cannot load it.
     pub async fn ensure_library(&self, library: &Lua, replace: bool) -> bool {
         let Some(name) = library.library else {
             return false;
         };
-        if !replace {
-            let conn = &self.inner.conn;
-            let nodes = match self.run("CLUSTER SLOTS", conn.masters()).await {
-                Some(Some(masters)) => masters.into_iter().map(Some).collect(),
-                Some(None) => vec![None],
+        let conn = &self.inner.conn;
+        let nodes = match self.run("CLUSTER SLOTS", conn.masters()).await {
+            Some(Some(masters)) => masters.into_iter().map(Some).collect(),
+            Some(None) => vec![None],
+            None => return false,
+        };
+        let mut missing = false;
+        for node in nodes {
+            let list = redis::cmd("FUNCTION")
+                .arg("LIST")
+                .arg("LIBRARYNAME")
+                .arg(name)
+                .arg("WITHCODE")
+                .to_owned();
+            let listed = self
+                .run("FUNCTION LIST", async {
+                    let mut c = conn.handle().await?;
+                    match &node {
+                        Some((host, port)) => c.on_node(list, host, *port).await,
+                        None => list.query_async::<Value>(&mut c).await,
+                    }
+                })
+                .await;
+            match listed {
+                Some(listed) => match loaded_version(&listed, name) {
+                    // A newer loyaltyd's library: never replaced by ours.
+                    Some(Some(v)) if library.version.is_some_and(|ours| v > ours) => return true,
+                    Some(_) => {}
+                    None => missing = true,
+                },
                 None => return false,
-            };
-            let mut missing = false;
-            for node in nodes {
-                let list = redis::cmd("FUNCTION")
-                    .arg("LIST")
-                    .arg("LIBRARYNAME")
-                    .arg(name)
-                    .to_owned();
-                let listed = self
-                    .run("FUNCTION LIST", async {
-                        let mut c = conn.handle().await?;
-                        match &node {
-                            Some((host, port)) => c.on_node(list, host, *port).await,
-                            None => list.query_async::<Value>(&mut c).await,
-                        }
-                    })
-                    .await;
-                match listed {
-                    Some(Value::Array(libraries)) if !libraries.is_empty() => {}
-                    Some(_) => missing = true,
-                    None => return false,
-                }
-            }
-            if !missing {
-                return true;
             }
         }
-        let conn = &self.inner.conn;
+        if !missing && !replace {
+            return true;
+        }
         self.run("FUNCTION LOAD", async {
             load_scripts(&mut conn.handle().await?, &[library]).await
         })
@@ -456,6 +474,36 @@ pub fn escape_glob(s: &str) -> String {
         out.push(c);
     }
     out
+}
+
+/// The version of library `name` in a `FUNCTION LIST LIBRARYNAME ...
+/// WITHCODE` reply: `None` when the reply holds no such library,
+/// `Some(None)` for one that states no version. (LIBRARYNAME matches by
+/// pattern: `loyaltyd` lists `loyaltyd_staging` too.)
+fn loaded_version(listed: &Value, name: &str) -> Option<Option<u32>> {
+    let Value::Array(libraries) = listed else {
+        return None;
+    };
+    libraries.iter().find_map(|library| {
+        let fields: Vec<&Value> = match library {
+            Value::Array(items) => items.iter().collect(),
+            Value::Map(pairs) => pairs.iter().flat_map(|(k, v)| [k, v]).collect(),
+            _ => return None,
+        };
+        let field = |key: &[u8]| {
+            fields.chunks(2).find_map(|kv| match kv {
+                [Value::BulkString(k), Value::BulkString(v)] if k.as_slice() == key => {
+                    Some(String::from_utf8_lossy(v).into_owned())
+                }
+                [Value::SimpleString(k), Value::BulkString(v)] if k.as_bytes() == key => {
+                    Some(String::from_utf8_lossy(v).into_owned())
+                }
+                _ => None,
+            })
+        };
+        (field(b"library_name").as_deref() == Some(name))
+            .then(|| field(b"library_code").and_then(|code| library_version(&code)))
+    })
 }
 
 /// Whether Redis answered that it does not know a script or a function.

@@ -1,9 +1,18 @@
 #!lua name=loyaltyd
--- loyaltyd's live board and its read contract for any Redis client (README
--- "Live standing from any language"). The daemon loads this library on
+-- loyaltyd's live board and its read contract for any Redis client
+-- (docs/integrating.md, "Live standing"). The daemon loads this library on
 -- every master and loads it again when Redis lost it; loyaltyd's own writes
 -- and reads call it too, so there is one definition of the board and of a
 -- rank.
+--
+-- library version 4
+-- Each deployment has its own library on a Redis it shares with others:
+-- `loyaltyd` for the empty key prefix, `loyaltyd_<prefix>` for another (its
+-- characters outside [A-Za-z0-9_] as `_`), its functions named after it
+-- (`loyaltyd_staging_rank` for the prefix `staging:`); loyaltyd renames
+-- them when it loads this text. A daemon never replaces a library of a
+-- higher version than its own (two versions of a deployment during an
+-- upgrade: the newer one's library stays).
 --
 -- KEYS[1]: the board's sorted set, `<prefix>leaderboard:live`; KEYS[2]: its
 -- base, `<prefix>leaderboard:live:users` (in a Redis Cluster the tag is

@@ -1,18 +1,21 @@
 //! The live board: the leaderboard answered from committed scores, in Redis.
 //!
-//! A Redis function library (`live.lua`, loaded as `loyaltyd`) holds the
-//! whole board: its layout (a sorted set whose members are each user's
-//! sign-up time, id and name, so a page is one `ZRANGE`; each user's version
-//! and member in small bucket hashes), loyaltyd's writes and checks, and the
-//! reads every client calls (`loyaltyd_rank`, `loyaltyd_page`), so there is
-//! one definition of a rank for loyaltyd and for a forum in any language.
+//! A Redis function library (`live.lua`, loaded as `loyaltyd`, or
+//! `loyaltyd_<prefix>` for a deployment with a key prefix: see
+//! [`library_name`]) holds the whole board: its layout (a sorted set whose
+//! members are each user's sign-up time, id and name, so a page is one
+//! `ZRANGE`; each user's version and member in small bucket hashes),
+//! loyaltyd's writes and checks, and the reads every client calls
+//! (`loyaltyd_rank`, `loyaltyd_page`), so there is one definition of a rank
+//! for loyaltyd and for a forum in any language.
 //! Every score write lands on the board in the same Redis round trip as the
 //! cache's ([`crate::publish`]), guarded by the score's version, so a late
 //! write cannot put an older score back. The daemon builds it from
 //! PostgreSQL on start and after Redis lost it ([`build`]); the nightly
 //! sweep checks it, names included. Rank and page are O(log n).
 
-use std::sync::LazyLock;
+use std::collections::HashMap;
+use std::sync::Mutex;
 
 use redis::Pipeline;
 
@@ -26,12 +29,52 @@ use crate::types::UserId;
 /// The library's source (its header documents the layout and the contract).
 const LIBRARY: &str = include_str!("live.lua");
 
-static LIBRARY_LUA: LazyLock<Lua> = LazyLock::new(|| Lua::library("loyaltyd", LIBRARY));
+/// The library's name for a deployment of key prefix `prefix`: `loyaltyd`
+/// for none, else `loyaltyd_` and the prefix (its characters outside
+/// `[A-Za-z0-9_]` as `_`, the separators at its ends left off). Its
+/// functions are named after it: `<name>_rank`, `<name>_page`, …; two
+/// deployments on one Redis (production and staging) each load and call
+/// their own.
+pub fn library_name(prefix: &str) -> String {
+    let tag: String = prefix
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    match tag.trim_matches('_') {
+        "" => "loyaltyd".to_owned(),
+        tag => format!("loyaltyd_{tag}"),
+    }
+}
 
-/// The library, for loading it where a write pipeline is composed (see
-/// [`Redis::exec_pipeline`]).
-pub fn library() -> &'static Lua {
-    &LIBRARY_LUA
+/// The library of a deployment, named by [`library_name`]: live.lua with
+/// its names given (one per prefix this process uses, kept for its life).
+pub fn library(redis: &Redis) -> &'static Lua {
+    static LIBRARIES: Mutex<Option<HashMap<String, &'static Lua>>> = Mutex::new(None);
+    let name = library_name(redis.prefix());
+    let mut libraries = LIBRARIES
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    libraries
+        .get_or_insert_with(HashMap::new)
+        .get(&name)
+        .copied()
+        .unwrap_or_else(|| {
+            let source = LIBRARY
+                .replacen("#!lua name=loyaltyd", &format!("#!lua name={name}"), 1)
+                .replace("'loyaltyd_", &format!("'{name}_"));
+            let lua: &'static Lua = Box::leak(Box::new(Lua::library(
+                Box::leak(name.clone().into_boxed_str()),
+                Box::leak(source.into_boxed_str()),
+            )));
+            libraries.get_or_insert_with(HashMap::new).insert(name, lua);
+            lua
+        })
 }
 
 /// A user's place on the live board.
@@ -102,6 +145,8 @@ pub fn live_member_user(member: &[u8]) -> Option<UserId> {
 #[derive(Clone)]
 pub struct Board {
     redis: Redis,
+    /// The deployment's library ([`library`]).
+    library: &'static Lua,
 }
 
 impl Board {
@@ -109,7 +154,14 @@ impl Board {
     pub fn new(redis: &Redis) -> Board {
         Board {
             redis: redis.clone(),
+            library: library(redis),
         }
+    }
+
+    /// The library's function `function` (`rank`, `set`, …) of this
+    /// deployment.
+    fn function(&self, function: &str) -> String {
+        format!("{}_{function}", library_name(self.redis.prefix()))
     }
 
     /// `leaderboard:live`: the live board's sorted set.
@@ -136,7 +188,7 @@ impl Board {
         reads: bool,
     ) -> &'p mut Pipeline {
         pipe.cmd(if reads { "FCALL_RO" } else { "FCALL" })
-            .arg(function)
+            .arg(self.function(function))
             .arg(2)
             .arg(self.key())
             .arg(self.users_key())
@@ -147,7 +199,7 @@ impl Board {
     /// row does not carry is kept as the board has it.
     pub fn add_set(&self, pipe: &mut Pipeline, scores: &[ScoreRow]) {
         for chunk in scores.chunks(SCRIPT_BATCH) {
-            let call = self.add_fcall(pipe, "loyaltyd_set", false);
+            let call = self.add_fcall(pipe, "set", false);
             for s in chunk {
                 let name = match &s.username {
                     Some(name) => format!("={name}"),
@@ -172,7 +224,7 @@ impl Board {
         let mut pipe = redis::pipe();
         self.add_set(&mut pipe, scores);
         self.redis
-            .exec_pipeline("FCALL", &pipe, true, &[&LIBRARY_LUA])
+            .exec_pipeline("FCALL", &pipe, true, &[self.library])
             .await
     }
 
@@ -189,11 +241,11 @@ impl Board {
     /// Marks the live board built (or, with `false`, to be built again).
     pub async fn mark_ready(&self, ready: bool) -> bool {
         let mut pipe = redis::pipe();
-        self.add_fcall(&mut pipe, "loyaltyd_mark", false)
+        self.add_fcall(&mut pipe, "mark", false)
             .arg(i32::from(ready))
             .ignore();
         self.redis
-            .exec_pipeline("FCALL", &pipe, false, &[&LIBRARY_LUA])
+            .exec_pipeline("FCALL", &pipe, false, &[self.library])
             .await
     }
 
@@ -205,7 +257,7 @@ impl Board {
             return Some(Vec::new());
         }
         let mut pipe = redis::pipe();
-        let call = self.add_fcall(&mut pipe, "loyaltyd_check", true);
+        let call = self.add_fcall(&mut pipe, "check", true);
         for s in scores {
             call.arg(s.user.get())
                 .arg(live_member(
@@ -217,7 +269,7 @@ impl Board {
         }
         let (ids,): (Vec<i64>,) = self
             .redis
-            .query_pipeline("FCALL_RO", &pipe, false, &[&LIBRARY_LUA])
+            .query_pipeline("FCALL_RO", &pipe, false, &[self.library])
             .await?;
         Some(
             ids.into_iter()
@@ -249,9 +301,7 @@ impl Board {
     /// can bring them back: a write needs the user's row); false when Redis
     /// is away.
     pub async fn remove(&self, users: &[(UserId, Vec<u8>)]) -> bool {
-        self.call_on_members("loyaltyd_remove", users)
-            .await
-            .is_some()
+        self.call_on_members("remove", users).await.is_some()
     }
 
     /// Takes strays off the sorted set: members of users whose bucket
@@ -259,7 +309,7 @@ impl Board {
     /// a member the entry names stays. How many were taken off (`None`:
     /// Redis is away).
     pub async fn remove_strays(&self, members: &[(UserId, Vec<u8>)]) -> Option<u64> {
-        self.call_on_members("loyaltyd_unstray", members).await
+        self.call_on_members("unstray", members).await
     }
 
     /// Calls a write function of the library on (user, member) pairs; its
@@ -275,7 +325,7 @@ impl Board {
         }
         let (n,): (u64,) = self
             .redis
-            .query_pipeline("FCALL", &pipe, false, &[&LIBRARY_LUA])
+            .query_pipeline("FCALL", &pipe, false, &[self.library])
             .await?;
         Some(n)
     }
@@ -308,7 +358,7 @@ impl Board {
     /// it on start and every few seconds, so that other clients find it
     /// after a Redis restart or a failover.
     pub async fn ensure_library(&self, replace: bool) -> bool {
-        self.redis.ensure_library(&LIBRARY_LUA, replace).await
+        self.redis.ensure_library(self.library, replace).await
     }
 
     /// Calls one of the library's read functions on the board.
@@ -317,7 +367,7 @@ impl Board {
         self.add_fcall(&mut pipe, function, true).arg(args);
         let (reply,): (Vec<redis::Value>,) = self
             .redis
-            .query_pipeline("FCALL_RO", &pipe, false, &[&LIBRARY_LUA])
+            .query_pipeline("FCALL_RO", &pipe, false, &[self.library])
             .await?;
         Some(reply)
     }
@@ -325,7 +375,7 @@ impl Board {
     /// A user's place on the live board; `None` when the board is not built
     /// or Redis is away (the caller reads the view instead).
     pub async fn rank(&self, user: UserId) -> Option<LiveRank> {
-        let reply = self.read("loyaltyd_rank", &[user.get()]).await?;
+        let reply = self.read("rank", &[user.get()]).await?;
         let int = |i: usize| match reply.get(i) {
             Some(redis::Value::Int(n)) => Some(*n),
             _ => None,
@@ -345,7 +395,7 @@ impl Board {
     /// from rank `offset + 1` on; `None` when the board is not built or
     /// Redis is away.
     pub async fn page(&self, offset: i64, limit: i64) -> Option<(i64, Vec<LiveEntry>)> {
-        let reply = self.read("loyaltyd_page", &[offset, limit]).await?;
+        let reply = self.read("page", &[offset, limit]).await?;
         let mut items = reply.into_iter();
         let ranked = match items.next()? {
             redis::Value::Int(-2) => return None,

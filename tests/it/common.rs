@@ -1276,6 +1276,7 @@ pub fn python_live_standing(
             mode,
             address,
             prefix,
+            &loyaltyd::leaderboard::live::library_name(prefix),
             expect,
         ])
         .output()

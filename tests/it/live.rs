@@ -337,11 +337,14 @@ async fn a_board_lost_with_redis_is_rebuilt_by_the_daemon_while_readers_use_the_
         Duration::from_secs(30),
         || {
             let mut c = c.clone();
+            let config = config.clone();
             async move {
                 let listed: Vec<redis::Value> = redis::cmd("FUNCTION")
                     .arg("LIST")
                     .arg("LIBRARYNAME")
-                    .arg("loyaltyd")
+                    .arg(loyaltyd::leaderboard::live::library_name(
+                        &config.redis.key_prefix,
+                    ))
                     .query_async(&mut c)
                     .await
                     .unwrap_or_else(|e| panic!("{e}"));
@@ -494,7 +497,7 @@ async fn a_python_client_reads_exact_live_standing_through_the_function_library(
     // The SQL API says its ranks are the view's, and where live ones are.
     for function in [
         "loyalty_standing(bigint)",
-        "leaderboard_page(integer, bigint)",
+        "leaderboard_page(bigint, bigint)",
     ] {
         let comment: Option<String> =
             sqlx::query_scalar("SELECT obj_description($1::REGPROCEDURE, 'pg_proc')")
@@ -769,7 +772,10 @@ async fn ids_of_every_byte_length_and_names_of_any_bytes_keep_the_order_and_read
         .to_vec();
     old_member.extend_from_slice(&ids[2].to_be_bytes());
     let refused: redis::RedisResult<i64> = redis::cmd("FCALL")
-        .arg("loyaltyd_set")
+        .arg(format!(
+            "{}_set",
+            loyaltyd::leaderboard::live::library_name(&ctx.config.redis.key_prefix)
+        ))
         .arg(2)
         .arg(board.key())
         .arg(board.users_key())
@@ -817,4 +823,84 @@ async fn ids_of_every_byte_length_and_names_of_any_bytes_keep_the_order_and_read
 /// A user's key (the member without the name) as loyaltyd writes it.
 fn board_key(id: i64) -> Vec<u8> {
     loyaltyd::leaderboard::live::live_key(uid(id), 1_704_067_200_000_000)
+}
+
+/// Two deployments on one Redis (production and staging: two key prefixes)
+/// each load and call a library of their own; and during an upgrade, the
+/// older loyaltyd of a deployment never replaces the newer one's library.
+#[sqlx::test(migrations = false)]
+async fn deployments_sharing_a_redis_keep_their_own_libraries_and_versions(pool: PgPool) {
+    use loyaltyd::leaderboard::live::{Board, library_name};
+    common::migrate(&pool).await;
+    common::users(&pool, 3).await;
+    let (a, b) = (common::ctx(&pool, "prod"), common::ctx(&pool, "staging"));
+    let (board_a, board_b) = (Board::new(&a.redis), Board::new(&b.redis));
+    let (name_a, name_b) = (
+        library_name(&a.config.redis.key_prefix),
+        library_name(&b.config.redis.key_prefix),
+    );
+    assert_ne!(name_a, name_b);
+    assert_eq!(library_name(""), "loyaltyd");
+    assert_eq!(library_name("staging:"), "loyaltyd_staging");
+    for (board, ctx) in [(&board_a, &a), (&board_b, &b)] {
+        assert!(board.ensure_library(true).await);
+        build(ctx).await;
+    }
+    loyalty::record_event(&a, &common::event(1, ContentType::Topic, Outcome::Approved))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    loyalty::record_event(&b, &common::event(2, ContentType::Post, Outcome::Approved))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Each answers from its own functions on its own keys, after the other
+    // loaded its library (replacing nothing of the first's).
+    let mut c = common::redis().await;
+    for (name, board, ranked_user) in [(&name_a, &board_a, 1), (&name_b, &board_b, 2)] {
+        let reply: Vec<redis::Value> = redis::cmd("FCALL_RO")
+            .arg(format!("{name}_rank"))
+            .arg(2)
+            .arg(board.key())
+            .arg(board.users_key())
+            .arg(ranked_user)
+            .query_async(&mut c)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(
+            reply.first(),
+            Some(&redis::Value::Int(1)),
+            "{name}: {reply:?}"
+        );
+    }
+    // A newer loyaltyd of deployment a loaded its library (version 99): a's
+    // own start replaces it not; an older one it does replace.
+    let code = |version: u32| {
+        include_str!("../../src/leaderboard/live.lua")
+            .replacen("#!lua name=loyaltyd", &format!("#!lua name={name_a}"), 1)
+            .replace("'loyaltyd_", &format!("'{name_a}_"))
+            .replace("library version 4", &format!("library version {version}"))
+    };
+    for (version, kept) in [(99, true), (1, false)] {
+        let _: String = redis::cmd("FUNCTION")
+            .arg("LOAD")
+            .arg("REPLACE")
+            .arg(code(version))
+            .query_async(&mut c)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(board_a.ensure_library(true).await);
+        let listed: redis::Value = redis::cmd("FUNCTION")
+            .arg("LIST")
+            .arg("LIBRARYNAME")
+            .arg(&name_a)
+            .arg("WITHCODE")
+            .query_async(&mut c)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let text = format!("{listed:?}");
+        assert_eq!(
+            text.contains(&format!("library version {version}")),
+            kept,
+            "version {version}: {text}"
+        );
+    }
 }
