@@ -66,7 +66,9 @@ CREATE OR REPLACE FUNCTION queue_superblock(key BIGINT) RETURNS BIGINT
 -- scope puts the item at that scope's tail), each row: the next key. A key
 -- the writer gives is replaced (the tail is what the seed's MAX + 1 meant,
 -- and a writer cannot jump the queue); a move that gives a key keeps it (an
--- operator's fix).
+-- operator's fix). An INSERT's NULL priority or entry time is the column's
+-- default, as if left out (what an ORM sends for an attribute it was not
+-- given).
 CREATE OR REPLACE FUNCTION queue_item_keyed() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 BEGIN
@@ -74,6 +76,10 @@ BEGIN
         RETURN NEW;
     END IF;
     NEW.position_in_queue := nextval('queue_item_keys');
+    IF TG_OP = 'INSERT' THEN
+        NEW.priority_score := COALESCE(NEW.priority_score, 0);
+        NEW.entered_queue_at := COALESCE(NEW.entered_queue_at, now());
+    END IF;
     RETURN NEW;
 END $$;
 

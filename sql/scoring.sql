@@ -44,12 +44,16 @@ CREATE OR REPLACE FUNCTION event_points(p_content_type TEXT, p_outcome TEXT) RET
 CREATE OR REPLACE FUNCTION moderation_events_delta() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 BEGIN
-    IF TG_OP = 'INSERT' AND NOT EXISTS (SELECT 1 FROM users u WHERE u.id = NEW.user_id) THEN
-        RAISE EXCEPTION 'unknown user %: no row in users has this id; insert the user first', NEW.user_id
-            USING ERRCODE = '23503', CONSTRAINT = 'moderation_events_user_id_fkey', TABLE = 'moderation_events',
-                  COLUMN = 'user_id',
-                  HINT = format('sign the user up before recording their events: INSERT INTO users (id, username) VALUES (%s, ''…'')',
-                                NEW.user_id);
+    IF TG_OP = 'INSERT' THEN
+        IF NOT EXISTS (SELECT 1 FROM users u WHERE u.id = NEW.user_id) THEN
+            RAISE EXCEPTION 'unknown user %: no row in users has this id; insert the user first', NEW.user_id
+                USING ERRCODE = '23503', CONSTRAINT = 'moderation_events_user_id_fkey', TABLE = 'moderation_events',
+                      COLUMN = 'user_id',
+                      HINT = format('sign the user up before recording their events: INSERT INTO users (id, username) VALUES (%s, ''…'')',
+                                    NEW.user_id);
+        END IF;
+        -- A NULL time is the default's, as if left out (an ORM's unset attribute).
+        NEW.created_at := COALESCE(NEW.created_at, now());
     END IF;
     NEW.score_delta := event_points(NEW.content_type, NEW.outcome);
     RETURN NEW;
