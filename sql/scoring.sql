@@ -73,19 +73,33 @@ CREATE OR REPLACE FUNCTION next_score_version(previous BIGINT) RETURNS BIGINT
     LANGUAGE sql VOLATILE PARALLEL SAFE
     RETURN GREATEST(previous + 1, (EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::BIGINT);
 
+-- Locks the users in id order (two writers of many users must not deadlock:
+-- an UPDATE's own locking order is its plan's). Planned for its arguments on
+-- every call (EXECUTE): the array is then a constant, and a row a concurrent
+-- writer changed meanwhile is rechecked by a hashed lookup. In a function's
+-- cached plan the array is a parameter, the recheck scans it, and a locking
+-- statement that waited for another writer of its users rechecked each of
+-- them against all of them: two concurrent 250,000-event INSERTs over 200,000
+-- users took more than ten minutes instead of 15 s.
+CREATE OR REPLACE FUNCTION users_lock(ids BIGINT[]) RETURNS void
+    LANGUAGE plpgsql AS $$
+BEGIN
+    EXECUTE 'SELECT count(*) FROM (SELECT FROM users u WHERE u.id = ANY($1) ORDER BY u.id FOR NO KEY UPDATE) l'
+        USING ids;
+END $$;
+
 -- The one statement that changes scores: adds each user's delta (one entry
 -- per user), advancing the score's version (the order in which the cache
 -- and the live board take writes) and recording the writing transaction
 -- (the cache sync's cursor); then counts `changes` pending leaderboard
--- changes. Several users are locked in id order first: an UPDATE's own
--- locking order is its plan's, and two writers of many users must not
--- deadlock. (A generic plan, always: with arrays for arguments PostgreSQL
--- would plan a custom one on every call, a third of an event's cost.)
+-- changes, after locking several users (users_lock). (A generic plan,
+-- always: with arrays for arguments PostgreSQL would plan a custom one on
+-- every call, a third of an event's cost.)
 CREATE OR REPLACE FUNCTION scores_add(ids BIGINT[], deltas BIGINT[], changes BIGINT) RETURNS void
     LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 BEGIN
     IF cardinality(ids) > 1 THEN
-        PERFORM 1 FROM users u WHERE u.id = ANY(ids) ORDER BY u.id FOR NO KEY UPDATE;
+        PERFORM users_lock(ids);
     END IF;
     UPDATE users u
     SET loyalty_score = u.loyalty_score + i.delta,
@@ -115,7 +129,7 @@ DECLARE
     totals BIGINT[];
 BEGIN
     IF credited THEN
-        PERFORM 1 FROM users u WHERE u.id = ANY(ids) ORDER BY u.id FOR NO KEY UPDATE;
+        PERFORM users_lock(ids);
     END IF;
     WITH ev AS (
         SELECT e.id AS user_id, e.delta, e.n FROM unnest(ids, deltas, counts) AS e(id, delta, n)
@@ -345,7 +359,7 @@ DECLARE
     deltas BIGINT[];
     befores BIGINT[];
 BEGIN
-    PERFORM 1 FROM users u WHERE u.id = ANY(ids) ORDER BY u.id FOR NO KEY UPDATE;
+    PERFORM users_lock(ids);
     SELECT array_agg(t.uid), array_agg(t.score - t.before), array_agg(t.before)
     INTO fixed, deltas, befores
     FROM (SELECT u.id::BIGINT AS uid, u.loyalty_score::BIGINT AS before,
