@@ -6,7 +6,8 @@
 # fast). It holds the binary, the systemd unit, /etc/loyaltyd/config.toml and
 # /etc/loyaltyd/loyaltyd.env (conffiles: upgrades keep local edits; the
 # environment file, for secrets, is mode 0600), the Grafana dashboard and the
-# alert rules under /usr/share/loyaltyd/, and a system user `loyaltyd`.
+# alert rules under /usr/share/loyaltyd/, and the guides of docs/ under
+# /usr/share/doc/loyaltyd/. The unit runs as a dynamic user (no user is made).
 #
 # Usage: scripts/package.sh [--fast] [BINARY]
 #   BINARY  the loyaltyd binary to package (default: a release build, made now)
@@ -37,7 +38,9 @@ install -D -m 0600 packaging/loyaltyd.env "$root/etc/loyaltyd/loyaltyd.env"
 install -D -m 0644 dashboards/loyaltyd.json "$root/usr/share/loyaltyd/loyaltyd.json"
 install -D -m 0644 dashboards/alerts.yml "$root/usr/share/loyaltyd/alerts.yml"
 install -D -m 0644 README.md "$root/usr/share/doc/loyaltyd/README.md"
-install -D -m 0644 systemd/README.md "$root/usr/share/doc/loyaltyd/systemd.md"
+for guide in docs/*.md; do
+    install -D -m 0644 "$guide" "$root/usr/share/doc/loyaltyd/$(basename "$guide")"
+done
 
 install -d "$root/DEBIAN"
 size=$(du -sk "$root" | cut -f1)

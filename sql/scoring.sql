@@ -338,7 +338,8 @@ CREATE OR REPLACE TRIGGER users_username_changed BEFORE UPDATE OF username ON us
 
 -- Every user's score as its ledger gives it: the sum of its events' points.
 -- The integrity sweep, the repair and `adopt` compare stored scores with
--- it (a filter on user_id reaches the events' index through the view).
+-- it (a filter on user_id reaches the events' index through the view; a
+-- join condition does not).
 CREATE OR REPLACE VIEW user_ledger_scores AS
 SELECT e.user_id, sum(e.score_delta)::BIGINT AS score
 FROM moderation_events e
@@ -366,7 +367,10 @@ BEGIN
                  (COALESCE(l.score, 0)
                   + COALESCE((SELECT sum(c.delta) FROM legacy_score_credits c
                               WHERE c.user_id = u.id AND c.written_at > now() - credit_grace), 0))::BIGINT AS score
-          FROM users u LEFT JOIN user_ledger_scores l ON l.user_id = u.id
+          -- (The filter on the view itself: a join condition does not reach
+          -- into its GROUP BY, and the ledger of every user would be summed.)
+          FROM users u LEFT JOIN (SELECT * FROM user_ledger_scores s WHERE s.user_id = ANY(ids)) l
+               ON l.user_id = u.id
           WHERE u.id = ANY(ids)) t
     WHERE t.score <> t.before;
     DELETE FROM legacy_score_credits c WHERE c.user_id = ANY(ids) AND c.written_at <= now() - credit_grace;

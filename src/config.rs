@@ -166,7 +166,7 @@ pub struct LeaderboardConfig {
     /// swap the two by renames; readers wait only for the rename) or
     /// `concurrently` (`REFRESH ... CONCURRENTLY`; readers never wait, but it
     /// rewrites every row whose rank moved). Default `swap` (measured: see
-    /// the README).
+    /// docs/benchmarks.md).
     pub refresh_mode: RefreshMode,
 }
 

@@ -32,15 +32,34 @@ pub(super) fn adopt_error(sql: &str, e: sqlx::Error) -> Error {
 /// forum's queries going first meanwhile: for a minute or more.
 const LOCK_RETRY: Retry = Retry::new(600, Duration::from_millis(50), Duration::from_millis(250));
 
+/// A connection of the adoption's own, with its session settings (a short
+/// `lock_timeout` above all), closed when dropped: taken out of the pool, so
+/// the settings never reach whoever shares the pool (the forum's writer in
+/// the benchmark got the 500 ms lock timeout and failed requests).
+pub(super) struct Session(PgConnection);
+
+impl std::ops::Deref for Session {
+    type Target = PgConnection;
+    fn deref(&self) -> &PgConnection {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Session {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        &mut self.0
+    }
+}
+
 impl Adoption<'_> {
-    pub(super) async fn conn(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>> {
-        let mut conn = self.pool.acquire().await.db("connecting")?;
+    pub(super) async fn conn(&self) -> Result<Session> {
+        let mut conn = self.pool.acquire().await.db("connecting")?.detach();
         sqlx::query("SELECT set_config('lock_timeout', $1, false), set_config('statement_timeout', '0', false), set_config('TimeZone', 'UTC', false)")
             .bind(format!("{}ms", self.opts.lock_timeout.as_millis()))
-            .execute(&mut *conn)
+            .execute(&mut conn)
             .await
             .db("preparing the adoption's session")?;
-        Ok(conn)
+        Ok(Session(conn))
     }
 
     /// One DDL statement, retried while its lock is not granted within

@@ -340,7 +340,7 @@ impl Adoption<'_> {
         // A repair holds its users' row locks until it commits, and the
         // forum's writes of those users wait for them: batches are sized by
         // time, so one takes a fraction of the lock timeout (a writer never
-        // waits longer than the timeout the README promises), from 100
+        // waits longer than the timeout docs/adopting.md promises), from 100
         // users up to --batch-size.
         let budget = self.opts.lock_timeout / 5;
         let mut size = 100usize.min(self.opts.batch_size.max(1) as usize);

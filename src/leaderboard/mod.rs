@@ -6,8 +6,8 @@
 //! in the seed's order, written with every score write and guarded by the
 //! score's version; rank and page are O(log n)). Until it is built, or while
 //! Redis is away, reads fall back to the view (`source` says which
-//! answered). README "Study: exact live ranks for a board of millions" has
-//! the study behind the choice.
+//! answered). docs/design.md, "The live board", says why this layout;
+//! git history has the study behind it.
 //!
 //! Rooms: [`live`] (the board in Redis and its build), [`refresh`] (the
 //! view's debounced refresh); here the reads that choose between them.

@@ -952,32 +952,51 @@ pub async fn sweep_drift(ctx: &Context) -> u64 {
     report.drifted_users
 }
 
+/// A user's score in the database.
+pub async fn score(pool: &PgPool, user: i64) -> i64 {
+    sqlx::query_scalar("SELECT loyalty_score FROM users WHERE id = $1")
+        .bind(user)
+        .fetch_one(pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Asserts the sweep finds nothing and every change was counted once.
+pub async fn scores_exact(pool: &PgPool, what: &str) {
+    let ctx = ctx(pool, "exact");
+    assert_eq!(sweep_drift(&ctx).await, 0, "drift after {what}");
+    assert_eq!(
+        changes_counted(pool).await,
+        nonzero_events(pool).await,
+        "pending changes after {what}"
+    );
+}
+
 // ---------------------------------------------------------------- other clients
 
 /// A login role of this test's own, with the forum's privileges
 /// (`grant_forum_access`) on the test database; dropped with [`ForumRole::drop_role`].
+/// It logs in with a password over TCP, as a forum's application does, which
+/// Debian's default `pg_hba.conf` (scram-sha-256 on 127.0.0.1) lets in as well
+/// as a trusting one.
 pub struct ForumRole {
     pub name: String,
     pub database: String,
+    pub password: String,
 }
 
 impl ForumRole {
     /// Creates the role and grants it what the SQL contract says a forum needs.
     pub async fn create(pool: &PgPool, name: &str) -> ForumRole {
-        let name = format!(
-            "forum_{name}_{}",
-            unique_prefix("r").replace(':', "_").replace("test_r_", "")
-        )
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
-        .collect::<String>()
-        .to_lowercase();
+        let name = ForumRole::unique_name(name);
         let database: String = sqlx::query_scalar("SELECT current_database()::TEXT")
             .fetch_one(pool)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         for sql in [
-            format!("CREATE ROLE \"{name}\" LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE"),
+            format!(
+                "CREATE ROLE \"{name}\" LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD '{name}'"
+            ),
             format!("SELECT grant_forum_access('{name}')"),
         ] {
             sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
@@ -985,14 +1004,38 @@ impl ForumRole {
                 .await
                 .unwrap_or_else(|e| panic!("role {name}: {e}"));
         }
-        ForumRole { name, database }
+        ForumRole {
+            password: name.clone(),
+            name,
+            database,
+        }
     }
 
-    /// A libpq connection string for this role over the local socket.
+    /// A role name no other test uses.
+    pub fn unique_name(name: &str) -> String {
+        format!(
+            "forum_{name}_{}",
+            unique_prefix("r").replace(':', "_").replace("test_r_", "")
+        )
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect::<String>()
+        .to_lowercase()
+    }
+
+    /// A libpq connection string for this role.
     pub fn dsn(&self) -> String {
         format!(
-            "host=/var/run/postgresql dbname={} user={}",
-            self.database, self.name
+            "host=127.0.0.1 port=5432 dbname={} user={} password={}",
+            self.database, self.name, self.password
+        )
+    }
+
+    /// The same as a URL.
+    pub fn url(&self) -> String {
+        format!(
+            "postgresql://{}:{}@127.0.0.1:5432/{}",
+            self.name, self.password, self.database
         )
     }
 
@@ -1032,6 +1075,30 @@ pub fn asyncpg_app(
             &seconds.to_string(),
             &users.to_string(),
             stop,
+            mode,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("python3: {e}"))
+}
+
+/// docs/integrating.md's Python handlers run as one of a forum's processes
+/// (tests/fixtures/forum_workload.py): `posts` posts submitted and decided as
+/// `dsn`, over users `1..=users`; `mode` "pgbouncer" connects as the guide
+/// says to through a pooler. [`finish`] gives its JSON summary.
+pub fn forum_workload(dsn: &str, worker: usize, posts: usize, users: i64, mode: &str) -> Child {
+    Command::new(PYTHON)
+        .args([
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/fixtures/forum_workload.py"
+            ),
+            dsn,
+            concat!(env!("CARGO_MANIFEST_DIR"), "/docs/integrating.md"),
+            &worker.to_string(),
+            &posts.to_string(),
+            &users.to_string(),
             mode,
         ])
         .stdout(Stdio::piped())
@@ -1128,26 +1195,47 @@ pub fn psql(dsn: &str, script: &str) -> (bool, String, String) {
 
 pub const PYTHON: &str = "/usr/bin/python3";
 
-/// A fenced code block of README.md, found by the HTML comment that names
-/// it (`<!-- example: NAME -->` on the line before the fence).
-pub fn readme_example(name: &str) -> String {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
-        .unwrap_or_else(|e| panic!("README.md: {e}"));
+/// The text of the fenced block after `<!-- example: NAME -->` in README.md or
+/// a guide of docs/ (the one file that has it): what the suite runs of the
+/// documentation, verbatim.
+pub fn doc_example(name: &str) -> String {
     let marker = format!("<!-- example: {name} -->");
-    let after = readme
-        .split_once(&marker)
-        .unwrap_or_else(|| panic!("README.md has no {marker}"))
-        .1;
+    let found: Vec<(String, String)> = doc_files()
+        .into_iter()
+        .filter_map(|path| {
+            let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            text.contains(&marker).then_some((path, text))
+        })
+        .collect();
+    let [(path, text)] = &found[..] else {
+        panic!("{marker} is in {} files of the docs, not one", found.len());
+    };
+    let after = text.split_once(&marker).map(|(_, a)| a).unwrap_or_default();
     let fence_start = after
         .find("```")
-        .unwrap_or_else(|| panic!("no fence after {marker}"));
+        .unwrap_or_else(|| panic!("{path}: no fence after {marker}"));
     let body = &after[fence_start..];
     let first_line_end = body.find('\n').unwrap_or(body.len());
     let rest = &body[first_line_end + 1..];
     let end = rest
         .find("\n```")
-        .unwrap_or_else(|| panic!("unclosed fence after {marker}"));
+        .unwrap_or_else(|| panic!("{path}: unclosed fence after {marker}"));
     rest[..end + 1].to_owned()
+}
+
+/// README.md and every guide of docs/.
+pub fn doc_files() -> Vec<String> {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut files = vec![format!("{root}/README.md")];
+    let mut guides: Vec<String> = std::fs::read_dir(format!("{root}/docs"))
+        .unwrap_or_else(|e| panic!("docs/: {e}"))
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().to_string_lossy().into_owned())
+        .filter(|p| p.ends_with(".md"))
+        .collect();
+    guides.sort();
+    files.extend(guides);
+    files
 }
 
 /// A new database beside the test's (named after it, so the test set-up's
@@ -1253,7 +1341,7 @@ pub async fn flush_redis_functions() {
         .unwrap_or_else(|e| panic!("{e}"));
 }
 
-/// Runs README.md's "python-standing" example with
+/// Runs docs/integrating.md's "python-standing" example with
 /// tests/fixtures/live_standing_check.py (redis-py and psycopg, Debian's):
 /// `mode` "single" with a Redis URL or "cluster" with a node's host:port;
 /// `expect` "exact" or "not-ready". Panics with its output when it fails.
@@ -1266,7 +1354,7 @@ pub fn python_live_standing(
 ) -> String {
     let script = format!(
         "{}\n{}",
-        readme_example("python-standing"),
+        doc_example("python-standing"),
         include_str!("../fixtures/live_standing_check.py")
     );
     let out = std::process::Command::new(PYTHON)

@@ -346,3 +346,28 @@ fn refused_78(out: &std::process::Output, says: &[&str]) {
     assert_eq!(out.status.code(), Some(78), "{err}");
     assert!(says.iter().all(|s| err.contains(s)), "{err}");
 }
+
+/// docs/scaling.md's two configurations are what they say: the replicas in
+/// their order with their lag bound, and the cluster's seed nodes.
+#[test]
+fn the_scaling_guides_configurations_load_as_written() {
+    let replicas = effective(Some(&common::doc_example("toml-replicas")), &[]);
+    let listed: Vec<String> = replicas["database"]["replicas"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{replicas}"))
+        .iter()
+        .map(|r| r.as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(listed.len(), 2, "{replicas}");
+    assert!(
+        listed[0].contains("replica-1") && listed[1].contains("replica-2"),
+        "{listed:?}"
+    );
+    assert_eq!(replicas["database"]["replica_max_lag"], "5s");
+    let cluster = effective(Some(&common::doc_example("toml-cluster")), &[]);
+    let nodes = cluster["redis"]["cluster_nodes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{cluster}"));
+    assert_eq!(nodes.len(), 3, "{cluster}");
+    assert!(nodes[2].as_str().unwrap_or_default().contains("10.0.0.3"));
+}

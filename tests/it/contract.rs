@@ -13,32 +13,13 @@ use loyaltyd::types::{ContentType, Outcome, Priority, QueueKind, Scope, UserId};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
-use crate::common::{self, ForumRole, ident};
+use crate::common::{self, ForumRole, ident, score, scores_exact};
 
 async fn exec(pool: &PgPool, sql: &str) {
     sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
         .execute(pool)
         .await
         .unwrap_or_else(|e| panic!("{sql}: {e}"));
-}
-
-async fn score(pool: &PgPool, user: i64) -> i64 {
-    sqlx::query_scalar("SELECT loyalty_score FROM users WHERE id = $1")
-        .bind(user)
-        .fetch_one(pool)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// Asserts the sweep finds nothing and every change was counted once.
-async fn scores_exact(pool: &PgPool, what: &str) {
-    let ctx = common::ctx(pool, "exact");
-    assert_eq!(common::sweep_drift(&ctx).await, 0, "drift after {what}");
-    assert_eq!(
-        common::changes_counted(pool).await,
-        common::nonzero_events(pool).await,
-        "pending changes after {what}"
-    );
 }
 
 #[sqlx::test(migrations = false)]
@@ -340,26 +321,21 @@ async fn every_queue_write_path_keeps_positions_exact_and_dense(pool: PgPool) {
 async fn the_readme_sql_handler_runs_in_psql_as_a_least_privileged_forum_role(pool: PgPool) {
     common::migrate(&pool).await;
     common::users(&pool, 42).await;
-    exec(
-        &pool,
-        "CREATE TABLE forum_posts (id TEXT PRIMARY KEY, topic_id TEXT, author_id BIGINT, status TEXT);
-         INSERT INTO forum_posts VALUES ('p-1001', 't-7', 42, 'pending'), ('p-1002', 't-7', 42, 'pending')",
-    )
-    .await;
     let role = ForumRole::create(&pool, "psql").await;
+    // The guide's own table of the forum, as its owner creates it.
     exec(
         &pool,
-        &format!("GRANT SELECT, UPDATE ON forum_posts TO \"{}\"", role.name),
+        &common::doc_example("sql-forum-table").replace("forum_app", &role.name),
     )
     .await;
-    let (ok, out, err) = role.psql(&common::readme_example("sql-handler"));
+    let (ok, out, err) = role.psql(&common::doc_example("sql-handler"));
     assert!(ok, "psql failed: {err}");
     // The three SELECTs: the standing (score 1, not on the unrefreshed view),
     // p-1002's position, and the head.
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines, ["1||f", "1", "p-1002|1"], "{out}");
     assert_eq!(score(&pool, 42).await, 1);
-    scores_exact(&pool, "the README's handler").await;
+    scores_exact(&pool, "the guide's handler").await;
     common::queue_invariants(&pool, QueueKind::Post).await;
     // Running it again: the retried decision counts once (the queue INSERT
     // refuses the duplicate item first, so only the decision part reruns).
@@ -474,27 +450,8 @@ async fn python_handlers_and_loyaltyd_writers_at_once_keep_every_invariant_and_t
     let ctx = Arc::new(common::ctx_with(&pool, config.clone(), false));
 
     // 8 Python processes and 8 loyaltyd writers: 16 clients at once.
-    let readme = concat!(env!("CARGO_MANIFEST_DIR"), "/README.md");
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/forum_workload.py"
-    );
     let pythons: Vec<_> = (0..8)
-        .map(|w| {
-            Command::new(common::PYTHON)
-                .args([
-                    script,
-                    &role.dsn(),
-                    readme,
-                    &w.to_string(),
-                    "25",
-                    &USERS.to_string(),
-                ])
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap_or_else(|e| panic!("python3: {e}"))
-        })
+        .map(|w| common::forum_workload(&role.dsn(), w, 25, USERS, "direct"))
         .collect();
     let writers: Vec<_> = (0..8)
         .map(|w| tokio::spawn(loyaltyd_writer(ctx.clone(), w, 25, USERS)))
@@ -504,18 +461,9 @@ async fn python_handlers_and_loyaltyd_writers_at_once_keep_every_invariant_and_t
     }
     let mut decisions = 0;
     for p in pythons {
-        let out = tokio::task::spawn_blocking(move || p.wait_with_output())
-            .await
-            .unwrap_or_else(|e| panic!("{e}"))
-            .unwrap_or_else(|e| panic!("{e}"));
-        assert!(
-            out.status.success(),
-            "forum handler failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let line: serde_json::Value =
-            serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}"));
-        decisions += line["decisions"].as_i64().unwrap_or_default();
+        decisions += common::finish(p).await["decisions"]
+            .as_i64()
+            .unwrap_or_default();
     }
     assert_eq!(decisions, 8 * 25);
     let forum_events: i64 = sqlx::query_scalar(
@@ -772,11 +720,6 @@ async fn a_jdbc_client_binding_longs_finds_every_read_function_and_null_ids_are_
     )
     .await;
     let role = ForumRole::create(&pool, "jdbc").await;
-    exec(
-        &pool,
-        &format!("ALTER ROLE \"{}\" PASSWORD 'typed'", role.name),
-    )
-    .await;
     let out = Command::new("java")
         .args(["-cp", "/usr/share/java/postgresql.jar"])
         .arg(concat!(
@@ -787,7 +730,7 @@ async fn a_jdbc_client_binding_longs_finds_every_read_function_and_null_ids_are_
             "jdbc:postgresql://127.0.0.1:5432/{}",
             role.database
         ))
-        .args([role.name.as_str(), "typed"])
+        .args([role.name.as_str(), role.password.as_str()])
         .output()
         .unwrap_or_else(|e| panic!("java (scripts/services.sh --test installs it): {e}"));
     assert!(

@@ -429,7 +429,7 @@ fn random_transaction(
 /// score change must do, and the statement takes them in user order; events
 /// for users A then B in one transaction and B then A in another, as
 /// separate statements, wait for each other as two UPDATEs of those users
-/// would (README, "What still waits").
+/// would (docs/integrating.md, "What waits for what").
 #[sqlx::test(migrations = false)]
 async fn sixteen_clients_in_random_row_order_and_two_clis_never_deadlock(
     _o: PgPoolOptions,

@@ -34,8 +34,23 @@ fn mode(path: &str) -> u32 {
 
 #[sqlx::test(migrations = false)]
 async fn the_debian_package_installs_configures_migrates_and_removes_cleanly(pool: PgPool) {
-    // A leftover of an interrupted run goes first.
+    // A leftover of an interrupted run goes first: the package, and the
+    // database, role and user of the operating guide's steps below.
     let _ = sh("dpkg", &["-P", "loyaltyd"]);
+    let (_, passwd) = sh("getent", &["passwd"]);
+    for user in passwd.lines().filter_map(|l| l.split(':').next()) {
+        if user.starts_with("ly_pkg_") {
+            let _ = sh(
+                "runuser",
+                &["-u", "postgres", "--", "dropdb", "--if-exists", user],
+            );
+            let _ = sh(
+                "runuser",
+                &["-u", "postgres", "--", "dropuser", "--if-exists", user],
+            );
+            let _ = sh("userdel", &[user]);
+        }
+    }
     let (ok, out) = sh(
         concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/package.sh"),
         &["--fast", env!("CARGO_BIN_EXE_loyaltyd")],
@@ -51,6 +66,9 @@ async fn the_debian_package_installs_configures_migrates_and_removes_cleanly(poo
         "./etc/loyaltyd/loyaltyd.env",
         "./usr/share/loyaltyd/loyaltyd.json",
         "./usr/share/loyaltyd/alerts.yml",
+        "./usr/share/doc/loyaltyd/README.md",
+        "./usr/share/doc/loyaltyd/integrating.md",
+        "./usr/share/doc/loyaltyd/operating.md",
     ] {
         assert!(out.contains(file), "{file} not in the package:\n{out}");
     }
@@ -122,6 +140,67 @@ async fn the_debian_package_installs_configures_migrates_and_removes_cleanly(poo
     .await
     .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(tables, 1, "migrated by the packaged binary");
+
+    // docs/operating.md's role and database, made as it says (a name of this
+    // test's own for `loyaltyd`), and the packaged binary run as that
+    // operating-system user, as the unit runs it: the local socket, peer
+    // authentication, the tables created at its start.
+    let name = format!("ly_pkg_{}", std::process::id());
+    let script = common::doc_example("sh-database").replace("loyaltyd", &name);
+    let (ok, out) = sh(
+        "useradd",
+        &[
+            "--system",
+            "--no-create-home",
+            "--shell",
+            "/usr/sbin/nologin",
+            &name,
+        ],
+    );
+    assert!(ok, "useradd: {out}");
+    let (ok, out) = sh("sh", &["-ec", &script]);
+    assert!(ok, "{script}: {out}");
+    for cmd in [
+        &["migrate"][..],
+        &["check-config", "--env-file", "/dev/null"],
+    ] {
+        let out = Command::new("runuser")
+            .args(["-u", &name, "--", "/usr/bin/loyaltyd"])
+            .args(["--config", "/etc/loyaltyd/config.toml"])
+            .args(cmd)
+            .env_remove("DATABASE_URL")
+            .env(
+                "LOYALTYD_DATABASE__URL",
+                format!("postgres:///{name}?host=/var/run/postgresql"),
+            )
+            .output()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            out.status.success(),
+            "{cmd:?} as {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let (ok, owner, err) = common::psql(
+        &format!("host=/var/run/postgresql dbname={name} user=root"),
+        "SELECT tableowner FROM pg_tables WHERE tablename = 'moderation_events'",
+    );
+    assert!(ok, "{err}");
+    assert_eq!(owner.trim(), name, "the service's role owns its tables");
+    for (cmd, args) in [
+        (
+            "runuser",
+            vec!["-u", "postgres", "--", "dropdb", name.as_str()],
+        ),
+        (
+            "runuser",
+            vec!["-u", "postgres", "--", "dropuser", name.as_str()],
+        ),
+        ("userdel", vec![name.as_str()]),
+    ] {
+        let (ok, out) = sh(cmd, &args);
+        assert!(ok, "{cmd} {args:?}: {out}");
+    }
 
     // An operator's edit survives `dpkg -r`; `dpkg -P` removes it all.
     std::fs::write(

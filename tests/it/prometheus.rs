@@ -75,7 +75,7 @@ fn the_alert_rules_pass_promtool_check_and_every_alert_has_unit_tests() {
 }
 
 /// A Prometheus of the test's own, scraping `target` every second with the
-/// scrape configuration the README gives (`honor_labels: true`: the job
+/// scrape configuration docs/operating.md gives (`honor_labels: true`: the job
 /// metrics' own `job` label must not be renamed `exported_job`).
 struct Prometheus {
     child: Child,
@@ -90,14 +90,14 @@ impl Prometheus {
             .join(common::unique_prefix("prom").replace(':', "_"));
         std::fs::create_dir_all(dir.join("data")).unwrap_or_else(|e| panic!("{e}"));
         let config = dir.join("prometheus.yml");
-        // The README's configuration, as an operator would copy it, pointed
+        // The guide's configuration, as an operator would copy it, pointed
         // at this test's daemon and this checkout's rules, scraping fast.
-        let readme = common::readme_example("prometheus-config");
+        let readme = common::doc_example("prometheus-config");
         assert!(
             readme.contains("honor_labels: true")
                 && readme.contains("/usr/share/loyaltyd/alerts.yml")
                 && readme.contains("'127.0.0.1:9464'"),
-            "the README's Prometheus configuration changed shape: {readme}"
+            "the guide's Prometheus configuration changed shape: {readme}"
         );
         let yaml = readme
             .replace(

@@ -265,17 +265,7 @@ async fn a_database_of_the_last_release_upgrades_in_place_under_prepared_stateme
     let role = common::ForumRole::create(&pool, "upgrade").await;
     let stop = std::env::temp_dir().join(format!("upgrade-stop-{}", role.name));
     let _ = std::fs::remove_file(&stop);
-    let app = common::asyncpg_app(
-        &format!(
-            "postgresql://{}@/{}?host=/var/run/postgresql",
-            role.name, role.database
-        ),
-        4,
-        120,
-        200,
-        &stop.to_string_lossy(),
-        "api",
-    );
+    let app = common::asyncpg_app(&role.url(), 4, 120, 200, &stop.to_string_lossy(), "api");
     let events = || async {
         sqlx::query_scalar::<_, i64>("SELECT count(*) FROM moderation_events")
             .fetch_one(&pool)

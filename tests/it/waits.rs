@@ -237,19 +237,26 @@ async fn unknown_without_history_the_queues_pace_for_a_new_scope_and_reorders_st
 #[sqlx::test(migrations = false)]
 async fn psql_and_python_read_a_position_and_its_wait_in_one_call(pool: PgPool) {
     common::migrate(&pool).await;
-    add_items(&pool, "t", 10).await;
-    for i in 1..=4 {
+    // The guide's topic t-7, p-995 to p-1002 waiting, four decided one by one.
+    sqlx::query(
+        "INSERT INTO post_moderation_queue (post_id, topic_id)
+         SELECT 'p-' || g, 't-7' FROM generate_series(995, 1002) g",
+    )
+    .execute(&pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    for i in 995..=998 {
         sqlx::query("DELETE FROM post_moderation_queue WHERE post_id = $1")
-            .bind(format!("t-{i}"))
+            .bind(format!("p-{i}"))
             .execute(&pool)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
     }
     let role = common::ForumRole::create(&pool, "waits").await;
-    let (ok, out, err) = role.psql(&common::readme_example("sql-wait"));
+    let (ok, out, err) = role.psql(&common::doc_example("sql-wait"));
     assert!(ok, "{err}");
     let fields: Vec<&str> = out.trim().split('|').collect();
-    assert_eq!(fields.first(), Some(&"3"), "{out}");
+    assert_eq!(fields.first(), Some(&"4"), "{out}");
     assert!(
         fields
             .get(1)
@@ -261,10 +268,10 @@ async fn psql_and_python_read_a_position_and_its_wait_in_one_call(pool: PgPool) 
         fields.get(2).is_some_and(|s| s.starts_with("scope")),
         "{out}"
     );
-    // The README's Python example, on psycopg's default connection.
+    // The guide's Python example, on psycopg's default connection.
     let script = format!(
-        "import psycopg\n{}\nwith psycopg.connect({:?}) as conn:\n    print(repr(wait_message(conn, 't-7')))\n    print(repr(wait_message(conn, 'nope')))\n",
-        common::readme_example("python-wait"),
+        "import psycopg\n{}\nwith psycopg.connect({:?}) as conn:\n    print(repr(wait_message(conn, 'p-1002')))\n    print(repr(wait_message(conn, 'nope')))\n",
+        common::doc_example("python-wait"),
         role.dsn()
     );
     let out = Command::new(common::PYTHON)
@@ -279,7 +286,7 @@ async fn psql_and_python_read_a_position_and_its_wait_in_one_call(pool: PgPool) 
     let text = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = text.lines().collect();
     assert!(
-        lines[0].contains("#3 in line") && lines[0].contains("usually reviewed within"),
+        lines[0].contains("#4 in line") && lines[0].contains("usually reviewed within"),
         "{text}"
     );
     assert_eq!(lines[1], "None", "{text}");
